@@ -1,0 +1,28 @@
+// Shared definitions for dreamr's kernels: host/device qualifiers, limits and the acceptance rule.
+// Plain C++ (compiles with g++ and nvcc); no torch headers.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DREAMR_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DREAMR_HOST_DEVICE inline
+#endif
+
+namespace dreamr {
+
+// Verdict token sets and the layer list travel to CUDA kernels by value, inside the kernel's
+// parameter block, so a launch needs no host-to-device copy (and stays capturable in a CUDA graph).
+constexpr int kMaxVerdictIds = 64;     // per set (positive, negative)
+constexpr int kMaxCacheTensors = 256;  // keys + values of up to 128 layers
+
+// accept iff cpn > alpha, with both ends exact: alpha <= 0 accepts every finite verdict (even a cpn
+// that underflowed to 0), alpha >= 1 rejects everything, and a NaN cpn (broken verdict) never accepts.
+DREAMR_HOST_DEVICE bool accepts(float cpn, float alpha) {
+  if (cpn != cpn) return false;  // NaN; written this way so --use_fast_math cannot fold it away
+  return alpha <= 0.f || cpn > alpha;
+}
+
+}  // namespace dreamr

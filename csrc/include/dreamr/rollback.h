@@ -1,0 +1,57 @@
+// Step-level KV-cache rollback over all layers at once, in transformers' cache layout.
+//
+// Every cache tensor is [B, H_kv, T, D]. Row b keeps positions [0, lengths[b]); where a copy is asked
+// for, it then receives the span [src_start, src_start + n) of row src at position lengths[b] (FPSR's
+// clean fallback: the target branch's step becomes the main sequence's next step); every position after
+// the new length is zeroed. Sources are never written by the same call (checked on the host), so the
+// result does not depend on the order in which rows are processed.
+#pragma once
+
+#include <cstring>
+
+#include "dreamr/common.h"
+
+namespace dreamr {
+
+struct RollbackShape {
+  int64_t batch, heads, time, head_dim;
+};
+
+// What row b of every tensor becomes. Values are clamped into range so that a device-side caller that
+// skips the host check can never write out of bounds.
+struct RowPlan {
+  int64_t keep;       // positions [0, keep) stay
+  int64_t src_row;    // -1: no copy
+  int64_t src_start;  // first source position
+  int64_t copied;     // positions [keep, keep + copied) come from src_row
+};
+
+DREAMR_HOST_DEVICE int64_t clamp_index(int64_t x, int64_t lo, int64_t hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+DREAMR_HOST_DEVICE RowPlan plan_row(int64_t b, const RollbackShape& s, const int64_t* lengths, const int64_t* src_row,
+                                    const int64_t* src_start, const int64_t* copy_length) {
+  RowPlan p{clamp_index(lengths[b], 0, s.time), -1, 0, 0};
+  if (src_row != nullptr && src_row[b] >= 0 && src_row[b] < s.batch) {
+    p.src_row = src_row[b];
+    p.src_start = clamp_index(src_start[b], 0, s.time);
+    int64_t n = clamp_index(copy_length[b], 0, s.time - p.src_start);
+    p.copied = clamp_index(n, 0, s.time - p.keep);
+  }
+  return p;
+}
+
+// CPU kernel for one (tensor, row): element_size bytes per element, any dtype.
+inline void rollback_row_cpu(char* tensor, int64_t element_size, const RollbackShape& s, int64_t b, const RowPlan& p) {
+  const int64_t row_bytes = s.head_dim * element_size;  // one position of one head
+  for (int64_t h = 0; h < s.heads; ++h) {
+    char* dst = tensor + ((b * s.heads + h) * s.time) * row_bytes;
+    if (p.copied > 0) {
+      const char* src = tensor + ((p.src_row * s.heads + h) * s.time + p.src_start) * row_bytes;
+      std::memcpy(dst + p.keep * row_bytes, src, p.copied * row_bytes);
+    }
+    const int64_t end = p.keep + p.copied;
+    std::memset(dst + end * row_bytes, 0, (s.time - end) * row_bytes);
+  }
+}
+
+}  // namespace dreamr

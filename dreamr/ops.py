@@ -1,0 +1,280 @@
+"""dreamr's compiled ops: CPN verification, window acceptance, KV-cache rollback, speculative sampling.
+
+Each op is a ``torch.ops.dreamr.*`` operator registered from ``csrc/bindings.cpp`` with a CPU kernel and,
+where torch was built with CUDA, a CUDA kernel. The functions here are typed wrappers that turn Python
+conveniences (lists, seeds, generators) into the operator's arguments; all input checking happens in the
+C++ launchers, which raise ``ValueError`` naming the argument. Each op also has a fake (meta)
+implementation, so it traces under ``torch.compile``; the CUDA paths never synchronise with the host,
+so they can be captured in CUDA graphs. :mod:`dreamr.reference` holds the plain PyTorch definitions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from dreamr._extension import load_extension
+
+load_extension()
+
+__all__ = [
+    "cpn_verify",
+    "cpn_window_accept",
+    "kv_rollback",
+    "speculative_sample",
+    "greedy_verify",
+]
+
+_IntsOrTensor = Union[Sequence[int], torch.Tensor]
+
+
+def cpn_verify(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    positive_ids: Sequence[int],
+    negative_ids: Sequence[int],
+    alpha: float,
+    *,
+    lm_head_bias: Optional[torch.Tensor] = None,
+    logit_softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score drafted steps with CPN from the target's hidden states at the verdict positions.
+
+    Computes ``cpn = s+ / (s+ + s-) = sigmoid(logsumexp(l[P]) - logsumexp(l[N]))`` where ``l`` are the
+    verdict position's logits, using only the ``|P| + |N|`` rows of the LM head: no ``[B, V]`` tensor is
+    ever formed.
+
+    Parameters
+    ----------
+    hidden : Tensor, shape ``[B, H]``
+        Final hidden states (after the model's last norm) at each verdict position; float32, float64,
+        bfloat16 or float16, contiguous.
+    lm_head_weight : Tensor, shape ``[V, H]``
+        The target's output embedding, same dtype and device as ``hidden``, contiguous.
+    positive_ids, negative_ids : sequence of int
+        Token ids of positive ("Yes", " Yes", ...) and negative verdicts: non-empty, in ``[0, V)``, without
+        repeats, disjoint; at most 64 each.
+    alpha : float
+        Acceptance threshold in ``[0, 1]``: accept iff ``cpn > alpha``. alpha = 0 accepts every step with a
+        finite verdict, alpha = 1 rejects every step.
+    lm_head_bias : Tensor, shape ``[V]``, optional
+        Output bias, same dtype as ``hidden``.
+    logit_softcap : float
+        If > 0, logits become ``softcap * tanh(l / softcap)`` (Gemma 2 style soft-capping).
+
+    Returns
+    -------
+    cpn : Tensor, shape ``[B]``, float32
+        NaN where any verdict logit is not finite (NaN or infinite hidden states).
+    accept : Tensor, shape ``[B]``, bool
+        ``cpn > alpha``; always False where cpn is NaN: a broken verdict never accepts a step.
+    """
+    return torch.ops.dreamr.cpn_verify(
+        hidden,
+        lm_head_weight,
+        lm_head_bias,
+        [int(t) for t in positive_ids],
+        [int(t) for t in negative_ids],
+        float(alpha),
+        float(logit_softcap),
+    )
+
+
+def cpn_window_accept(
+    cpn: torch.Tensor, valid: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Threshold a window of cpn scores and count each request's leading accepted steps, in one launch.
+
+    Parameters
+    ----------
+    cpn : Tensor, shape ``[R, W]``, float32
+        CPN of the step drafted in lookahead slot ``w`` of request ``r``.
+    valid : Tensor, shape ``[R, W]``, bool
+        Which slots hold a verified step; an invalid slot ends the accepted run like a rejection.
+    alpha : float
+        Threshold in ``[0, 1]``, with the same exact ends as :func:`cpn_verify`.
+
+    Returns
+    -------
+    num_accepted : Tensor, shape ``[R]``, int64
+        Index of the first rejected (or invalid) slot, W if every slot was accepted.
+    accept : Tensor, shape ``[R, W]``, bool
+        Per-slot ``valid & cpn > alpha``.
+    """
+    return torch.ops.dreamr.cpn_window_accept(cpn, valid, float(alpha))
+
+
+def kv_rollback(
+    cache: Sequence[torch.Tensor],
+    lengths: _IntsOrTensor,
+    *,
+    copy_src_row: Optional[_IntsOrTensor] = None,
+    copy_src_start: Optional[_IntsOrTensor] = None,
+    copy_length: Optional[_IntsOrTensor] = None,
+) -> torch.Tensor:
+    """Roll every layer's KV cache back to each row's committed length, in place, in one call.
+
+    Row ``b`` of every tensor keeps positions ``[0, lengths[b])``. Where ``copy_src_row[b] >= 0`` it then
+    receives the span ``[copy_src_start[b], copy_src_start[b] + copy_length[b])`` of row
+    ``copy_src_row[b]`` at position ``lengths[b]`` (the FPSR clean fallback: a target branch's step
+    becomes the main sequence's next step). Everything after the new length is zeroed. The caller then
+    crops the time axis to ``new_lengths.max()`` (for instance ``DynamicCache.crop``).
+
+    A source span must lie inside what its row keeps (``copy_src_start + copy_length <=
+    lengths[src]``) and a source row must not itself receive a copy, so the result never depends on
+    the order of writes.
+
+    Parameters
+    ----------
+    cache : sequence of Tensor, each shape ``[B, H_kv, T, D]``
+        Keys and values of all layers, in transformers' cache layout; same shape, dtype and device,
+        contiguous. At most 512 tensors.
+    lengths : Tensor ``[B]`` int64, or sequence of int
+        Committed length of each row, in ``[0, T]``.
+    copy_src_row, copy_src_start, copy_length : Tensor ``[B]`` int64, or sequence of int, optional
+        Given together or not at all; ``copy_src_row[b] = -1`` copies nothing into row b.
+
+    Returns
+    -------
+    new_lengths : Tensor, shape ``[B]``, int64
+        ``lengths + copy_length`` where a copy was made, else ``lengths``.
+
+    Notes
+    -----
+    On the CPU every value is checked. On CUDA the values live on the device and are not read back (no
+    host synchronisation): pass Python ints to have them checked on the host first, as
+    :class:`dreamr.cache` does; device tensors with out-of-range values are clamped into ``[0, T]``.
+    """
+    copies = (copy_src_row, copy_src_start, copy_length)
+    if any(c is not None for c in copies) and not all(c is not None for c in copies):
+        raise ValueError(
+            "kv_rollback: copy_src_row, copy_src_start and copy_length must be given together, got "
+            + ", ".join(f"{n}={'None' if c is None else 'given'}" for n, c in
+                        zip(("copy_src_row", "copy_src_start", "copy_length"), copies))
+        )
+    if len(cache) == 0:
+        raise ValueError("kv_rollback: cache is empty; pass the keys and values of every layer")
+    has_copies = copy_src_row is not None
+    if not all(isinstance(v, torch.Tensor) for v in (lengths, *copies) if v is not None):
+        # Host values: check them on the host (the same C++ checks the CPU kernel runs).
+        torch.ops.dreamr.kv_rollback_check(
+            _host_ints(lengths),
+            *(_host_ints(c) if has_copies else [] for c in copies),
+            int(cache[0].shape[2]),
+        )
+    device = cache[0].device
+
+    def as_tensor(values: Optional[_IntsOrTensor]) -> Optional[torch.Tensor]:
+        if values is None or isinstance(values, torch.Tensor):
+            return values
+        return torch.as_tensor(_host_ints(values), dtype=torch.long).to(device, non_blocking=True)
+
+    return torch.ops.dreamr.kv_rollback_(list(cache), as_tensor(lengths), *(as_tensor(c) for c in copies))
+
+
+def _host_ints(values: _IntsOrTensor) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        return values.tolist()
+    return [int(v) for v in values]
+
+
+def speculative_sample(
+    draft_probs: torch.Tensor,
+    draft_ids: torch.Tensor,
+    target_probs: torch.Tensor,
+    *,
+    generator: Optional[torch.Generator] = None,
+    seed: Optional[int] = None,
+    uniforms: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chain speculative sampling (Leviathan et al. 2023): keeps the target's distribution exactly.
+
+    Draft token ``x_k ~ q_k`` is accepted with probability ``min(1, p_k(x)/q_k(x))``; at the first
+    rejection one token is drawn from ``norm(max(0, p_k - q_k))``; if all K are accepted a bonus token is
+    drawn from ``p_K``.
+
+    Parameters
+    ----------
+    draft_probs : Tensor, shape ``[B, K, V]``
+        Draft distributions ``q`` at each drafted position; float32, float16 or bfloat16.
+    draft_ids : Tensor, shape ``[B, K]``, int64
+        The drafted tokens, in ``[0, V)``.
+    target_probs : Tensor, shape ``[B, K + 1, V]``
+        Target distributions ``p`` at each drafted position and one past the last; same dtype as
+        ``draft_probs``.
+    generator, seed : optional
+        Source of randomness (at most one). A seed gives the same tokens on every run and device.
+    uniforms : Tensor, shape ``[B, K + 1]``, float32, optional
+        Explicit uniforms in ``[0, 1)`` instead of a generator: ``[:, :K]`` for the acceptance tests,
+        ``[:, K]`` for the inverse-CDF draw of the extra token.
+
+    Returns
+    -------
+    tokens : Tensor, shape ``[B, K + 1]``, int64
+        The accepted draft tokens followed by the resampled or bonus token, padded with -1.
+    num_accepted : Tensor, shape ``[B]``, int64
+        Accepted draft tokens per row, in ``[0, K]``; each row emits ``num_accepted + 1`` tokens.
+    """
+    given = sum(x is not None for x in (generator, seed, uniforms))
+    if given > 1:
+        raise ValueError("speculative_sample: give at most one of generator, seed and uniforms")
+    if uniforms is None:
+        if draft_ids.dim() != 2:
+            raise ValueError(f"speculative_sample: draft_ids must be [B, K], got shape {tuple(draft_ids.shape)}")
+        if seed is not None:
+            generator = torch.Generator(device=draft_ids.device).manual_seed(int(seed))
+        batch, k = draft_ids.shape
+        uniforms = torch.rand(batch, k + 1, generator=generator, device=draft_ids.device, dtype=torch.float32)
+    return torch.ops.dreamr.speculative_sample(draft_probs, draft_ids, target_probs, uniforms)
+
+
+def greedy_verify(draft_ids: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy token-level verification: accept draft tokens while they equal the target's argmax.
+
+    Parameters
+    ----------
+    draft_ids : Tensor, shape ``[B, K]``, int64
+    target_logits : Tensor, shape ``[B, K + 1, V]``
+        Target logits (or probabilities) at each drafted position and one past; any float dtype.
+
+    Returns
+    -------
+    tokens : Tensor, shape ``[B, K + 1]``, int64
+        Accepted draft tokens, then the target's argmax at the first mismatch (or the bonus position),
+        padded with -1.
+    num_accepted : Tensor, shape ``[B]``, int64
+    """
+    return torch.ops.dreamr.greedy_verify(draft_ids, target_logits)
+
+
+# Fake implementations: output shapes and dtypes only, so the ops trace under torch.compile.
+@torch.library.register_fake("dreamr::cpn_verify")
+def _cpn_verify_fake(hidden, lm_head_weight, lm_head_bias, positive_ids, negative_ids, alpha, logit_softcap):
+    batch = hidden.shape[0]
+    return (
+        hidden.new_empty((batch,), dtype=torch.float32),
+        hidden.new_empty((batch,), dtype=torch.bool),
+    )
+
+
+@torch.library.register_fake("dreamr::cpn_window_accept")
+def _cpn_window_accept_fake(cpn, valid, alpha):
+    return cpn.new_empty((cpn.shape[0],), dtype=torch.long), cpn.new_empty(cpn.shape, dtype=torch.bool)
+
+
+@torch.library.register_fake("dreamr::kv_rollback_")
+def _kv_rollback_fake(cache, lengths, copy_src_row, copy_src_start, copy_length):
+    return lengths.new_empty(lengths.shape, dtype=torch.long)
+
+
+@torch.library.register_fake("dreamr::speculative_sample")
+def _speculative_sample_fake(draft_probs, draft_ids, target_probs, uniforms):
+    batch, k = draft_ids.shape
+    return draft_ids.new_empty((batch, k + 1), dtype=torch.long), draft_ids.new_empty((batch,), dtype=torch.long)
+
+
+@torch.library.register_fake("dreamr::greedy_verify")
+def _greedy_verify_fake(draft_ids, target_logits):
+    batch, k = draft_ids.shape
+    return draft_ids.new_empty((batch, k + 1), dtype=torch.long), draft_ids.new_empty((batch,), dtype=torch.long)
