@@ -1,11 +1,13 @@
 // The one binding file: the schemas of dreamr's ops (implementations are registered per device in
-// cpu/ops_cpu.cpp and cuda/ops_cuda.cpp) and the Python module `dreamr._C` that loads them.
+// cpu/ops_cpu.cpp and cuda/ops_cuda.cpp), the FPSR scheduler class, and the Python module `dreamr._C`
+// that loads them.
 #include <Python.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "ops_checks.h"
+#include "scheduler/fpsr_torch_class.h"
 
 // The build passes -DDREAMR_TORCH_VERSION=2.14.1+cu130 unquoted (quotes do not survive every build
 // tool); stringify it here.
@@ -60,6 +62,7 @@ TORCH_LIBRARY(dreamr, m) {
   m.def("kv_rollback_check(int[] lengths, int[] copy_src_row, int[] copy_src_start, int[] copy_length, int time) -> ()",
         &kv_rollback_check);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
+  register_fpsr_scheduler_class(m);  // torch.classes.dreamr.FpsrScheduler
 }
 
 }  // namespace dreamr

@@ -28,8 +28,23 @@ inline void check_tensor(const char* op, const char* name, const at::Tensor& t, 
                "); call .contiguous() first");
 }
 
+// dtype names as Python users write them (torch.float32, not Float).
+inline std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 inline void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType expected) {
-  DREAMR_CHECK(t.scalar_type() == expected, op, ": ", name, " must be ", expected, ", got ", t.scalar_type());
+  DREAMR_CHECK(t.scalar_type() == expected, op, ": ", name, " must be ", dtype_name(expected), ", got ",
+               dtype_name(t.scalar_type()));
 }
 
 inline void check_alpha(const char* op, double alpha) {
@@ -50,7 +65,7 @@ inline VerdictIds check_cpn_inputs(const at::Tensor& hidden, const at::Tensor& w
   check_tensor(op, "hidden", hidden, 2, device);
   check_tensor(op, "lm_head_weight", weight, 2, device);
   DREAMR_CHECK(is_float_type(hidden.scalar_type()), op, ": hidden must be float32, float64, bfloat16 or float16, got ",
-               hidden.scalar_type());
+               dtype_name(hidden.scalar_type()));
   check_dtype(op, "lm_head_weight", weight, hidden.scalar_type());
   DREAMR_CHECK(weight.size(1) == hidden.size(1), op, ": lm_head_weight must be [V, H] with H = ", hidden.size(1),
                " (hidden's last dimension), got shape ", weight.sizes());
@@ -178,7 +193,7 @@ inline SamplingShape check_sampling_inputs(const at::Tensor& q, const at::Tensor
   check_tensor(op, "target_probs", p, 3, device);
   check_tensor(op, "uniforms", uniforms, 2, device);
   DREAMR_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16, op,
-               ": draft_probs must be float32, float16 or bfloat16, got ", q.scalar_type());
+               ": draft_probs must be float32, float16 or bfloat16, got ", dtype_name(q.scalar_type()));
   check_dtype(op, "target_probs", p, q.scalar_type());
   check_dtype(op, "draft_ids", draft_ids, at::kLong);
   check_dtype(op, "uniforms", uniforms, at::kFloat);
@@ -201,7 +216,7 @@ inline SamplingShape check_greedy_inputs(const at::Tensor& draft_ids, const at::
   check_tensor(op, "target_logits", logits, 3, draft_ids.device());
   check_dtype(op, "draft_ids", draft_ids, at::kLong);
   DREAMR_CHECK(is_float_type(logits.scalar_type()), op, ": target_logits must be a float tensor, got ",
-               logits.scalar_type());
+               dtype_name(logits.scalar_type()));
   const int64_t batch = draft_ids.size(0), k = draft_ids.size(1);
   DREAMR_CHECK(logits.size(0) == batch && logits.size(1) == k + 1 && logits.size(2) >= 1, op,
                ": target_logits must be [B, K + 1, V] = [", batch, ", ", k + 1, ", V], got shape ", logits.sizes());

@@ -31,7 +31,7 @@ def cache_dir() -> Path:
 
 def sources(with_cuda: bool) -> list[str]:
     """The extension's translation units (shared with setup.py so the two builds cannot drift)."""
-    files = ["bindings.cpp", "cpu/ops_cpu.cpp"]
+    files = ["bindings.cpp", "cpu/ops_cpu.cpp", "scheduler/fpsr_scheduler.cpp"]
     if with_cuda:
         files += ["cuda/ops_cuda.cpp"] + sorted(
             os.path.relpath(p, _SOURCE_ROOT) for p in glob.glob(str(_SOURCE_ROOT / "cuda" / "*.cu"))
@@ -40,8 +40,8 @@ def sources(with_cuda: bool) -> list[str]:
 
 
 def cuda_build_possible() -> bool:
-    """True when torch has CUDA and a CUDA toolkit (nvcc) can be found."""
-    if torch.version.cuda is None:
+    """True when torch has CUDA and a CUDA toolkit (nvcc) can be found, unless DREAMR_NO_CUDA=1."""
+    if torch.version.cuda is None or os.environ.get("DREAMR_NO_CUDA", "0") == "1":
         return False
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -76,14 +76,16 @@ def _jit_build() -> None:
     tag = f"torch{torch.__version__}".replace("+", "_").replace(".", "_")
     build_dir = cache_dir() / "build" / tag
     build_dir.mkdir(parents=True, exist_ok=True)
-    print(
-        f"dreamr: no compiled core for torch {torch.__version__} found; building it once into {build_dir} "
-        "(about a minute; `pip install -e .` builds it ahead of time)",
-        file=sys.stderr,
-    )
+    name = f"dreamr_C_{tag}"
+    if not (build_dir / f"{name}.so").exists():
+        print(
+            f"dreamr: no compiled core for torch {torch.__version__} found; building it once into {build_dir} "
+            "(about a minute; `pip install --no-build-isolation -e .` builds it ahead of time)",
+            file=sys.stderr,
+        )
     flags = compile_flags(with_cuda)
     cpp_extension.load(
-        name=f"dreamr_C_{tag}",
+        name=name,
         sources=sources(with_cuda),
         extra_cflags=flags["cxx"],
         extra_cuda_cflags=flags["nvcc"],

@@ -118,8 +118,9 @@ def kv_rollback(
     Row ``b`` of every tensor keeps positions ``[0, lengths[b])``. Where ``copy_src_row[b] >= 0`` it then
     receives the span ``[copy_src_start[b], copy_src_start[b] + copy_length[b])`` of row
     ``copy_src_row[b]`` at position ``lengths[b]`` (the FPSR clean fallback: a target branch's step
-    becomes the main sequence's next step). Everything after the new length is zeroed. The caller then
-    crops the time axis to ``new_lengths.max()`` (for instance ``DynamicCache.crop``).
+    becomes the main sequence's next step). Positions from a row's new length up to ``new_lengths.max()``
+    are zeroed, so a shorter row's stale keys never reach attention; positions past ``new_lengths.max()``
+    are left as they are: the caller crops the time axis there (for instance ``DynamicCache.crop``).
 
     A source span must lie inside what its row keeps (``copy_src_start + copy_length <=
     lengths[src]``) and a source row must not itself receive a copy, so the result never depends on
@@ -250,7 +251,7 @@ def greedy_verify(draft_ids: torch.Tensor, target_logits: torch.Tensor) -> tuple
 
 # Fake implementations: output shapes and dtypes only, so the ops trace under torch.compile.
 @torch.library.register_fake("dreamr::cpn_verify")
-def _cpn_verify_fake(hidden, lm_head_weight, lm_head_bias, positive_ids, negative_ids, alpha, logit_softcap):
+def _cpn_verify_fake(hidden, lm_head_weight, lm_head_bias, positive_ids, negative_ids, alpha, logit_softcap=0.0):
     batch = hidden.shape[0]
     return (
         hidden.new_empty((batch,), dtype=torch.float32),

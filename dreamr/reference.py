@@ -101,6 +101,7 @@ def kv_rollback(
     if copy_src_row is not None:
         src_row, src_start, n_copy = (t.long().cpu() for t in (copy_src_row, copy_src_start, copy_length))
         new_lengths = torch.where(src_row >= 0, lengths + n_copy, lengths)
+    longest = int(new_lengths.max()) if batch else 0  # past it the caller crops; left untouched
     for layer in cache:
         original = layer.clone()  # copies read the cache as it was before the call
         for b in range(batch):
@@ -109,7 +110,7 @@ def kv_rollback(
                 s, a, n = int(src_row[b]), int(src_start[b]), int(n_copy[b])
                 layer[b, :, start : start + n] = original[s, :, a : a + n]
                 start += n
-            layer[b, :, start:] = 0
+            layer[b, :, start:longest] = 0
     return new_lengths
 
 

@@ -67,15 +67,17 @@ at::Tensor kv_rollback_cpu(at::TensorList cache, const at::Tensor& lengths, cons
   std::vector<RowPlan> plans(shape.batch);
   at::Tensor new_lengths = at::empty({shape.batch}, lengths.options());
   int64_t* new_len = new_lengths.data_ptr<int64_t>();
+  int64_t longest = 0;
   for (int64_t b = 0; b < shape.batch; ++b) {
     plans[b] = plan_row(b, shape, len, row, start, count);
     new_len[b] = plans[b].keep + plans[b].copied;
+    longest = std::max(longest, new_len[b]);
   }
   const int64_t element_size = static_cast<int64_t>(cache[0].element_size());
   const int64_t tensors = static_cast<int64_t>(cache.size());
   for_each_row(tensors * shape.batch, 1, [&](int64_t task) {
     const int64_t t = task / shape.batch, b = task % shape.batch;
-    rollback_row_cpu(static_cast<char*>(cache[t].data_ptr()), element_size, shape, b, plans[b]);
+    rollback_row_cpu(static_cast<char*>(cache[t].data_ptr()), element_size, shape, b, plans[b], longest);
   });
   return new_lengths;
 }

@@ -1,5 +1,7 @@
 // CUDA step-level KV-cache rollback: every layer's keys and values in one launch. Block (t, b, h)
-// rewrites the tail of head h of row b in tensor t: the copied span from the source row, then zeros.
+// rewrites the tail of head h of row b in tensor t: the copied span from the source row, then zeros up
+// to the longest new length in the batch (each block recomputes it from the B lengths: cheaper than a
+// second launch, and needs no host read).
 // Data moves in the widest word that divides one position's bytes (16 bytes for D * element_size % 16 == 0).
 #include <cstdint>
 
@@ -27,7 +29,7 @@ __global__ void __launch_bounds__(kThreads)
                           : nullptr;
   const int64_t first = plan.keep * words_per_position;
   const int64_t copied_end = (plan.keep + plan.copied) * words_per_position;
-  const int64_t end = shape.time * words_per_position;
+  const int64_t end = longest_new_length(shape, lengths, src_row, src_start, copy_length) * words_per_position;
   for (int64_t i = first + threadIdx.x; i < end; i += kThreads) {
     dst[i] = i < copied_end ? src[i - first] : word_t{};
   }

@@ -40,8 +40,20 @@ DREAMR_HOST_DEVICE RowPlan plan_row(int64_t b, const RollbackShape& s, const int
   return p;
 }
 
-// CPU kernel for one (tensor, row): element_size bytes per element, any dtype.
-inline void rollback_row_cpu(char* tensor, int64_t element_size, const RollbackShape& s, int64_t b, const RowPlan& p) {
+// Longest new length over the batch: the end of the zeroed span of every row.
+DREAMR_HOST_DEVICE int64_t longest_new_length(const RollbackShape& s, const int64_t* lengths, const int64_t* src_row,
+                                              const int64_t* src_start, const int64_t* copy_length) {
+  int64_t longest = 0;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const RowPlan p = plan_row(b, s, lengths, src_row, src_start, copy_length);
+    longest = p.keep + p.copied > longest ? p.keep + p.copied : longest;
+  }
+  return longest;
+}
+
+// CPU kernel for one (tensor, row): element_size bytes per element, any dtype; zeroes up to zero_end.
+inline void rollback_row_cpu(char* tensor, int64_t element_size, const RollbackShape& s, int64_t b, const RowPlan& p,
+                             int64_t zero_end) {
   const int64_t row_bytes = s.head_dim * element_size;  // one position of one head
   for (int64_t h = 0; h < s.heads; ++h) {
     char* dst = tensor + ((b * s.heads + h) * s.time) * row_bytes;
@@ -50,7 +62,7 @@ inline void rollback_row_cpu(char* tensor, int64_t element_size, const RollbackS
       std::memcpy(dst + p.keep * row_bytes, src, p.copied * row_bytes);
     }
     const int64_t end = p.keep + p.copied;
-    std::memset(dst + end * row_bytes, 0, (s.time - end) * row_bytes);
+    if (zero_end > end) std::memset(dst + end * row_bytes, 0, (zero_end - end) * row_bytes);
   }
 }
 

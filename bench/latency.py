@@ -1,0 +1,183 @@
+"""Microbenchmarks of dreamr's compiled ops against their PyTorch baselines.
+
+    python bench/latency.py                 # all ops, realistic shapes, on CUDA if present else CPU
+    python bench/latency.py --json out.json # also write the records
+    python bench/latency.py --quick         # small shapes, a smoke run
+
+Each row times an op and its baseline side by side in the same process (interleaved repetitions, median
+of each), so machine noise hits both alike. Baselines: the plain PyTorch references in
+dreamr/reference.py; for CPN also the naive way (full LM head over the vocabulary, softmax, gather), and
+for rollback the per-layer loop a transformers user would write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from dreamr import ops, reference
+
+
+@dataclass
+class Record:
+    op: str
+    baseline: str
+    device: str
+    shape: str
+    median_ms: float
+    baseline_median_ms: float
+    speedup: float  # baseline_median_ms / median_ms
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+def compare(op: Callable, baseline: Callable, device: torch.device, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median milliseconds of op and baseline, their repetitions interleaved."""
+    for _ in range(warmup):
+        op(), baseline()
+    op_times, base_times = [], []
+    for _ in range(repeats):
+        op_times.append(timed(op, device))
+        base_times.append(timed(baseline, device))
+    return statistics.median(op_times), statistics.median(base_times)
+
+
+def bench_cpn(device, dtype, hidden, vocab, batches, repeats, naive_repeats):
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(vocab, hidden, generator=g) * 0.02).to(device=device, dtype=dtype)
+    ids = torch.randperm(vocab, generator=g)[:12].tolist()  # six positive and six negative verdict tokens
+    pos, neg = ids[:6], ids[6:]
+    for batch in batches:
+        h = torch.randn(batch, hidden, generator=g).to(device=device, dtype=dtype)
+        shape = f"B={batch} H={hidden} V={vocab} |P|=|N|=6 {str(dtype).replace('torch.', '')}"
+        fast = lambda: ops.cpn_verify(h, weight, pos, neg, 0.7)  # noqa: E731
+        ref = lambda: reference.cpn_verify(h, weight, None, pos, neg, 0.7)  # noqa: E731
+        naive = lambda: reference.cpn_verify_naive(h, weight, None, pos, neg, 0.7)  # noqa: E731
+        for name, base, reps in (("reference", ref, repeats), ("naive full-vocab softmax", naive, naive_repeats)):
+            a, b = compare(fast, base, device, reps, warmup=1)
+            yield Record("cpn_verify", name, device.type, shape, a, b, b / a)
+
+
+def bench_window(device, repeats):
+    cpn = torch.rand(64, 4, device=device)
+    valid = torch.ones(64, 4, dtype=torch.bool, device=device)
+    a, b = compare(lambda: ops.cpn_window_accept(cpn, valid, 0.7),
+                   lambda: reference.cpn_window_accept(cpn, valid, 0.7), device, repeats)
+    yield Record("cpn_window_accept", "reference", device.type, "R=64 W=4", a, b, b / a)
+
+
+def bench_rollback(device, dtype, layers, batch, heads, time_len, head_dim, repeats):
+    """A rejected step rolled back in every row: each row drops its last 16-64 positions."""
+    cache = [torch.randn(batch, heads, time_len, head_dim).to(device=device, dtype=dtype) for _ in range(2 * layers)]
+    g = torch.Generator().manual_seed(1)
+    lengths = time_len - torch.randint(16, 65, (batch,), generator=g)
+    lengths_dev = lengths.to(device)
+    lengths_host = lengths.tolist()
+    longest = max(lengths_host)
+
+    def per_layer_loop():
+        # The same work without the op: each layer, each row, zero the rolled-back tail up to the longest
+        # kept row (the rest is cropped away afterwards, by both).
+        for t in cache:
+            for b, n in enumerate(lengths_host):
+                t[b, :, n:longest] = 0
+
+    shape = f"layers={layers} B={batch} H_kv={heads} T={time_len} D={head_dim} {str(dtype).replace('torch.', '')}"
+    a, b = compare(lambda: ops.kv_rollback(cache, lengths_dev), per_layer_loop, device, repeats)
+    yield Record("kv_rollback", "per-layer PyTorch loop", device.type, shape, a, b, b / a)
+
+    # FPSR fallback: rows [0, B/2) are main sequences that roll back a rejected step and take their
+    # target branch's step (rows [B/2, B)) in its place.
+    half = batch // 2
+    step = 32
+    keep = [time_len - 2 * step] * half + [time_len - step] * (batch - half)
+    src_row = [half + i for i in range(half)] + [-1] * (batch - half)
+    src_start = [time_len - 2 * step] * half + [0] * (batch - half)
+    copy_length = [step] * half + [0] * (batch - half)
+    args = [torch.tensor(x, device=device) for x in (keep, src_row, src_start, copy_length)]
+    longest_after_copy = max(k + n for k, n in zip(keep, copy_length))
+
+    def per_layer_copy_loop():
+        for t in cache:
+            for b in range(batch):
+                k = keep[b]
+                if src_row[b] >= 0:
+                    n = copy_length[b]
+                    t[b, :, k : k + n] = t[src_row[b], :, src_start[b] : src_start[b] + n]
+                    k += n
+                t[b, :, k:longest_after_copy] = 0
+
+    a, b = compare(lambda: ops.kv_rollback(cache, args[0], copy_src_row=args[1], copy_src_start=args[2],
+                                           copy_length=args[3]), per_layer_copy_loop, device, repeats)
+    yield Record("kv_rollback+branch copy", "per-layer PyTorch loop", device.type, shape, a, b, b / a)
+
+
+def bench_sampling(device, batch, k, vocab, repeats):
+    g = torch.Generator().manual_seed(2)
+    q = torch.softmax(torch.randn(batch, k, vocab, generator=g), -1).to(device)
+    p = torch.softmax(torch.randn(batch, k + 1, vocab, generator=g), -1).to(device)
+    ids = torch.multinomial(q.reshape(-1, vocab).cpu(), 1, generator=g).reshape(batch, k).to(device)
+    u = torch.rand(batch, k + 1, generator=g).to(device)
+    shape = f"B={batch} K={k} V={vocab} float32"
+    a, b = compare(lambda: ops.speculative_sample(q, ids, p, uniforms=u),
+                   lambda: reference.speculative_sample(q, ids, p, u), device, repeats)
+    yield Record("speculative_sample", "reference", device.type, shape, a, b, b / a)
+    logits = torch.randn(batch, k + 1, vocab, generator=g).to(device)
+    a, b = compare(lambda: ops.greedy_verify(ids, logits), lambda: reference.greedy_verify(ids, logits), device, repeats)
+    yield Record("greedy_verify", "reference", device.type, shape, a, b, b / a)
+
+
+def main(argv=None) -> list[Record]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per op (default 20, quick 3)")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    repeats = args.repeats or (3 if args.quick else 20)
+    if args.quick:
+        hidden, vocab, batches, layers, time_len = 256, 4096, [1, 8], 4, 64
+    else:
+        hidden, vocab, batches, layers, time_len = 4096, 151936, [1, 8, 64], 32, 1024
+    dtype = torch.bfloat16
+
+    records: list[Record] = []
+    groups = [
+        bench_cpn(device, dtype, hidden, vocab, batches, repeats, naive_repeats=max(2, repeats // 5)),
+        bench_window(device, repeats),
+        bench_rollback(device, dtype, layers, 8, 8, time_len, 128 if not args.quick else 16, repeats),
+        bench_sampling(device, 32 if not args.quick else 4, 5, 32000 if not args.quick else 1000, repeats),
+    ]
+    header = f"{'op':<24} {'baseline':<26} {'shape':<52} {'op ms':>9} {'base ms':>10} {'speedup':>8}"
+    print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
+          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(header)
+    print("-" * len(header))
+    for group in groups:
+        for r in group:
+            records.append(r)
+            print(f"{r.op:<24} {r.baseline:<26} {r.shape:<52} {r.median_ms:>9.3f} {r.baseline_median_ms:>10.3f} "
+                  f"{r.speedup:>7.1f}x", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in records], f, indent=2)
+    return records
+
+
+if __name__ == "__main__":
+    main()

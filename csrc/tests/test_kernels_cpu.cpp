@@ -1,0 +1,114 @@
+// C++ unit tests of the header-only CPU kernels, against naive double-precision computations.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "dreamr/cpn.h"
+#include "dreamr/rollback.h"
+#include "dreamr/sampling.h"
+
+static int failures = 0;
+#define EXPECT(cond)                                                 \
+  do {                                                               \
+    if (!(cond)) {                                                   \
+      std::fprintf(stderr, "%s:%d: FAILED %s\n", __FILE__, __LINE__, #cond); \
+      ++failures;                                                    \
+    }                                                                \
+  } while (0)
+
+static void test_cpn_matches_softmax_ratio() {
+  std::mt19937 rng(0);
+  std::normal_distribution<float> normal;
+  const int64_t hidden = 37, vocab = 50;
+  std::vector<float> h(hidden), w(vocab * hidden), bias(vocab);
+  for (auto& x : h) x = normal(rng) * 0.3f;
+  for (auto& x : w) x = normal(rng);
+  for (auto& x : bias) x = normal(rng);
+  dreamr::VerdictIds ids{};
+  ids.positive[0] = 3;
+  ids.positive[1] = 7;
+  ids.negative[0] = 11;
+  ids.num_positive = 2;
+  ids.num_negative = 1;
+  // Naive: full-vocabulary softmax, then the ratio of the two sets' masses.
+  std::vector<double> logits(vocab);
+  double max_logit = -1e300, denominator = 0;
+  for (int64_t v = 0; v < vocab; ++v) {
+    double l = bias[v];
+    for (int64_t i = 0; i < hidden; ++i) l += double(h[i]) * w[v * hidden + i];
+    logits[v] = l;
+    max_logit = std::max(max_logit, l);
+  }
+  for (double l : logits) denominator += std::exp(l - max_logit);
+  auto prob = [&](int v) { return std::exp(logits[v] - max_logit) / denominator; };
+  const double s_pos = prob(3) + prob(7), s_neg = prob(11);
+  const double expected = s_pos / (s_pos + s_neg);
+  float cpn = 0;
+  bool accept = false;
+  dreamr::cpn_verify_row_cpu<float, float>(h.data(), w.data(), bias.data(), hidden, ids, 0.5f, 0.f, &cpn, &accept);
+  EXPECT(std::fabs(cpn - expected) < 1e-5);
+  EXPECT(accept == (expected > 0.5));
+}
+
+static void test_accept_rule_ends() {
+  EXPECT(dreamr::accepts(0.f, 0.f));
+  EXPECT(!dreamr::accepts(1.f, 1.f));
+  EXPECT(!dreamr::accepts(NAN, 0.f));
+  EXPECT(dreamr::accepts(0.71f, 0.7f) && !dreamr::accepts(0.7f, 0.7f));
+}
+
+static void test_window_leading_run() {
+  const float cpn[4] = {0.9f, 0.8f, 0.1f, 0.95f};
+  const bool valid[4] = {true, true, true, true};
+  bool accept[4];
+  EXPECT(dreamr::window_accept_row(cpn, valid, 4, 0.7f, accept) == 2);
+  EXPECT(accept[3] && !accept[2]);
+}
+
+static void test_rollback_truncate_and_copy() {
+  const dreamr::RollbackShape shape{2, 1, 6, 2};  // B, H, T, D
+  std::vector<float> cache(2 * 6 * 2);
+  for (size_t i = 0; i < cache.size(); ++i) cache[i] = float(i + 1);
+  const int64_t lengths[2] = {2, 4}, src_row[2] = {1, -1}, src_start[2] = {1, 0}, copy_length[2] = {3, 0};
+  const int64_t longest = dreamr::longest_new_length(shape, lengths, src_row, src_start, copy_length);
+  EXPECT(longest == 5);
+  for (int64_t b = 0; b < 2; ++b) {
+    const dreamr::RowPlan plan = dreamr::plan_row(b, shape, lengths, src_row, src_start, copy_length);
+    dreamr::rollback_row_cpu(reinterpret_cast<char*>(cache.data()), sizeof(float), shape, b, plan, longest);
+  }
+  // Row 0: positions 0-1 kept, 2-4 from row 1's positions 1-3, position 5 (past the longest) untouched.
+  for (int t = 0; t < 6; ++t) {
+    for (int d = 0; d < 2; ++d) {
+      const float got = cache[t * 2 + d];
+      const float want = (t < 2 || t == 5) ? float(t * 2 + d + 1) : float(12 + (t - 1) * 2 + d + 1);
+      EXPECT(got == want);
+    }
+  }
+  // Row 1: truncated to 4, position 4 zeroed (below the longest), position 5 untouched.
+  EXPECT(cache[12 + 4 * 2] == 0.f && cache[12 + 5 * 2] == float(12 + 5 * 2 + 1));
+}
+
+static void test_extra_token_is_drawn_from_residual() {
+  const float p[4] = {0.0f, 0.5f, 0.5f, 0.0f}, q[4] = {0.25f, 0.25f, 0.25f, 0.25f};
+  // Residual max(0, p - q) = {0, .25, .25, 0}: u < 0.5 gives token 1, else token 2.
+  EXPECT(dreamr::draw_extra_token_cpu(p, q, 4, 0.1f) == 1);
+  EXPECT(dreamr::draw_extra_token_cpu(p, q, 4, 0.6f) == 2);
+  EXPECT(dreamr::draw_extra_token_cpu(p, q, 4, 0.9999999f) == 2);
+  EXPECT(dreamr::draw_extra_token_cpu(p, p, 4, 0.1f) == 1);  // p == q: the residual is empty, draw from p
+}
+
+int main() {
+  test_cpn_matches_softmax_ratio();
+  test_accept_rule_ends();
+  test_window_leading_run();
+  test_rollback_truncate_and_copy();
+  test_extra_token_is_drawn_from_residual();
+  if (failures) {
+    std::fprintf(stderr, "%d check(s) failed\n", failures);
+    return 1;
+  }
+  std::printf("kernels_cpu: all checks passed\n");
+  return 0;
+}

@@ -1,0 +1,156 @@
+"""CPN verification and window acceptance: the CPU kernel against the PyTorch reference."""
+
+import math
+
+import pytest
+import torch
+
+from dreamr import ops, reference
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-6, torch.bfloat16: 2e-3, torch.float16: 2e-3}
+
+
+def random_case(batch, hidden, vocab, n_pos, n_neg, dtype, seed, bias=False):
+    g = torch.Generator().manual_seed(seed)
+    h = (torch.randn(batch, hidden, generator=g) / math.sqrt(hidden) * 4).to(dtype)
+    w = torch.randn(vocab, hidden, generator=g).to(dtype)
+    b = torch.randn(vocab, generator=g).to(dtype) if bias else None
+    ids = torch.randperm(vocab, generator=g)[: n_pos + n_neg].tolist()
+    return h, w, b, ids[:n_pos], ids[n_pos:]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "batch,hidden,vocab,n_pos,n_neg,bias,softcap",
+    [
+        (1, 64, 100, 1, 1, False, 0.0),
+        (7, 257, 5000, 6, 5, True, 0.0),
+        (64, 512, 151936, 64, 64, False, 30.0),
+        (3, 33, 40, 3, 9, True, 5.0),
+    ],
+)
+def test_cpn_verify_matches_reference(dtype, batch, hidden, vocab, n_pos, n_neg, bias, softcap):
+    h, w, b, pos, neg = random_case(batch, hidden, vocab, n_pos, n_neg, dtype, seed=batch + vocab, bias=bias)
+    for alpha in (0.0, 0.3, 0.7, 1.0):
+        cpn, accept = ops.cpn_verify(h, w, pos, neg, alpha, lm_head_bias=b, logit_softcap=softcap)
+        ref_cpn, _ = reference.cpn_verify(h, w, b, pos, neg, alpha, softcap)
+        assert cpn.dtype == torch.float32 and accept.dtype == torch.bool and cpn.shape == (batch,)
+        torch.testing.assert_close(cpn, ref_cpn, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+        # Acceptance is the exact rule applied to the kernel's own cpn.
+        assert torch.equal(accept, reference.accepts(cpn, alpha))
+
+
+def test_cpn_equals_full_vocab_softmax():
+    h, w, b, pos, neg = random_case(4, 128, 3000, 4, 4, torch.float32, seed=1, bias=True)
+    cpn, _ = ops.cpn_verify(h, w, pos, neg, 0.5, lm_head_bias=b)
+    naive, _ = reference.cpn_verify_naive(h, w, b, pos, neg, 0.5)
+    torch.testing.assert_close(cpn, naive, atol=1e-5, rtol=1e-5)
+
+
+def test_alpha_ends_are_exact():
+    # A verdict so negative that cpn underflows to exactly 0, and one so positive it rounds to 1.
+    hidden = torch.tensor([[1.0], [-1.0]])
+    weight = torch.tensor([[200.0], [-200.0]])  # token 0 positive, token 1 negative
+    cpn, accept = ops.cpn_verify(hidden, weight, [0], [1], 0.0)
+    assert cpn.tolist() == [1.0, 0.0]
+    assert accept.tolist() == [True, True]  # alpha = 0 accepts every finite verdict
+    _, accept = ops.cpn_verify(hidden, weight, [0], [1], 1.0)
+    assert accept.tolist() == [False, False]  # alpha = 1 rejects every step
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_hidden_is_rejected(bad):
+    h, w, _, pos, neg = random_case(3, 16, 50, 2, 2, torch.float32, seed=2)
+    h[1, 5] = bad
+    for alpha in (0.0, 0.5):
+        cpn, accept = ops.cpn_verify(h, w, pos, neg, alpha)
+        assert math.isnan(cpn[1].item()) and not accept[1].item()
+        assert not torch.isnan(cpn[[0, 2]]).any()
+
+
+def test_window_accept_matches_reference():
+    g = torch.Generator().manual_seed(3)
+    for requests, window in [(1, 1), (5, 4), (33, 8)]:
+        cpn = torch.rand(requests, window, generator=g)
+        cpn[0, 0] = float("nan")
+        valid = torch.rand(requests, window, generator=g) > 0.2
+        for alpha in (0.0, 0.5, 0.7, 1.0):
+            n, accept = ops.cpn_window_accept(cpn, valid, alpha)
+            ref_n, ref_accept = reference.cpn_window_accept(cpn, valid, alpha)
+            assert torch.equal(n, ref_n) and torch.equal(accept, ref_accept)
+
+
+def test_window_accept_counts_leading_run():
+    cpn = torch.tensor([[0.9, 0.8, 0.1, 0.9], [0.9, 0.9, 0.9, 0.9], [0.2, 0.9, 0.9, 0.9]])
+    valid = torch.tensor([[True] * 4, [True, True, False, True], [True] * 4])
+    n, accept = ops.cpn_window_accept(cpn, valid, 0.7)
+    assert n.tolist() == [2, 2, 0]
+    assert accept[0].tolist() == [True, True, False, True]
+
+
+def _case():
+    return random_case(2, 8, 20, 2, 2, torch.float32, seed=4)
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda a: a.update(hidden=a["hidden"][0]), "hidden must be \\[B, H\\]"),
+        (lambda a: a.update(hidden=a["hidden"].double()), "lm_head_weight must be torch.float64, got torch.float32"),
+        (lambda a: a.update(hidden=a["hidden"].long()), "hidden must be float32"),
+        (lambda a: a.update(lm_head_weight=a["lm_head_weight"][:, :4].contiguous()), "lm_head_weight must be \\[V, H\\]"),
+        (lambda a: a.update(lm_head_weight=a["lm_head_weight"].t().contiguous().t()), "must be contiguous"),
+        (lambda a: a.update(hidden=a["hidden"][:, ::2].contiguous(), lm_head_weight=a["lm_head_weight"][:, ::2]),
+         "lm_head_weight must be contiguous"),
+        (lambda a: a.update(positive_ids=[]), "positive_ids is empty"),
+        (lambda a: a.update(negative_ids=[]), "negative_ids is empty"),
+        (lambda a: a.update(positive_ids=[20]), "outside the vocabulary"),
+        (lambda a: a.update(negative_ids=[-1]), "outside the vocabulary"),
+        (lambda a: a.update(negative_ids=a["positive_ids"][:1]), "disjoint"),
+        (lambda a: a.update(positive_ids=[3, 3]), "repeats token id 3"),
+        (lambda a: a.update(positive_ids=list(range(65))), "more than the 64"),
+        (lambda a: a.update(alpha=1.5), "alpha must be a number in \\[0, 1\\]"),
+        (lambda a: a.update(alpha=float("nan")), "alpha must be a number in \\[0, 1\\]"),
+        (lambda a: a.update(lm_head_bias=torch.zeros(3)), "lm_head_bias must be \\[V\\]"),
+        (lambda a: a.update(logit_softcap=-1.0), "logit_softcap must be >= 0"),
+    ],
+)
+def test_cpn_verify_rejects_bad_input(mutate, message):
+    h, w, _, pos, neg = _case()
+    args = dict(hidden=h, lm_head_weight=w, positive_ids=pos, negative_ids=neg, alpha=0.5)
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        ops.cpn_verify(**args)
+
+
+def test_window_accept_rejects_bad_input():
+    with pytest.raises(ValueError, match="valid must have cpn's shape"):
+        ops.cpn_window_accept(torch.rand(2, 3), torch.ones(2, 4, dtype=torch.bool), 0.5)
+    with pytest.raises(ValueError, match="cpn must be torch.float32, got torch.float64"):
+        ops.cpn_window_accept(torch.rand(2, 3).double(), torch.ones(2, 3, dtype=torch.bool), 0.5)
+    with pytest.raises(ValueError, match="valid must be torch.bool"):
+        ops.cpn_window_accept(torch.rand(2, 3), torch.ones(2, 3), 0.5)
+    with pytest.raises(ValueError, match="alpha"):
+        ops.cpn_window_accept(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool), -0.1)
+
+
+def test_cpn_verify_compiles_with_torch_compile():
+    h, w, _, pos, neg = _case()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def verify(hidden, weight):
+        return torch.ops.dreamr.cpn_verify(hidden * 1.0, weight, None, pos, neg, 0.5, 0.0)
+
+    cpn, accept = verify(h, w)
+    ref_cpn, ref_accept = reference.cpn_verify(h, w, None, pos, neg, 0.5)
+    torch.testing.assert_close(cpn, ref_cpn)
+    assert torch.equal(accept, ref_accept)
+
+
+def test_fake_implementations_pass_opcheck():
+    h, w, _, pos, neg = _case()
+    torch.library.opcheck(torch.ops.dreamr.cpn_verify.default, (h, w, None, pos, neg, 0.5, 0.0))
+    torch.library.opcheck(
+        torch.ops.dreamr.cpn_window_accept.default, (torch.rand(3, 4), torch.ones(3, 4, dtype=torch.bool), 0.5)
+    )

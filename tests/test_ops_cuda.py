@@ -1,0 +1,98 @@
+"""The CUDA kernels against the references (runs on a GPU machine; skipped elsewhere)."""
+
+import pytest
+import torch
+
+from dreamr import ops, reference
+from dreamr._extension import has_cuda_kernels
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.skipif(torch.cuda.is_available() and not has_cuda_kernels(), reason="core built without CUDA"),
+]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-6, torch.bfloat16: 2e-3, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("batch,hidden,vocab,n_pos,n_neg,softcap", [(1, 64, 100, 1, 1, 0.0), (64, 4096, 151936, 6, 6, 30.0)])
+def test_cpn_verify_cuda(dtype, batch, hidden, vocab, n_pos, n_neg, softcap):
+    g = torch.Generator().manual_seed(batch)
+    h = (torch.randn(batch, hidden, generator=g) / hidden**0.5 * 4).to(dtype)
+    w = torch.randn(vocab, hidden, generator=g).to(dtype)
+    b = torch.randn(vocab, generator=g).to(dtype)
+    ids = torch.randperm(vocab, generator=g)[: n_pos + n_neg].tolist()
+    h[0, 0] = float("nan") if batch > 1 else h[0, 0]
+    cpn, accept = ops.cpn_verify(h.cuda(), w.cuda(), ids[:n_pos], ids[n_pos:], 0.7, lm_head_bias=b.cuda(),
+                                 logit_softcap=softcap)
+    ref_cpn, _ = reference.cpn_verify(h, w, b, ids[:n_pos], ids[n_pos:], 0.7, softcap)
+    torch.testing.assert_close(cpn.cpu(), ref_cpn, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], equal_nan=True)
+    assert torch.equal(accept.cpu(), reference.accepts(cpn.cpu(), 0.7))
+
+
+def test_window_accept_cuda():
+    cpn = torch.rand(37, 4)
+    valid = torch.rand(37, 4) > 0.1
+    for alpha in (0.0, 0.6, 1.0):
+        n, accept = ops.cpn_window_accept(cpn.cuda(), valid.cuda(), alpha)
+        ref_n, ref_accept = reference.cpn_window_accept(cpn, valid, alpha)
+        assert torch.equal(n.cpu(), ref_n) and torch.equal(accept.cpu(), ref_accept)
+
+
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.float32, 64), (torch.float16, 3)])
+def test_kv_rollback_cuda(dtype, dim):
+    cache = [torch.randn(6, 4, 50, dim).to(dtype) for _ in range(64)]
+    lengths = torch.tensor([5, 9, 0, 14, 20, 7])
+    copy = dict(copy_src_row=torch.tensor([3, 4, 5, -1, -1, -1]), copy_src_start=torch.tensor([5, 9, 0, 0, 0, 0]),
+                copy_length=torch.tensor([9, 11, 7, 0, 0, 0]))
+    expected = [t.clone() for t in cache]
+    ref_lengths = reference.kv_rollback(expected, lengths, *copy.values())
+    gpu = [t.cuda() for t in cache]
+    new_lengths = ops.kv_rollback(gpu, lengths.cuda(), **{k: v.cuda() for k, v in copy.items()})
+    assert torch.equal(new_lengths.cpu(), ref_lengths)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_speculative_sample_cuda(dtype):
+    g = torch.Generator().manual_seed(0)
+    batch, k, vocab = 32, 5, 32000
+    q = torch.softmax(torch.randn(batch, k, vocab, generator=g), -1).to(dtype)
+    p = torch.softmax(torch.randn(batch, k + 1, vocab, generator=g), -1).to(dtype)
+    ids = torch.multinomial(q.float().reshape(-1, vocab), 1, generator=g).reshape(batch, k)
+    u = torch.rand(batch, k + 1, generator=g)
+    tokens, n = ops.speculative_sample(q.cuda(), ids.cuda(), p.cuda(), uniforms=u.cuda())
+    ref_tokens, ref_n = reference.speculative_sample(q, ids, p, u)
+    assert torch.equal(n.cpu(), ref_n)
+    # The extra token is an inverse-CDF draw: summation order may move a boundary by one ulp, rarely.
+    assert (tokens.cpu() == ref_tokens).float().mean() > 0.99
+
+
+def test_greedy_verify_cuda():
+    logits = torch.randn(16, 6, 32000)
+    draft = logits[:, :5].argmax(-1)
+    draft[::3, 2] += 1
+    tokens, n = ops.greedy_verify(draft.cuda(), logits.cuda())
+    ref_tokens, ref_n = reference.greedy_verify(draft, logits)
+    assert torch.equal(tokens.cpu(), ref_tokens) and torch.equal(n.cpu(), ref_n)
+
+
+def test_device_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="lm_head_weight is on cpu but the other inputs are on cuda"):
+        ops.cpn_verify(torch.randn(2, 8).cuda(), torch.randn(10, 8), [0], [1], 0.5)
+
+
+def test_ops_capture_in_a_cuda_graph():
+    h, w = torch.randn(8, 256, device="cuda"), torch.randn(1000, 256, device="cuda")
+    cache = [torch.randn(4, 2, 16, 8, device="cuda") for _ in range(4)]
+    lengths = torch.tensor([3, 5, 7, 9], device="cuda")
+    ops.cpn_verify(h, w, [1, 2], [3], 0.5)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cpn, accept = ops.cpn_verify(h, w, [1, 2], [3], 0.5)
+        new_lengths = ops.kv_rollback(cache, lengths)
+    h.copy_(torch.randn_like(h))
+    graph.replay()
+    ref_cpn, _ = reference.cpn_verify(h, w, None, [1, 2], [3], 0.5)
+    torch.testing.assert_close(cpn, ref_cpn)
+    assert new_lengths.tolist() == [3, 5, 7, 9]

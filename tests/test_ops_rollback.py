@@ -1,0 +1,132 @@
+"""Step-level KV-cache rollback: the CPU kernel against the per-layer PyTorch reference."""
+
+import pytest
+import torch
+
+from dreamr import ops, reference
+
+
+def random_cache(layers, batch, heads, time, dim, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, time, dim, generator=g).to(dtype) for _ in range(2 * layers)]
+
+
+def clone(cache):
+    return [t.clone() for t in cache]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layers,batch,heads,time,dim", [(1, 1, 1, 1, 1), (3, 5, 2, 17, 8), (4, 8, 3, 40, 5)])
+def test_truncate_matches_reference(dtype, layers, batch, heads, time, dim):
+    g = torch.Generator().manual_seed(layers * 7 + batch)
+    cache = random_cache(layers, batch, heads, time, dim, dtype, seed=batch)
+    lengths = torch.randint(0, time + 1, (batch,), generator=g)
+    lengths[0] = 0  # rollback to length 0
+    expected = clone(cache)
+    expected_lengths = reference.kv_rollback(expected, lengths)
+    new_lengths = ops.kv_rollback(cache, lengths)
+    assert torch.equal(new_lengths, expected_lengths)
+    for got, want in zip(cache, expected):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_branch_copy_matches_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    batch, time = 6, 24
+    cache = random_cache(2, batch, 2, time, 4, seed=seed)
+    # Rows 0-2 are main sequences, rows 3-5 their target branches; each main row takes its branch's step.
+    lengths = torch.tensor([5, 9, 0, 14, 20, 7])
+    src_row = torch.tensor([3, 4, 5, -1, -1, -1])
+    src_start = torch.tensor([5, 9, 0, 0, 0, 0])
+    copy_length = torch.tensor([9, 11, 7, 0, 0, 0])
+    if seed % 2:  # ragged sources that start anywhere inside what the source keeps
+        src_start[0] = int(torch.randint(0, 6, (1,), generator=g))
+        copy_length[0] = 14 - int(src_start[0])
+    expected = clone(cache)
+    expected_lengths = reference.kv_rollback(expected, lengths, src_row, src_start, copy_length)
+    new_lengths = ops.kv_rollback(
+        cache, lengths, copy_src_row=src_row, copy_src_start=src_start, copy_length=copy_length
+    )
+    assert torch.equal(new_lengths, expected_lengths)
+    assert new_lengths.tolist()[:3] == [5 + int(copy_length[0]), 20, 7]
+    for got, want in zip(cache, expected):
+        assert torch.equal(got, want)
+
+
+def test_python_ints_are_accepted_and_checked():
+    cache = random_cache(1, 2, 1, 6, 2)
+    assert ops.kv_rollback(cache, [3, 6]).tolist() == [3, 6]
+    assert torch.count_nonzero(cache[0][0, :, 3:]) == 0
+    with pytest.raises(ValueError, match=r"lengths\[1\] = 7 is outside \[0, T\] with T = 6"):
+        ops.kv_rollback(cache, [3, 7])
+
+
+def test_rollback_then_crop_equals_original_prefix():
+    cache = random_cache(2, 3, 2, 10, 4)
+    original = clone(cache)
+    new_lengths = ops.kv_rollback(cache, [4, 4, 4])
+    t = int(new_lengths.max())
+    for got, want in zip(cache, original):
+        assert torch.equal(got[:, :, :t], want[:, :, :t])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(lengths=[1, -1]), r"lengths\[1\] = -1"),
+        (dict(lengths=[1, 2], copy_src_row=[1, -1], copy_src_start=[0, 0], copy_length=[3, 0]),
+         r"copies positions \[0, 3\) of row 1, which keeps only \[0, 2\)"),
+        (dict(lengths=[1, 2], copy_src_row=[0, -1], copy_src_start=[0, 0], copy_length=[1, 0]), "into itself"),
+        (dict(lengths=[1, 2], copy_src_row=[2, -1], copy_src_start=[0, 0], copy_length=[1, 0]), "not a row"),
+        (dict(lengths=[1, 2], copy_src_row=[1, 0], copy_src_start=[0, 0], copy_length=[1, 1]),
+         "also receives a copy"),
+        (dict(lengths=[5, 6], copy_src_row=[1, -1], copy_src_start=[0, 0], copy_length=[2, 0]),
+         "would grow to 7 positions"),
+        (dict(lengths=[1, 2], copy_src_row=[1, -1], copy_src_start=[0, 0], copy_length=[-1, 0]), "negative"),
+        (dict(lengths=[1, 2], copy_src_row=[1, -1]), "must be given together"),
+    ],
+)
+def test_rollback_rejects_bad_values(kwargs, message):
+    for as_tensors in (False, True):  # host ints (kv_rollback_check) and CPU tensors (the kernel's checks)
+        cache = random_cache(1, 2, 1, 6, 2)
+        args = {k: torch.tensor(v) if as_tensors else v for k, v in kwargs.items()}
+        with pytest.raises(ValueError, match=message):
+            ops.kv_rollback(cache, **args)
+
+
+def test_rollback_rejects_bad_tensors():
+    cache = random_cache(2, 2, 1, 6, 2)
+    with pytest.raises(ValueError, match=r"cache\[1\] has shape"):
+        ops.kv_rollback([cache[0], cache[1][:, :, :5].contiguous()], [1, 1])
+    with pytest.raises(ValueError, match=r"cache\[1\] must be torch.float32, got torch.float64"):
+        ops.kv_rollback([cache[0], cache[1].double()], [1, 1])
+    with pytest.raises(ValueError, match=r"cache\[0\] must be contiguous"):
+        ops.kv_rollback([cache[0].transpose(2, 3)], [1, 1])
+    with pytest.raises(ValueError, match=r"cache\[0\] must be \[B, H_kv, T, D\]"):
+        ops.kv_rollback([cache[0][0]], [1])
+    with pytest.raises(ValueError, match=r"lengths must be \[B\] with B = 2"):
+        ops.kv_rollback(cache, torch.tensor([1, 1, 1]))
+    with pytest.raises(ValueError, match=r"lengths must be torch.int64, got torch.int32"):
+        ops.kv_rollback(cache, torch.tensor([1, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cache is empty"):
+        ops.kv_rollback([], [1])
+    with pytest.raises(ValueError, match="more than the 256"):
+        ops.kv_rollback([cache[0]] * 257, [1, 1])
+
+
+def test_rollback_opcheck():
+    cache = random_cache(1, 2, 1, 6, 2)
+    torch.library.opcheck(
+        torch.ops.dreamr.kv_rollback_.default, (cache, torch.tensor([2, 3]), None, None, None)
+    )
+
+
+def test_positions_past_the_longest_row_are_left_for_the_crop():
+    cache = random_cache(1, 2, 1, 6, 2)
+    original = clone(cache)
+    assert ops.kv_rollback(cache, [2, 4]).tolist() == [2, 4]
+    for got, want in zip(cache, original):
+        assert torch.equal(got[:, :, 4:], want[:, :, 4:])  # cropped by the caller, not written
+        assert torch.count_nonzero(got[0, :, 2:4]) == 0  # the shorter row's stale span is zeroed
+        assert torch.equal(got[1, :, :4], want[1, :, :4])
