@@ -29,7 +29,7 @@ _spec = importlib.util.spec_from_file_location("_dreamr_extension", ROOT / "drea
 _extension = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_extension)
 
-with_cuda = _extension.cuda_build_possible() and os.environ.get("DREAMR_NO_CUDA", "0") != "1"
+with_cuda = _extension.cuda_build_possible()  # DREAMR_NO_CUDA=1 builds the CPU kernels only
 sources = [os.path.relpath(s, ROOT) for s in _extension.sources(with_cuda)]
 Extension = CUDAExtension if with_cuda else CppExtension
 
