@@ -133,10 +133,19 @@ inline RollbackShape check_rollback_inputs(at::TensorList cache, const at::Tenso
                first.defined() ? first.sizes() : at::IntArrayRef{});
   for (size_t i = 0; i < cache.size(); ++i) {
     const std::string name = "cache[" + std::to_string(i) + "]";
-    check_tensor(op, name.c_str(), cache[i], 4, first.device());
-    DREAMR_CHECK(cache[i].sizes() == first.sizes(), op, ": ", name, " has shape ", cache[i].sizes(),
-                 " but cache[0] has ", first.sizes(), "; all layers must share one shape");
-    check_dtype(op, name.c_str(), cache[i], first.scalar_type());
+    const at::Tensor& t = cache[i];
+    DREAMR_CHECK(t.defined() && t.dim() == 4, op, ": ", name, " must be [B, H_kv, T, D], got shape ",
+                 t.defined() ? t.sizes() : at::IntArrayRef{});
+    DREAMR_CHECK(t.device() == first.device(), op, ": ", name, " is on ", t.device(), " but cache[0] is on ",
+                 first.device());
+    DREAMR_CHECK(t.sizes() == first.sizes(), op, ": ", name, " has shape ", t.sizes(), " but cache[0] has ",
+                 first.sizes(), "; all layers must share one shape");
+    check_dtype(op, name.c_str(), t, first.scalar_type());
+    // Strided rows, heads and positions are fine (cropped caches are views); the head dim must be dense.
+    DREAMR_CHECK(t.size(3) == 1 || t.stride(3) == 1, op, ": ", name, " must be dense in its last (head) dimension, ",
+                 "got strides ", t.strides(), "; call .contiguous() first");
+    DREAMR_CHECK(t.strides() == first.strides(), op, ": ", name, " has strides ", t.strides(), " but cache[0] has ",
+                 first.strides(), "; all layers must share one layout");
   }
   const int64_t batch = first.size(0);
   auto check_row_vector = [&](const char* name, const at::Tensor& t) {
@@ -153,7 +162,8 @@ inline RollbackShape check_rollback_inputs(at::TensorList cache, const at::Tenso
     check_row_vector("copy_src_start", *src_start);
     check_row_vector("copy_length", *copy_length);
   }
-  return RollbackShape{batch, first.size(1), first.size(2), first.size(3)};
+  return RollbackShape{batch,          first.size(1),   first.size(2),  first.size(3),
+                       first.stride(0), first.stride(1), first.stride(2)};
 }
 
 // Value checks for rollback, on host data. The CPU launcher runs them on its tensors; on CUDA the

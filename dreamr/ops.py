@@ -19,6 +19,8 @@ from dreamr._extension import load_extension
 load_extension()
 
 __all__ = [
+    "MAX_CACHE_TENSORS",
+    "MAX_VERDICT_IDS",
     "cpn_verify",
     "cpn_window_accept",
     "kv_rollback",
@@ -27,6 +29,12 @@ __all__ = [
 ]
 
 _IntsOrTensor = Union[Sequence[int], torch.Tensor]
+
+#: Largest number of cache tensors (keys and values of all layers) one :func:`kv_rollback` call takes;
+#: they travel to the CUDA kernel by value (csrc/include/dreamr/common.h, kMaxCacheTensors).
+MAX_CACHE_TENSORS = 256
+#: Largest number of token ids in each verdict set of :func:`cpn_verify` (kMaxVerdictIds).
+MAX_VERDICT_IDS = 64
 
 
 def cpn_verify(
@@ -130,7 +138,7 @@ def kv_rollback(
     ----------
     cache : sequence of Tensor, each shape ``[B, H_kv, T, D]``
         Keys and values of all layers, in transformers' cache layout; same shape, dtype and device,
-        contiguous. At most 512 tensors.
+        contiguous. At most 256 tensors (128 layers) per call.
     lengths : Tensor ``[B]`` int64, or sequence of int
         Committed length of each row, in ``[0, T]``.
     copy_src_row, copy_src_start, copy_length : Tensor ``[B]`` int64, or sequence of int, optional

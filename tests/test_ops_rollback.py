@@ -101,8 +101,10 @@ def test_rollback_rejects_bad_tensors():
         ops.kv_rollback([cache[0], cache[1][:, :, :5].contiguous()], [1, 1])
     with pytest.raises(ValueError, match=r"cache\[1\] must be torch.float32, got torch.float64"):
         ops.kv_rollback([cache[0], cache[1].double()], [1, 1])
-    with pytest.raises(ValueError, match=r"cache\[0\] must be contiguous"):
+    with pytest.raises(ValueError, match=r"cache\[0\] must be dense in its last \(head\) dimension"):
         ops.kv_rollback([cache[0].transpose(2, 3)], [1, 1])
+    with pytest.raises(ValueError, match=r"cache\[1\] has strides"):
+        ops.kv_rollback([cache[0], torch.randn(2, 1, 9, 2)[:, :, :6]], [1, 1])
     with pytest.raises(ValueError, match=r"cache\[0\] must be \[B, H_kv, T, D\]"):
         ops.kv_rollback([cache[0][0]], [1])
     with pytest.raises(ValueError, match=r"lengths must be \[B\] with B = 2"):
@@ -130,3 +132,25 @@ def test_positions_past_the_longest_row_are_left_for_the_crop():
         assert torch.equal(got[:, :, 4:], want[:, :, 4:])  # cropped by the caller, not written
         assert torch.count_nonzero(got[0, :, 2:4]) == 0  # the shorter row's stale span is zeroed
         assert torch.equal(got[1, :, :4], want[1, :, :4])
+
+
+@pytest.mark.parametrize("with_copy", [False, True])
+def test_strided_views_like_a_cropped_cache(with_copy):
+    """transformers' crop leaves views whose time axis is shorter than their storage: no copy needed."""
+    storage = random_cache(2, 4, 3, 20, 8, dtype=torch.bfloat16, seed=9)
+    cache = [t[:, :, :13] for t in storage]  # [4, 3, 13, 8] views with stride_time 8, stride_head 160
+    assert not cache[0].is_contiguous()
+    expected = [t.clone() for t in cache]
+    lengths = torch.tensor([3, 9, 5, 13])
+    kwargs = {}
+    if with_copy:
+        kwargs = dict(copy_src_row=torch.tensor([3, -1, -1, -1]), copy_src_start=torch.tensor([2, 0, 0, 0]),
+                      copy_length=torch.tensor([6, 0, 0, 0]))
+    ref_lengths = reference.kv_rollback(expected, lengths, *kwargs.values())
+    tails = [t[:, :, 13:].clone() for t in storage]
+    new_lengths = ops.kv_rollback(cache, lengths, **kwargs)
+    assert torch.equal(new_lengths, ref_lengths)
+    for got, want in zip(cache, expected):
+        assert torch.equal(got, want)
+    for t, tail in zip(storage, tails):
+        assert torch.equal(t[:, :, 13:], tail)  # storage past the view is never touched

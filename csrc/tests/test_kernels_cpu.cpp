@@ -68,7 +68,7 @@ static void test_window_leading_run() {
 }
 
 static void test_rollback_truncate_and_copy() {
-  const dreamr::RollbackShape shape{2, 1, 6, 2};  // B, H, T, D
+  const dreamr::RollbackShape shape{2, 1, 6, 2, 12, 12, 2};  // B, H, T, D, then strides (dense)
   std::vector<float> cache(2 * 6 * 2);
   for (size_t i = 0; i < cache.size(); ++i) cache[i] = float(i + 1);
   const int64_t lengths[2] = {2, 4}, src_row[2] = {1, -1}, src_start[2] = {1, 0}, copy_length[2] = {3, 0};

@@ -13,8 +13,11 @@
 
 namespace dreamr {
 
+// Sizes, and strides in elements: rows, heads and positions may be strided (a cache cropped by
+// transformers holds views whose time axis is shorter than their storage); the head dimension is dense.
 struct RollbackShape {
   int64_t batch, heads, time, head_dim;
+  int64_t stride_batch, stride_head, stride_time;
 };
 
 // What row b of every tensor becomes. Values are clamped into range so that a device-side caller that
@@ -54,15 +57,22 @@ DREAMR_HOST_DEVICE int64_t longest_new_length(const RollbackShape& s, const int6
 // CPU kernel for one (tensor, row): element_size bytes per element, any dtype; zeroes up to zero_end.
 inline void rollback_row_cpu(char* tensor, int64_t element_size, const RollbackShape& s, int64_t b, const RowPlan& p,
                              int64_t zero_end) {
-  const int64_t row_bytes = s.head_dim * element_size;  // one position of one head
+  const int64_t position_bytes = s.head_dim * element_size;
+  const int64_t time_bytes = s.stride_time * element_size;
+  const bool dense_time = s.stride_time == s.head_dim;  // positions back to back: one memcpy per span
+  const int64_t end = p.keep + p.copied;
   for (int64_t h = 0; h < s.heads; ++h) {
-    char* dst = tensor + ((b * s.heads + h) * s.time) * row_bytes;
-    if (p.copied > 0) {
-      const char* src = tensor + ((p.src_row * s.heads + h) * s.time + p.src_start) * row_bytes;
-      std::memcpy(dst + p.keep * row_bytes, src, p.copied * row_bytes);
+    char* dst = tensor + (b * s.stride_batch + h * s.stride_head) * element_size;
+    const char* src = tensor + (p.src_row * s.stride_batch + h * s.stride_head) * element_size;
+    if (dense_time) {
+      if (p.copied > 0) std::memcpy(dst + p.keep * time_bytes, src + p.src_start * time_bytes, p.copied * time_bytes);
+      if (zero_end > end) std::memset(dst + end * time_bytes, 0, (zero_end - end) * time_bytes);
+      continue;
     }
-    const int64_t end = p.keep + p.copied;
-    if (zero_end > end) std::memset(dst + end * row_bytes, 0, (zero_end - end) * row_bytes);
+    for (int64_t t = 0; t < p.copied; ++t) {
+      std::memcpy(dst + (p.keep + t) * time_bytes, src + (p.src_start + t) * time_bytes, position_bytes);
+    }
+    for (int64_t t = end; t < zero_end; ++t) std::memset(dst + t * time_bytes, 0, position_bytes);
   }
 }
 

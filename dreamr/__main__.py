@@ -1,0 +1,124 @@
+"""Command line: ``python -m dreamr "question"`` runs one question through speculative reasoning.
+
+The default pair is gemma-3-270m (target, judge) and SmolLM2-135M-Instruct (draft). Each committed step
+is printed marked as accepted (written by the draft) or written by the target, with its cpn, then the
+metrics. ``--json`` prints the result as JSON instead.
+
+    python -m dreamr "What is 12 * 7 - 5?"
+    python -m dreamr --gsm8k 0 --mode target --json
+    python -m dreamr --draft self "Natalia sold 48 clips in April and half as many in May. How many in total?"
+
+``--draft self`` runs the second default pair: SmolLM2-135M-Instruct drafted by its own first layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+WEAK_JUDGE_NOTE = (
+    "Note: these small models are weak judges. Measured on this project's machine, SmolLM2-135M-Instruct "
+    "answers 'No' to nearly every step (cpn about 0.18) and gemma-3-270m answers 'Yes' (cpn about 0.85), "
+    "and good and corrupted steps score alike: the run shows the mechanism (drafting, CPN verification, "
+    "rollback, target fallback) working, not good judgement."
+)
+
+SYSTEM_PROMPT = (
+    "Solve the problem step by step. Write each step as one short paragraph and leave a blank line "
+    "between steps. End with 'The answer is N.'"
+)
+
+_EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "gsm8k_dev_sample.jsonl"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m dreamr", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("question", nargs="?", help="the question (or use --gsm8k)")
+    p.add_argument("--gsm8k", type=int, metavar="INDEX",
+                   help="take the question from line INDEX of the GSM8K sample (see --gsm8k-file)")
+    p.add_argument("--gsm8k-file", type=Path, default=_EXAMPLES,
+                   help=f"JSONL file with question/answer fields (default {_EXAMPLES.name} in examples/)")
+    p.add_argument("--mode", default="speculative", choices=["speculative", "target", "draft"])
+    p.add_argument("--alpha", type=float, default=0.7, help="accept a drafted step iff cpn > alpha (0.7)")
+    p.add_argument("--target", default=None, help="target model: built-in name or local path (gemma-3-270m)")
+    p.add_argument("--draft", default=None,
+                   help="draft model: built-in name, local path, or 'self[:k]' for the target's first k layers "
+                        "(smollm2-135m-instruct)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-step-tokens", type=int, default=64)
+    p.add_argument("--answer-marker", default="The answer is", help="stop after a step containing this ('' = none)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-chat", action="store_true", help="send the question as plain text, not chat messages")
+    p.add_argument("--dtype", default="float32", help="model dtype (float32, bfloat16, ...)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def _question(args) -> tuple[str, str | None]:
+    if args.gsm8k is not None:
+        lines = [ln for ln in args.gsm8k_file.read_text().splitlines() if ln.strip()]
+        if not 0 <= args.gsm8k < len(lines):
+            raise SystemExit(f"--gsm8k: index {args.gsm8k} outside [0, {len(lines)}) of {args.gsm8k_file}")
+        item = json.loads(lines[args.gsm8k])
+        return item["question"], item["answer"].split("####")[-1].strip()
+    if not args.question:
+        raise SystemExit("give a question, or --gsm8k INDEX")
+    return args.question, None
+
+
+def _print_result(result, reference: str | None) -> None:
+    for i, step in enumerate(result.steps, 1):
+        if step.accepted is None:
+            tag = f"{step.source} (unverified)"
+        elif step.accepted:
+            tag = f"accepted  cpn {step.cpn:.3f}"
+        else:
+            tag = f"target    cpn {step.cpn:.3f} (draft rejected)"
+        print(f"[{i:2d}] {tag}  {step.num_tokens} tokens")
+        for line in step.text.strip("\n").splitlines() or [""]:
+            print(f"     | {line}")
+    m = result.metrics
+    print("-" * 72)
+    rate = "n/a" if m.step_acceptance_rate is None else f"{m.step_acceptance_rate:.2f}"
+    print(f"mode {result.mode}  finish {result.finish_reason}  steps {m.num_steps}  acceptance {rate} "
+          f"({m.accepted_steps}/{m.verified_steps})  nonfinite verdicts {m.nonfinite_verdicts}")
+    print(f"draft tokens {m.draft_tokens}  target tokens {m.target_tokens}  committed {m.committed_tokens}  "
+          f"target passes {m.target_forward_passes}  draft passes {m.draft_forward_passes}")
+    print(f"wall {m.wall_time_s:.2f} s  {m.tokens_per_second:.1f} tokens/s")
+    if reference is not None:
+        print(f"reference answer: {reference}")
+    print(WEAK_JUDGE_NOTE)
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    question, reference = _question(args)
+    from dreamr.reasoner import SpeculativeReasoner
+
+    reasoner = SpeculativeReasoner.from_pretrained(
+        target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
+        mode=args.mode, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
+        max_step_tokens=args.max_step_tokens, answer_marker=args.answer_marker or None,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+    )
+    prompt = question if args.no_chat else [{"role": "system", "content": SYSTEM_PROMPT},
+                                            {"role": "user", "content": question}]
+    result = reasoner.generate(prompt)
+    if args.json:
+        out = result.to_dict()
+        out.update(question=question, reference_answer=reference, note=WEAK_JUDGE_NOTE)
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        _print_result(result, reference)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""KV-cache rollback over plain transformers caches, and a token sequence that owns one.
+
+Caches are ``transformers.DynamicCache`` objects built without a config, so every layer keeps the full
+sequence (a sliding-window layer that has dropped old positions could not be rolled back). Rollback goes
+through the core op :func:`dreamr.ops.kv_rollback` (every row kept to its length, shorter rows zeroed up
+to the longest, in one call over all layers), then the time axis is cropped with ``DynamicCache.crop(-n)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional, Sequence, Union
+
+import torch
+from transformers import DynamicCache
+
+__all__ = ["new_cache", "cache_tensors", "cache_length", "rollback", "cache_kwarg", "CachedSequence"]
+
+
+def new_cache() -> DynamicCache:
+    """An empty cache whose layers all keep the full sequence (so it can be rolled back)."""
+    return DynamicCache()
+
+
+def _layers(cache) -> list:
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ValueError(f"cache: expected a transformers DynamicCache with .layers, got {type(cache).__name__}")
+    return [layer for layer in layers if getattr(layer, "is_initialized", True) and layer.keys is not None
+            and layer.keys.numel() > 0]
+
+
+def cache_tensors(cache) -> list[torch.Tensor]:
+    """Keys and values of every filled layer, each ``[B, H_kv, T, D]``."""
+    out = []
+    for layer in _layers(cache):
+        out += [layer.keys, layer.values]
+    return out
+
+
+def cache_length(cache) -> int:
+    """Positions held by the cache (its time axis)."""
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def rollback(cache, lengths: Union[int, Sequence[int]]) -> None:
+    """Roll ``cache`` back so that row ``b`` keeps its first ``lengths[b]`` positions.
+
+    Calls :func:`dreamr.ops.kv_rollback` once per group of tensors of one shape and layout (usually one
+    group: all layers), then crops the time axis to ``max(lengths)``. Rows shorter than the new time axis are
+    zero past their length; the caller masks them (batch size 1 needs no mask).
+
+    Raises ValueError where a length is negative or past the cache's end, or where a layer keeps only
+    a sliding window (it has already dropped positions and cannot be rolled back).
+    """
+    from dreamr import ops  # the compiled core; imported here so that importing dreamr.cache stays cheap
+
+    current = cache_length(cache)
+    layers = _layers(cache)
+    if not layers:
+        if (lengths if isinstance(lengths, int) else max(lengths, default=0)) != 0:
+            raise ValueError(f"rollback: lengths={lengths} but the cache is empty")
+        return
+    batch = layers[0].keys.shape[0]
+    if isinstance(lengths, int):
+        lengths = [lengths] * batch
+    lengths = [int(n) for n in lengths]
+    if len(lengths) != batch:
+        raise ValueError(f"rollback: lengths has {len(lengths)} entries for a cache of batch size {batch}")
+    if any(n < 0 or n > current for n in lengths):
+        raise ValueError(f"rollback: lengths={lengths} must lie in [0, {current}] (the cache's length)")
+    if all(n == current for n in lengths):
+        return
+    for layer in layers:
+        if getattr(layer, "is_sliding", False):
+            raise ValueError(
+                "rollback: the cache has a sliding-window layer, which drops old positions and cannot be "
+                "rolled back; build the cache with dreamr.cache.new_cache() (DynamicCache() without config)"
+            )
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in cache_tensors(cache):
+        groups.setdefault((tuple(t.shape), t.stride(), t.dtype, t.device), []).append(t)
+    for tensors in groups.values():  # crop() leaves strided views: the op takes them as they are
+        for start in range(0, len(tensors), ops.MAX_CACHE_TENSORS):
+            ops.kv_rollback(tensors[start:start + ops.MAX_CACHE_TENSORS], lengths)
+    new_max = max(lengths)
+    if new_max < current:
+        cache.crop(new_max - current)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_params(cls) -> frozenset:
+    try:
+        return frozenset(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return frozenset()
+
+
+def cache_kwarg(model) -> str:
+    """The forward keyword that takes a cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    return "cache" if "cache" in _forward_params(type(model)) else "past_key_values"
+
+
+def accepts_kwarg(model, name: str) -> bool:
+    return name in _forward_params(type(model))
+
+
+class CachedSequence:
+    """A model's token sequence and the KV cache of its prefix (batch size 1).
+
+    ``ids`` is the committed token sequence; the cache holds the keys and values of ``ids[:cached]``
+    and the rest is pending (fed at the next forward). Truncating ``ids`` rolls the cache back;
+    extending ``ids`` costs nothing until the next forward. ``forward_passes`` counts the model's
+    forward calls made through this object.
+    """
+
+    def __init__(self, model, ids: Sequence[int], *, device: Optional[torch.device] = None):
+        self.model = model
+        self.ids: list[int] = list(ids)
+        self.cache = new_cache()
+        self.device = device if device is not None else next(model.parameters()).device
+        self.forward_passes = 0
+        self._cache_kw = cache_kwarg(model)
+        self._logits_to_keep = accepts_kwarg(model, "logits_to_keep")
+
+    @property
+    def cached(self) -> int:
+        return cache_length(self.cache)
+
+    def extend(self, ids: Sequence[int]) -> None:
+        self.ids.extend(int(t) for t in ids)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens; the cache is rolled back past them."""
+        if not 0 <= length <= len(self.ids):
+            raise ValueError(f"truncate: length={length} outside [0, {len(self.ids)}]")
+        del self.ids[length:]
+        if self.cached > length:
+            rollback(self.cache, length)
+
+    def uncache_to(self, length: int) -> None:
+        """Roll the cache back to ``length`` positions without changing ``ids`` (they become pending)."""
+        if self.cached > length:
+            rollback(self.cache, length)
+
+    def _input(self, extra: Sequence[int] = ()) -> torch.Tensor:
+        if self.cached == len(self.ids) and not extra:
+            # Everything is cached but the next-token logits are wanted: re-feed the last token.
+            self.uncache_to(len(self.ids) - 1)
+        pending = self.ids[self.cached:] + list(extra)
+        return torch.tensor([pending], dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def next_logits(self) -> torch.Tensor:
+        """Feed the pending tokens; return the next-token logits, shape ``[V]``."""
+        if not self.ids:
+            raise ValueError("next_logits: the sequence is empty")
+        kwargs = {self._cache_kw: self.cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=self._input(), **kwargs)
+        self.forward_passes += 1
+        return out.logits[0, -1]
+
+    @torch.no_grad()
+    def last_hidden(self, extra: Sequence[int]) -> torch.Tensor:
+        """Feed the pending tokens plus ``extra`` (which stay out of ``ids``) through the base model.
+
+        Returns the final hidden state (after the last norm) at the last position, shape ``[1, H]``; no
+        LM head is applied. The cache then holds ``extra`` too: the caller rolls it back.
+        """
+        base = getattr(self.model, "base_model", None)
+        kwargs = {"use_cache": True}
+        x = self._input(extra)
+        if base is not None and base is not self.model:
+            kwargs[cache_kwarg(base)] = self.cache
+            hidden = base(input_ids=x, **kwargs).last_hidden_state
+        else:  # no separate base model: ask the full model for its hidden states
+            kwargs[self._cache_kw] = self.cache
+            if self._logits_to_keep:
+                kwargs["logits_to_keep"] = 1
+            hidden = self.model(input_ids=x, output_hidden_states=True, **kwargs).hidden_states[-1]
+        self.forward_passes += 1
+        return hidden[:, -1, :].contiguous()

@@ -1,0 +1,226 @@
+"""Plumbing shared by every engine: requests, model handles, sampling, writing one step.
+
+An engine takes requests and returns results; ``stream`` yields each step as it is committed. Engines
+differ only in orchestration: who writes a step, who verifies it. The sequential engines here run the
+requests of a batch one after another (so a batch gives exactly the single-request results); the FPSR
+engine will override :meth:`Engine.run` to interleave them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generator, Iterator, Optional, Sequence, Union
+
+import torch
+
+from dreamr.cache import CachedSequence
+from dreamr.result import Metrics, Result, Step
+from dreamr.steps import StepWriter, has_answer
+
+Prompt = Union[str, Sequence[dict]]
+
+
+@dataclass
+class Request:
+    """One reasoning request: a prompt (plain text, or chat messages) and its settings."""
+
+    prompt: Prompt
+    config: Any  # dreamr.reasoner.ReasonerConfig, already validated
+    target_ids: list[int] = field(default_factory=list)  # the prompt in the target's tokens
+    draft_ids: list[int] = field(default_factory=list)  # the prompt in the draft's tokens
+    images: Optional[Sequence[Any]] = None
+
+
+class LM:
+    """A causal LM with its tokenizer, and what the engines need to know about the pair."""
+
+    def __init__(self, model, tokenizer, name: str):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.context_length = int(getattr(config, "max_position_embeddings", None) or 1 << 62)
+        eos = set()
+        for source in (getattr(tokenizer, "eos_token_id", None),
+                       getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                       getattr(config, "eos_token_id", None)):
+            if source is None:
+                continue
+            eos.update([source] if isinstance(source, int) else list(source))
+        self.eos_ids: set[int] = {int(t) for t in eos}
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt: plain text with the tokenizer's special tokens, or chat messages through
+        the tokenizer's chat template (with the generation prompt)."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError(f"prompt: chat messages given but the {self.name} tokenizer has no chat template; "
+                             "pass the prompt as a string")
+        text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+
+class Sampler:
+    """Greedy decoding (temperature 0) or temperature / top-p sampling from a seeded generator.
+
+    Each model of a request gets its own sampler, so one model's draws never shift the other's: with
+    a fixed seed, alpha = 1 reproduces the target-only text and alpha = 0 the draft-only text even
+    when sampling.
+    """
+
+    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None):
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self._generator: Optional[torch.Generator] = None
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.temperature <= 0.0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > self.top_p  # keep the nucleus
+            sorted_probs[outside] = 0.0
+            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        if self._generator is None and self.seed is not None:
+            self._generator = torch.Generator(device=probs.device).manual_seed(int(self.seed))
+        return int(torch.multinomial(probs, 1, generator=self._generator))
+
+
+@dataclass
+class RequestState:
+    """Bookkeeping of one request while an engine runs it."""
+
+    config: Any
+    steps: list[Step] = field(default_factory=list)
+    metrics: Metrics = field(default_factory=Metrics)
+    start: float = field(default_factory=time.perf_counter)
+    finish_reason: Optional[str] = None
+
+    @property
+    def budget_left(self) -> int:
+        return self.config.max_new_tokens - self.metrics.committed_tokens
+
+    def commit(self, step: Step, ended_by: str) -> Step:
+        """Record a committed step and decide whether the request is done."""
+        self.steps.append(step)
+        self.metrics.num_steps += 1
+        self.metrics.committed_tokens += step.num_tokens
+        if ended_by == "eos":
+            self.finish_reason = "eos"
+        elif has_answer(step.text, self.config.answer_marker):
+            self.finish_reason = "answer"
+        elif self.budget_left <= 0:
+            self.finish_reason = "length"
+        return step
+
+    def result(self, mode: str) -> Result:
+        self.metrics.wall_time_s = time.perf_counter() - self.start
+        return Result(
+            text="".join(s.text for s in self.steps),
+            steps=self.steps,
+            metrics=self.metrics.finalize(),
+            finish_reason=self.finish_reason or "length",
+            mode=mode,
+        )
+
+
+def step_cap(state: RequestState, *seqs_and_lms: tuple[CachedSequence, LM], reserve: int = 0) -> int:
+    """Tokens the next step may take: the step cap, the budget left, and each model's room left."""
+    cap = min(state.config.max_step_tokens, state.budget_left)
+    for seq, lm in seqs_and_lms:
+        cap = min(cap, lm.context_length - len(seq.ids) - reserve)
+    return cap
+
+
+def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, max_tokens: int) -> StepWriter:
+    """Let ``lm`` write one step onto ``seq`` (greedy or sampled) until the delimiter, EOS or the cap.
+
+    The step's tokens (without a final EOS) are appended to ``seq.ids``; the last one stays pending.
+    Returns the writer, with ``ids``, ``text`` and ``end`` ("delimiter", "eos" or "cap").
+    """
+    writer = StepWriter(lm.tokenizer, lm.eos_ids, delimiter, max_tokens)
+    while writer.end is None:
+        token = sampler(seq.next_logits())
+        if writer.add(token) != "eos":
+            seq.extend([token])
+    return writer
+
+
+class Engine:
+    """Base of the engines: ``run(requests) -> results`` and ``stream(request)`` over committed steps."""
+
+    mode = ""
+
+    def __init__(self, target: LM, draft: LM, verifier_for=None, *, same_tokenizer: bool = False):
+        self.target, self.draft = target, draft
+        self.verifier_for = verifier_for  # config -> StepVerifier (only the speculative engines use it)
+        # True when both models tokenize alike: steps then pass between them as token ids, not text.
+        self.same_tokenizer = same_tokenizer
+        # Debug hook: called as observer(target_seq, draft_seq) after each committed step (either may be
+        # None). Tests use it to hold the caches to a fresh prefill of the committed text.
+        self.observer = None
+
+    def run(self, requests: Sequence[Request], progress: bool = False) -> list[Result]:
+        """Results of ``requests`` in order. Sequential engines run them one at a time."""
+        items: Iterator[Request] = iter(requests)
+        if progress:
+            from tqdm.auto import tqdm
+
+            items = tqdm(requests, desc=f"dreamr {self.mode}", unit="req")
+        return [self.generate(r) for r in items]
+
+    def generate(self, request: Request) -> Result:
+        gen = self.stream(request)
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                return stop.value
+
+    def stream(self, request: Request) -> Generator[Step, None, Result]:
+        raise NotImplementedError
+
+    @staticmethod
+    def sampler(config, offset: int) -> Sampler:
+        seed = None if config.seed is None else int(config.seed) + offset
+        return Sampler(config.temperature, config.top_p, seed)
+
+
+class SingleModelEngine(Engine):
+    """One model writes every step, unverified: the baselines ("target" and "draft" modes)."""
+
+    source = "target"
+
+    def stream(self, request: Request) -> Generator[Step, None, Result]:
+        cfg = request.config
+        state = RequestState(cfg)
+        is_target = self.source == "target"
+        lm = self.target if is_target else self.draft
+        seq = CachedSequence(lm.model, request.target_ids if is_target else request.draft_ids)
+        sampler = self.sampler(cfg, 0 if is_target else 1)
+        while state.finish_reason is None:
+            cap = step_cap(state, (seq, lm))
+            if cap <= 0:
+                state.finish_reason = "length"
+                break
+            w = write_step(seq, lm, sampler, cfg.step_delimiter, cap)
+            if is_target:
+                state.metrics.target_tokens += len(w.ids)
+            else:
+                state.metrics.draft_tokens += len(w.ids)
+            state.commit(Step(w.text, self.source, None, None, len(w.ids)), w.end)
+            if self.observer is not None:
+                self.observer(seq if is_target else None, None if is_target else seq)
+            yield state.steps[-1]
+        if is_target:
+            state.metrics.target_forward_passes = seq.forward_passes
+        else:
+            state.metrics.draft_forward_passes = seq.forward_passes
+        return state.result(self.mode)

@@ -1,0 +1,68 @@
+"""Mode "speculative": sequential step-level speculative reasoning with CPN verification.
+
+    loop until EOS, the answer marker or the budget:
+        d = draft writes a step on the committed prefix
+        cpn = CPN(target, prefix + d)              # one target forward pass, verdict entries rolled back
+        if cpn > alpha:  commit d                  # the target's cache keeps d's entries
+        else:            roll d back in the draft's cache
+                         t = target writes the step on the committed prefix; commit t
+                         the draft catches up on t (re-tokenized unless the tokenizers are the same)
+
+At alpha = 1 nothing is accepted and the committed text is exactly the target-only text; at alpha = 0
+every finite verdict accepts and it is exactly the draft-only text.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Generator
+
+from dreamr.cache import CachedSequence
+from dreamr.engines.base import Engine, Request, RequestState, step_cap, write_step
+from dreamr.result import Result, Step
+
+
+class SpeculativeEngine(Engine):
+    mode = "speculative"
+
+    def stream(self, request: Request) -> Generator[Step, None, Result]:
+        cfg = request.config
+        state = RequestState(cfg)
+        m = state.metrics
+        target, draft = self.target, self.draft
+        verifier = self.verifier_for(cfg)
+        t_seq = CachedSequence(target.model, request.target_ids)
+        d_seq = CachedSequence(draft.model, request.draft_ids)
+        t_sampler, d_sampler = self.sampler(cfg, 0), self.sampler(cfg, 1)
+        reserve = max(len(verifier.suffix_ids("")), len(verifier.suffix_ids(cfg.step_delimiter)))
+        try:
+            while state.finish_reason is None:
+                cap = step_cap(state, (t_seq, target), (d_seq, draft), reserve=reserve)
+                if cap <= 0:
+                    state.finish_reason = "length"
+                    break
+                d_committed = len(d_seq.ids)
+                dw = write_step(d_seq, draft, d_sampler, cfg.step_delimiter, cap)
+                m.draft_tokens += len(dw.ids)
+                step_ids = dw.content_ids if self.same_tokenizer else target.encode_text(dw.text)
+                cpn, accepted = verifier.verify(t_seq, step_ids, dw.text, alpha=cfg.alpha)
+                m.verified_steps += 1
+                if math.isnan(cpn):
+                    m.nonfinite_verdicts += 1
+                if accepted:
+                    m.accepted_steps += 1
+                    step, end = Step(dw.text, "draft", cpn, True, len(dw.ids)), dw.end
+                else:
+                    d_seq.truncate(d_committed)
+                    tw = write_step(t_seq, target, t_sampler, cfg.step_delimiter, cap)
+                    m.target_tokens += len(tw.ids)
+                    d_seq.extend(tw.content_ids if self.same_tokenizer else draft.encode_text(tw.text))
+                    step, end = Step(tw.text, "target", cpn, False, len(tw.ids)), tw.end
+                state.commit(step, end)
+                if self.observer is not None:
+                    self.observer(t_seq, d_seq)
+                yield step
+        finally:
+            m.target_forward_passes = t_seq.forward_passes
+            m.draft_forward_passes = d_seq.forward_passes
+        return state.result(self.mode)

@@ -1,0 +1,334 @@
+"""``SpeculativeReasoner``: step-level speculative reasoning over two transformers causal LMs.
+
+    from dreamr import SpeculativeReasoner
+    reasoner = SpeculativeReasoner.from_pretrained()          # gemma-3-270m judged, SmolLM2 drafts
+    result = reasoner.generate("Natalia sold clips to 48 of her friends ...")
+    for step in result.steps: print(step.source, step.cpn, step.text)
+
+The mode picks the engine ("target", "draft", "speculative"); all modes take the same requests and
+return the same :class:`dreamr.result.Result`, so they can be compared side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+from dreamr.cache import CachedSequence
+from dreamr.engines import ENGINES, LM, Request
+from dreamr.result import Result, Step
+from dreamr.verify import DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE, StepVerifier, check_alpha
+
+__all__ = ["ReasonerConfig", "SpeculativeReasoner", "StepStream"]
+
+Prompt = Union[str, Sequence[dict]]
+
+
+@dataclass(frozen=True)
+class ReasonerConfig:
+    """Settings of a reasoner; any field can also be overridden per call of ``generate``.
+
+    Attributes
+    ----------
+    mode : "speculative" (draft, verify with CPN, the target writes rejected steps), "target" (the
+        target alone) or "draft" (the draft alone).
+    alpha : acceptance threshold in [0, 1]: a drafted step is accepted iff cpn > alpha (paper: 0.7).
+    step_delimiter : a step ends where this appears (default a blank line).
+    max_step_tokens : the largest step, in the writing model's tokens.
+    max_new_tokens : the budget of committed tokens (each step counted in its writer's tokens).
+    verdict_template : the verdict prompt the target reads after a step (None: the default).
+    positive_words, negative_words : verdict words; their single-token forms make the CPN sets.
+    answer_marker : stop after a committed step containing this text (e.g. "####"); None: no marker.
+    temperature : 0 is greedy (the default); > 0 samples.
+    top_p : nucleus sampling mass in (0, 1] (sampling only).
+    seed : seed of the samplers (each model gets its own stream); None is nondeterministic sampling.
+    """
+
+    mode: str = "speculative"
+    alpha: float = 0.7
+    step_delimiter: str = "\n\n"
+    max_step_tokens: int = 128
+    max_new_tokens: int = 512
+    verdict_template: str = DEFAULT_TEMPLATE
+    positive_words: tuple[str, ...] = DEFAULT_POSITIVE_WORDS
+    negative_words: tuple[str, ...] = DEFAULT_NEGATIVE_WORDS
+    answer_marker: Optional[str] = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = 0
+
+    def __post_init__(self):
+        if not isinstance(self.mode, str) or self.mode not in ENGINES:
+            raise ValueError(f"mode must be one of {sorted(ENGINES)}, got {self.mode!r}")
+        object.__setattr__(self, "alpha", check_alpha(self.alpha))
+        if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
+            raise ValueError(f"step_delimiter must be a non-empty string, got {self.step_delimiter!r}")
+        for name in ("max_step_tokens", "max_new_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.verdict_template, str) or not self.verdict_template.strip():
+            raise ValueError(f"verdict_template must be a non-empty string, got {self.verdict_template!r}")
+        for name in ("positive_words", "negative_words"):
+            words = getattr(self, name)
+            if isinstance(words, str) or not words or not all(isinstance(w, str) and w.strip() for w in words):
+                raise ValueError(f"{name} must be a non-empty list of non-empty strings, got {words!r}")
+            object.__setattr__(self, name, tuple(words))
+        if self.answer_marker is not None and (not isinstance(self.answer_marker, str) or not self.answer_marker):
+            raise ValueError(f"answer_marker must be None or a non-empty string, got {self.answer_marker!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, Real) or not math.isfinite(t) or t < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 < p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+
+
+class StepStream:
+    """Iterate to receive each :class:`Step` as it is committed; ``result`` is set once it ends."""
+
+    def __init__(self, gen):
+        self._gen = gen
+        self.result: Optional[Result] = None
+
+    def __iter__(self) -> Iterator[Step]:
+        self.result = yield from self._gen
+
+
+def _unwrap(obj, tokenizer, role: str):
+    """Accept a model, or an object with .model and .tokenizer (what dreamr.models.load returns)."""
+    if hasattr(obj, "model") and hasattr(obj, "tokenizer") and not isinstance(obj, torch.nn.Module):
+        model, tok = obj.model, obj.tokenizer if tokenizer is None else tokenizer
+    else:
+        model, tok = obj, tokenizer
+    if not isinstance(model, torch.nn.Module) or not callable(model):
+        raise ValueError(f"{role}: expected a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
+    if tok is None:
+        raise ValueError(f"{role}_tokenizer: a tokenizer (or processor) is required for the {role} model")
+    if not hasattr(tok, "encode") and hasattr(tok, "tokenizer"):
+        tok = tok.tokenizer  # a processor: text goes through its tokenizer
+    if next(model.parameters(), None) is None:
+        raise ValueError(f"{role}: the model has no parameters")
+    return model, tok
+
+
+def _check_kv_cache(lm: LM) -> None:
+    """Raise ValueError unless one forward pass of ``lm`` fills a transformers cache."""
+    config = lm.model.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{lm.name}: encoder-decoder models are not supported; a decoder-only causal LM is needed")
+    seq = CachedSequence(lm.model, [int(next(iter(lm.eos_ids), 0))])
+    try:
+        logits = seq.next_logits()
+    except Exception as exc:  # noqa: BLE001 - reported with the model's role
+        raise ValueError(f"{lm.name}: the model cannot run with a transformers KV cache "
+                         f"(forward with a DynamicCache failed: {exc})") from exc
+    if seq.cached != 1 or logits.dim() != 1:
+        raise ValueError(f"{lm.name}: the model cannot return a KV cache (a forward pass with a DynamicCache "
+                         "left it empty); dreamr needs a causal LM that caches keys and values")
+
+
+def _same_tokenizer(a, b) -> bool:
+    if a is b:
+        return True
+    if len(a) != len(b) or type(a) is not type(b):
+        return False
+    ba, bb = getattr(a, "backend_tokenizer", None), getattr(b, "backend_tokenizer", None)
+    return ba is not None and bb is not None and ba.to_str() == bb.to_str()
+
+
+def _is_multimodal(model) -> bool:
+    return getattr(model.config, "vision_config", None) is not None
+
+
+class SpeculativeReasoner:
+    """Step-level speculative reasoning (DREAM-R) over a target and a draft causal LM.
+
+    Parameters
+    ----------
+    target, draft : transformers causal LM, or an object with ``.model`` and ``.tokenizer``
+        (e.g. :func:`dreamr.models.load`'s result). The two may use different tokenizers.
+    target_tokenizer, draft_tokenizer : tokenizer or processor, optional
+        Required where a bare model is given.
+    config : ReasonerConfig, optional
+        Defaults; ``**overrides`` replace single fields (``alpha=0.5, mode="target"``).
+    device, dtype : optional
+        Where the models differ in device or dtype, one must be chosen explicitly: both models are then
+        moved / cast to it. Without a choice, mismatched models raise ValueError.
+    """
+
+    def __init__(
+        self,
+        target,
+        draft,
+        *,
+        target_tokenizer=None,
+        draft_tokenizer=None,
+        config: Optional[ReasonerConfig] = None,
+        device: Union[str, torch.device, None] = None,
+        dtype: Optional[torch.dtype] = None,
+        **overrides,
+    ):
+        t_model, t_tok = _unwrap(target, target_tokenizer, "target")
+        d_model, d_tok = _unwrap(draft, draft_tokenizer, "draft")
+        if device is not None or dtype is not None:
+            for m in (t_model, d_model):
+                m.to(device=device, dtype=dtype)
+        t_param, d_param = next(t_model.parameters()), next(d_model.parameters())
+        if t_param.device != d_param.device:
+            raise ValueError(f"target is on {t_param.device} and draft on {d_param.device}; pass device=... "
+                             "to put both on one device")
+        if t_param.dtype != d_param.dtype:
+            raise ValueError(f"target is {t_param.dtype} and draft is {d_param.dtype}; pass dtype=... to use one "
+                             "dtype for both")
+        t_model.eval()
+        d_model.eval()
+        self.target, self.draft = LM(t_model, t_tok, "target"), LM(d_model, d_tok, "draft")
+        _check_kv_cache(self.target)
+        _check_kv_cache(self.draft)
+        self.same_tokenizer = _same_tokenizer(t_tok, d_tok)
+        self.config = dataclasses.replace(config or ReasonerConfig(), **overrides)
+        self._verifiers: dict[tuple, StepVerifier] = {}
+        self._engines = {}
+        self.verifier_for(self.config)  # verdict words are checked now, not at the first request
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        target: Any = None,
+        draft: Any = None,
+        *,
+        dtype: Any = None,
+        device: Any = "cpu",
+        progress: bool = True,
+        **kwargs,
+    ) -> "SpeculativeReasoner":
+        """Load both models with :func:`dreamr.models.load` (local paths, or the built-in names).
+
+        ``target`` defaults to gemma-3-270m and ``draft`` to SmolLM2-135M-Instruct. ``draft="self"`` or
+        ``"self:<k>"`` makes an early-exit self-draft from the target's first k layers (sharing its
+        weights; k defaults to a third of the layers); the target then defaults to SmolLM2-135M-Instruct
+        (the second default pair). Other keyword arguments go to the constructor (``config=``,
+        ``alpha=``, ...).
+        """
+        from dreamr import models
+
+        draft = models.DEFAULT_DRAFT if draft is None else draft
+        if isinstance(draft, str) and (draft == "self" or draft.startswith("self:")):
+            # the second default pair: SmolLM2-135M-Instruct judged by itself, drafted by its first layers
+            target = models.DEFAULT_SELF_DRAFT_TARGET if target is None else target
+            try:
+                k = int(draft.split(":", 1)[1]) if ":" in draft else None
+            except ValueError:
+                raise ValueError(f"draft={draft!r}: use 'self' or 'self:<number of layers>'") from None
+            t, d = models.load_self_draft_pair(target, k, dtype=dtype, device=device, progress=progress)
+        else:
+            target = models.DEFAULT_TARGET if target is None else target
+            t = models.load(target, dtype=dtype, device=device, progress=progress)
+            d = models.load(draft, dtype=dtype, device=device, progress=progress)
+        return cls(t, d, **kwargs)
+
+    # -- plumbing -----------------------------------------------------------------------------------
+
+    def verifier_for(self, config: ReasonerConfig) -> StepVerifier:
+        key = (config.verdict_template, config.positive_words, config.negative_words, config.step_delimiter)
+        verifier = self._verifiers.get(key)
+        if verifier is None:
+            verifier = StepVerifier(
+                self.target.model, self.target.tokenizer, template=config.verdict_template,
+                positive_words=config.positive_words, negative_words=config.negative_words,
+                alpha=config.alpha, delimiter=config.step_delimiter,
+            )
+            self._verifiers[key] = verifier
+        return verifier
+
+    def engine(self, mode: str):
+        if mode not in ENGINES:
+            raise ValueError(f"mode must be one of {sorted(ENGINES)}, got {mode!r}")
+        engine = self._engines.get(mode)
+        if engine is None:
+            engine = ENGINES[mode](self.target, self.draft, self.verifier_for, same_tokenizer=self.same_tokenizer)
+            self._engines[mode] = engine
+        return engine
+
+    def _config(self, overrides: dict) -> ReasonerConfig:
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(ReasonerConfig)}
+        if unknown:
+            raise ValueError(f"unknown setting(s) {sorted(unknown)}; ReasonerConfig has "
+                             f"{[f.name for f in dataclasses.fields(ReasonerConfig)]}")
+        config = dataclasses.replace(self.config, **overrides) if overrides else self.config
+        if config.mode == "speculative":
+            self.verifier_for(config)  # verdict words checked before any work
+        return config
+
+    def _request(self, prompt: Prompt, images, config: ReasonerConfig, name: str = "prompt") -> Request:
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise ValueError(f"{name} is empty")
+        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+            if not prompt:
+                raise ValueError(f"{name} is empty (no messages)")
+            for i, msg in enumerate(prompt):
+                if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+                    raise ValueError(f"{name}[{i}] must be a dict with 'role' and 'content', got {msg!r}")
+            if not any(isinstance(m["content"], str) and m["content"].strip() for m in prompt):
+                raise ValueError(f"{name} is empty (every message's content is empty)")
+        else:
+            raise ValueError(f"{name} must be a string or a list of chat messages, got {type(prompt).__name__}")
+        if images is not None and len(images) > 0:
+            for lm in self._used(config.mode):
+                if not _is_multimodal(lm.model):
+                    raise ValueError(f"images: {len(images)} image(s) given but the {lm.name} model "
+                                     f"({type(lm.model).__name__}) is text-only")
+            raise NotImplementedError("images: vision-language models are not wired into the step engines yet")
+        request = Request(prompt=prompt, config=config, images=images)
+        for lm in self._used(config.mode):
+            ids = lm.encode_prompt(prompt)
+            if not ids:
+                raise ValueError(f"{name} is empty after tokenization for the {lm.name} model")
+            if len(ids) >= lm.context_length:
+                raise ValueError(f"{name} is {len(ids)} tokens for the {lm.name} model, longer than its context "
+                                 f"of {lm.context_length} tokens (no room to generate)")
+            if lm is self.target:
+                request.target_ids = ids
+            else:
+                request.draft_ids = ids
+        return request
+
+    def _used(self, mode: str) -> list[LM]:
+        return {"target": [self.target], "draft": [self.draft]}.get(mode, [self.target, self.draft])
+
+    # -- public API ---------------------------------------------------------------------------------
+
+    def generate(self, prompt: Prompt, *, images=None, **overrides) -> Result:
+        """Run one request (a string, or chat messages) and return its :class:`Result`."""
+        config = self._config(overrides)
+        request = self._request(prompt, images, config)
+        return self.engine(config.mode).generate(request)
+
+    def generate_batch(self, prompts: Sequence[Prompt], *, images=None, progress: bool = False,
+                       **overrides) -> list[Result]:
+        """Run several requests; the results equal running each one alone with :meth:`generate`."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise ValueError("prompts must be a list of prompts (use generate() for one prompt)")
+        if not prompts:
+            raise ValueError("prompts is empty")
+        if images is not None and len(images) != len(prompts):
+            raise ValueError(f"images must hold one entry per prompt ({len(prompts)}), got {len(images)}")
+        config = self._config(overrides)
+        requests = [self._request(p, None if images is None else images[i], config, name=f"prompts[{i}]")
+                    for i, p in enumerate(prompts)]
+        return self.engine(config.mode).run(requests, progress=progress)
+
+    def stream(self, prompt: Prompt, *, images=None, **overrides) -> StepStream:
+        """Yield each step as it is committed; the stream's ``result`` holds the Result at the end."""
+        config = self._config(overrides)
+        request = self._request(prompt, images, config)
+        return StepStream(self.engine(config.mode).stream(request))

@@ -1,0 +1,47 @@
+"""``python -m dreamr``: the command line on tiny models saved to local folders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, target_model, tok_a, draft_model, tok_b):
+    root = tmp_path_factory.mktemp("models")
+    paths = []
+    for name, model, tok in (("target", target_model, tok_a), ("draft", draft_model, tok_b)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+        paths.append(str(root / name))
+    return paths
+
+
+def run(capsys, folders, *args):
+    from dreamr.__main__ import main
+
+    target, draft = folders
+    assert main(["--target", target, "--draft", draft, "--dtype", "float64", "--max-new-tokens", "12",
+                 "--max-step-tokens", "4", *args]) == 0
+    return capsys.readouterr().out
+
+
+def test_cli_prints_steps_metrics_and_the_weak_judge_note(capsys, folders):
+    out = run(capsys, folders, "Natalia sold clips.", "--alpha", "0.5")
+    assert "cpn" in out and "acceptance" in out and "tokens/s" in out
+    assert "weak judges" in out
+
+
+def test_cli_json_and_modes(capsys, folders):
+    data = json.loads(run(capsys, folders, "--gsm8k", "0", "--json", "--mode", "target"))
+    assert data["mode"] == "target" and data["steps"] and data["metrics"]["target_tokens"] == 12
+    assert data["reference_answer"] == "18" and "weak judges" in data["note"]
+    data = json.loads(run(capsys, folders, "Natalia sold clips.", "--json", "--alpha", "0", "--no-chat"))
+    assert all(s["accepted"] for s in data["steps"])
+
+
+def test_public_import():
+    import dreamr
+
+    assert dreamr.SpeculativeReasoner.__name__ == "SpeculativeReasoner" and dreamr.ReasonerConfig
