@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="take the question from line INDEX of the GSM8K sample (see --gsm8k-file)")
     p.add_argument("--gsm8k-file", type=Path, default=_EXAMPLES,
                    help=f"JSONL file with question/answer fields (default {_EXAMPLES.name} in examples/)")
-    p.add_argument("--mode", default="speculative", choices=["speculative", "target", "draft"])
+    p.add_argument("--mode", default="speculative", choices=["speculative", "fpsr", "target", "draft"])
+    p.add_argument("--window", type=int, default=4, help="mode fpsr: lookahead window W (steps open at once)")
     p.add_argument("--alpha", type=float, default=0.7, help="accept a drafted step iff cpn > alpha (0.7)")
     p.add_argument("--target", default=None, help="target model: built-in name or local path (gemma-3-270m)")
     p.add_argument("--draft", default=None,
@@ -105,7 +106,7 @@ def main(argv=None) -> int:
         target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
         mode=args.mode, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
         max_step_tokens=args.max_step_tokens, answer_marker=args.answer_marker or None,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        temperature=args.temperature, top_p=args.top_p, seed=args.seed, window=args.window,
     )
     prompt = question if args.no_chat else [{"role": "system", "content": SYSTEM_PROMPT},
                                             {"role": "user", "content": question}]

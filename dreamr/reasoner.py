@@ -35,8 +35,10 @@ class ReasonerConfig:
 
     Attributes
     ----------
-    mode : "speculative" (draft, verify with CPN, the target writes rejected steps), "target" (the
-        target alone) or "draft" (the draft alone).
+    mode : "speculative" (draft, verify with CPN, the target writes rejected steps), "fpsr" (the same
+        steps, fully parallel: a lookahead window of drafted steps, verifications and the target's
+        fallback steps run together; see dreamr.engines.fpsr), "target" (the target alone) or "draft"
+        (the draft alone).
     alpha : acceptance threshold in [0, 1]: a drafted step is accepted iff cpn > alpha (paper: 0.7).
     step_delimiter : a step ends where this appears (default a blank line).
     max_step_tokens : the largest step, in the writing model's tokens.
@@ -47,6 +49,7 @@ class ReasonerConfig:
     temperature : 0 is greedy (the default); > 0 samples.
     top_p : nucleus sampling mass in (0, 1] (sampling only).
     seed : seed of the samplers (each model gets its own stream); None is nondeterministic sampling.
+    window : mode "fpsr": the lookahead window W, steps open at once per request (>= 1; paper: 4).
     """
 
     mode: str = "speculative"
@@ -61,6 +64,7 @@ class ReasonerConfig:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: Optional[int] = 0
+    window: int = 4
 
     def __post_init__(self):
         if not isinstance(self.mode, str) or self.mode not in ENGINES:
@@ -68,7 +72,7 @@ class ReasonerConfig:
         object.__setattr__(self, "alpha", check_alpha(self.alpha))
         if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
             raise ValueError(f"step_delimiter must be a non-empty string, got {self.step_delimiter!r}")
-        for name in ("max_step_tokens", "max_new_tokens"):
+        for name in ("max_step_tokens", "max_new_tokens", "window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -264,7 +268,7 @@ class SpeculativeReasoner:
             raise ValueError(f"unknown setting(s) {sorted(unknown)}; ReasonerConfig has "
                              f"{[f.name for f in dataclasses.fields(ReasonerConfig)]}")
         config = dataclasses.replace(self.config, **overrides) if overrides else self.config
-        if config.mode == "speculative":
+        if config.mode in ("speculative", "fpsr"):
             self.verifier_for(config)  # verdict words checked before any work
         return config
 

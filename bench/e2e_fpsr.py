@@ -1,0 +1,392 @@
+"""FPSR against the sequential speculative mode and the target alone: wall time, side by side.
+
+    python bench/e2e_fpsr.py real  --problems 10 --max-new-tokens 64 --batched \
+        --fpsr-variants target_launch=eager                              # the default pair on GSM8K dev
+    python bench/e2e_fpsr.py cheap --problems 2 --max-new-tokens 32 --max-step-tokens 8 \
+        --fpsr-variants target_launch=eager                              # ~1B random target, SmolLM2 draft
+    python bench/e2e_fpsr.py real --quick                                # one problem, a few tokens
+
+``real``: the default pair (gemma-3-270m judges, SmolLM2-135M-Instruct drafts) on GSM8K dev problems.
+For every problem the modes run one after another (their order rotates from problem to problem), so
+that load changes on a shared machine hit all modes alike. Reported per mode: wall time, committed
+tokens, tokens/s, the speedup over "target" (target time / mode time) and over "speculative", step
+acceptance, and the target's forward passes per committed token (FPSR: batched passes, each serving
+every open branch). Beside them the ideal bound 1 / (c + 1/L): c is the measured per-token cost of the
+draft relative to the target (one decode step each on the same prompt), L the mean committed step
+length (tokens) of the speculative run.
+
+``cheap``: a cheap draft. The target is a random-weight Llama of about 1B parameters built from a
+config with the draft's tokenizer (SmolLM2's), the draft the real SmolLM2-135M-Instruct, and a
+benchmark-only verifier that accepts each verified step with a fixed probability ``a`` (seeded draws;
+the target's verdict forward pass still runs, only its score is replaced). For each ``a`` the speedup
+of "speculative" and "fpsr" over the target alone is reported beside the bound 1 / (c + 1/L + (1 - a))
+(draft cost L*c per step, one verification pass ~ one target token, a target-written step for each
+rejection; a = 1 gives the paper's 1 / (c + 1/L)). Random weights seldom write a blank line, so steps
+mostly end at the step cap: L is about ``--max-step-tokens``.
+
+Measured on the 2-core development machine (shared with other jobs, ~1 free core; OMP_NUM_THREADS=1:
+with 2 intra-op threads on the loaded machine a 2-row fp32 matmul took 24 ms against 0.1 ms for one
+row), bf16, alpha 0.7, W 4, 2026-11-28:
+
+    real pair, 10 problems x 64 tokens, one request at a time (interleaved per problem):
+        target 107.3 s (1.00x), speculative 93.8 s (1.14x), fpsr on-reject 91.0 s (1.18x),
+        fpsr eager 190.3 s (0.56x); acceptance 1.00 (31/31 steps); bound 1/(0.78 + 1/20.6) = 1.20;
+        target passes per committed token: 1.00 / 0.048 / 0.048 / 0.99; fpsr text == speculative 10/10
+    the same 10 problems as one batch (generate_batch): target 135.1 s, speculative 130.7 s,
+        fpsr on-reject 23.0 s (5.9x the target), fpsr eager 56.3 s (2.4x); texts equal to the
+        speculative mode's 4/10 (bf16 rows batched together differ in the last bits)
+    cheap draft (1.00B random target 504 ms/token, SmolLM2 148 ms/token, c = 0.29), 2 problems x 32
+    tokens, step cap 8 (L = 8); speedup over the target alone (realized acceptance):
+        a = 0.3 (0.25): speculative 0.82, fpsr on-reject 0.99, fpsr eager 0.70; bound 0.89
+        a = 0.5 (0.38): 1.09, 1.17, 0.81; bound 1.09
+        a = 0.7 (0.62): 1.43, 1.27, 0.81; bound 1.39
+        a = 0.9 (1.00): 2.40, 2.39, 0.90; bound 1.93 (2.39 at a = 1)
+
+Both print a table and can write JSON (``--json``). Threads: ``torch.get_num_threads()`` (set
+OMP_NUM_THREADS). Nothing here runs in the tests; they only need the modules to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+def load_questions(path: str, n: int) -> list[str]:
+    out = []
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                out.append(json.loads(line)["question"])
+            if len(out) >= n:
+                break
+    return out
+
+
+def chat(question: str) -> list[dict]:
+    from dreamr.__main__ import SYSTEM_PROMPT
+
+    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+@torch.no_grad()
+def per_token_cost(lm, prompt_ids: list[int], tokens: int = 16, repeats: int = 2) -> float:
+    """Seconds per decode step of ``lm`` (batch 1, greedy) after ``prompt_ids``: the best of ``repeats``."""
+    from dreamr.cache import CachedSequence
+
+    best = float("inf")
+    for _ in range(repeats):
+        seq = CachedSequence(lm.model, prompt_ids)
+        seq.next_logits()
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            seq.extend([int(torch.argmax(seq.next_logits()))])
+        best = min(best, (time.perf_counter() - t0) / tokens)
+    return best
+
+
+@torch.no_grad()
+def batch_cost(lm, prompt_ids: list[int], rows: int, tokens: int = 8) -> float:
+    """Seconds per decode step of ``rows`` identical rows decoded together (a plain batched cache)."""
+    from transformers import DynamicCache
+
+    from dreamr.cache import cache_kwarg
+
+    ids = torch.tensor([prompt_ids] * rows, device=lm.device)
+    cache = DynamicCache()
+    kw = cache_kwarg(lm.model)
+    out = lm.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    t0 = time.perf_counter()
+    for _ in range(tokens):
+        out = lm.model(input_ids=nxt, use_cache=True, logits_to_keep=1, **{kw: cache})
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    return (time.perf_counter() - t0) / tokens
+
+
+def variants(args) -> list[tuple[str, str, dict]]:
+    """(label, mode, FPSR engine knobs) of every configuration to time."""
+    out = [("target", "target", {}), ("speculative", "speculative", {})]
+    base = dict(target_launch="auto", overlap=False, verify_batch=1, draft_tokens_per_tick=1)
+    out.append(("fpsr", "fpsr", base))
+    for extra in args.fpsr_variants:
+        knobs = dict(base)
+        for item in extra.split(","):
+            k, v = item.split("=")
+            knobs[k] = v if k == "target_launch" else (v.lower() in ("1", "true") if k == "overlap" else int(v))
+        out.append((f"fpsr[{extra}]", "fpsr", knobs))
+    return out
+
+
+def run_modes(reasoner, prompts, settings: dict, window: int, configs, before=None) -> dict:
+    """Every configuration on every prompt, interleaved per prompt (the order rotates); returns per-label
+    lists of results and the FPSR engine's stats per run."""
+    engine = reasoner.engine("fpsr")
+    results = {label: [] for label, _, _ in configs}
+    fpsr_stats = {label: [] for label, _, _ in configs}
+    for i, prompt in enumerate(prompts):
+        k = i % len(configs)
+        for label, mode, knobs in configs[k:] + configs[:k]:
+            for name, value in knobs.items():
+                setattr(engine, name, value)
+            if before is not None:
+                before(label, i)
+            kw = dict(settings, mode=mode)
+            if mode == "fpsr":
+                kw["window"] = window
+            r = reasoner.generate(prompt, **kw)
+            results[label].append(r)
+            if mode == "fpsr":
+                fpsr_stats[label].append(dict(engine.last_stats))
+            print(f"  problem {i} {label:28s} {r.metrics.wall_time_s:7.2f} s  {r.metrics.committed_tokens:4d} tok  "
+                  f"steps {r.metrics.num_steps:3d}  accepted {r.metrics.accepted_steps}/{r.metrics.verified_steps}",
+                  flush=True)
+    return {"results": results, "fpsr_stats": fpsr_stats}
+
+
+def run_batched(reasoner, prompts, settings: dict, window: int, configs) -> dict:
+    """Each configuration on all prompts in one ``generate_batch`` call (sequential modes run them one
+    after another; FPSR interleaves them, batching every request's target and draft work)."""
+    engine = reasoner.engine("fpsr")
+    out = {}
+    for label, mode, knobs in configs:
+        for name, value in knobs.items():
+            setattr(engine, name, value)
+        kw = dict(settings, mode=mode)
+        if mode == "fpsr":
+            kw["window"] = window
+        t0 = time.perf_counter()
+        rs = reasoner.generate_batch(prompts, **kw)
+        wall = time.perf_counter() - t0
+        tokens = sum(r.metrics.committed_tokens for r in rs)
+        passes = (engine.last_stats["chain_forwards"] + engine.last_stats["branch_forwards"] if mode == "fpsr"
+                  else sum(r.metrics.target_forward_passes for r in rs))
+        out[label] = dict(wall_s=wall, tokens=tokens, tok_per_s=tokens / wall, target_passes_per_token=passes / tokens,
+                          texts=[r.text for r in rs])
+        print(f"  batch of {len(prompts)} {label:28s} {wall:7.2f} s  {tokens} tok  {tokens / wall:.2f} tok/s  "
+              f"target passes/token {passes / tokens:.3f}", flush=True)
+    base = out["target"]["wall_s"] / out["target"]["tokens"]
+    spec = out["speculative"]["wall_s"] / out["speculative"]["tokens"]
+    for label in out:
+        own = out[label]["wall_s"] / out[label]["tokens"]
+        out[label]["speedup_vs_target"] = base / own
+        out[label]["speedup_vs_speculative"] = spec / own
+    for label in out:
+        if label.startswith("fpsr"):
+            same = sum(a == b for a, b in zip(out[label]["texts"], out["speculative"]["texts"]))
+            out[label]["same_text_as_speculative"] = f"{same}/{len(prompts)}"
+    for v in out.values():
+        del v["texts"]
+    return out
+
+
+def summarize(runs: dict) -> dict:
+    res, stats = runs["results"], runs["fpsr_stats"]
+    out = {}
+    for label, rs in res.items():
+        wall = sum(r.metrics.wall_time_s for r in rs)
+        tokens = sum(r.metrics.committed_tokens for r in rs)
+        verified = sum(r.metrics.verified_steps for r in rs)
+        accepted = sum(r.metrics.accepted_steps for r in rs)
+        if stats.get(label):
+            t_passes = sum(s["chain_forwards"] + s["branch_forwards"] for s in stats[label])
+        else:
+            t_passes = sum(r.metrics.target_forward_passes for r in rs)
+        out[label] = dict(wall_s=wall, tokens=tokens, tok_per_s=tokens / wall if wall else 0.0,
+                          steps=sum(r.metrics.num_steps for r in rs),
+                          acceptance=accepted / verified if verified else None,
+                          target_passes_per_token=t_passes / tokens if tokens else None,
+                          draft_tokens=sum(r.metrics.draft_tokens for r in rs),
+                          target_tokens=sum(r.metrics.target_tokens for r in rs))
+        if stats.get(label):
+            out[label]["scheduler"] = {k: sum(s[k] for s in stats[label]) for k in stats[label][0]}
+            same = sum(a.text == b.text for a, b in zip(rs, res["speculative"]))
+            out[label]["same_text_as_speculative"] = f"{same}/{len(rs)}"
+    base = out["target"]["wall_s"] / max(out["target"]["tokens"], 1)
+    spec = out["speculative"]["wall_s"] / max(out["speculative"]["tokens"], 1)
+    for label in res:
+        # speedups per committed token (modes may commit slightly different amounts)
+        own = out[label]["wall_s"] / max(out[label]["tokens"], 1)
+        out[label]["speedup_vs_target"] = base / own if own else None
+        out[label]["speedup_vs_speculative"] = spec / own if own else None
+    return out
+
+
+def mean_step_length(results) -> float:
+    lengths = [s.num_tokens for r in results for s in r.steps]
+    return statistics.mean(lengths) if lengths else float("nan")
+
+
+def print_table(summary: dict, title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'mode':28s} {'wall s':>8s} {'tokens':>7s} {'tok/s':>7s} {'x target':>9s} {'x spec':>7s} "
+          f"{'accept':>7s} {'tgt fwd/tok':>11s}")
+    for mode in [k for k in summary if isinstance(summary[k], dict) and "wall_s" in summary[k]]:
+        m = summary[mode]
+        acc = "-" if m["acceptance"] is None else f"{m['acceptance']:.2f}"
+        print(f"{mode:28s} {m['wall_s']:8.2f} {m['tokens']:7d} {m['tok_per_s']:7.2f} {m['speedup_vs_target']:9.3f} "
+              f"{m['speedup_vs_speculative']:7.3f} {acc:>7s} {m['target_passes_per_token']:11.3f}")
+
+
+# -- the real default pair --------------------------------------------------------------------------
+
+def bench_real(args) -> dict:
+    from dreamr.reasoner import SpeculativeReasoner
+
+    n, max_new = (1, 16) if args.quick else (args.problems, args.max_new_tokens)
+    questions = load_questions(args.data, n)
+    prompts = [chat(q) for q in questions]
+    reasoner = SpeculativeReasoner.from_pretrained(dtype=args.dtype, device="cpu", progress=False)
+    settings = dict(alpha=args.alpha, max_new_tokens=max_new, max_step_tokens=args.max_step_tokens,
+                    answer_marker="The answer is")
+    t_ids = reasoner.target.encode_prompt(prompts[0])
+    d_ids = reasoner.draft.encode_prompt(prompts[0])
+    ct, cd = per_token_cost(reasoner.target, t_ids), per_token_cost(reasoner.draft, d_ids)
+    b1, b4 = batch_cost(reasoner.target, t_ids, 1), batch_cost(reasoner.target, t_ids, args.window)
+    print(f"per-token decode: target {ct * 1e3:.1f} ms, draft {cd * 1e3:.1f} ms, c = {cd / ct:.2f}; "
+          f"target batch of {args.window} rows costs {b4 / b1:.2f}x one row", flush=True)
+    configs = variants(args)
+    runs = run_modes(reasoner, prompts, settings, args.window, configs)
+    summary = summarize(runs)
+    if args.batched:
+        summary["batched"] = run_batched(reasoner, prompts, settings, args.window, configs)
+    c = cd / ct
+    L = mean_step_length(runs["results"]["speculative"])
+    summary["bound"] = dict(c=c, L=L, ideal_speedup=1.0 / (c + 1.0 / L),
+                            target_ms_per_token=ct * 1e3, draft_ms_per_token=cd * 1e3,
+                            target_batch_cost_ratio=b4 / b1)
+    summary["settings"] = dict(settings, problems=len(prompts), window=args.window, dtype=args.dtype,
+                               threads=torch.get_num_threads())
+    print_table(summary, f"real pair, {len(prompts)} GSM8K dev problem(s), {args.dtype}, "
+                         f"threads {torch.get_num_threads()}, alpha {args.alpha}, W {args.window}")
+    b = summary["bound"]
+    print(f"ideal bound 1/(c + 1/L) = 1/({b['c']:.2f} + 1/{b['L']:.1f}) = {b['ideal_speedup']:.3f}; "
+          f"fpsr text == speculative text: {summary['fpsr']['same_text_as_speculative']}")
+    return summary
+
+
+# -- a cheap draft: random ~1B target, real SmolLM2 draft, fixed acceptance probability -----------------
+
+def random_target(draft, hidden: int, layers: int, intermediate: int, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = draft.tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=8,
+                      max_position_embeddings=8192, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+class FixedAcceptance:
+    """Benchmark-only verdicts: each verified step is accepted with probability ``a`` (seeded draws)."""
+
+    def __init__(self, verifier, a: float, seed: int = 0):
+        self.verifier, self.a, self.rng = verifier, a, random.Random(seed)
+        self._orig = verifier.cpn
+
+    def reseed(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+
+    def __enter__(self):
+        def cpn(hidden, alpha=None):
+            n = hidden.shape[0]
+            c = torch.tensor([1.0 if self.rng.random() < self.a else 0.0 for _ in range(n)])
+            return c, c > 0.5
+        self.verifier.cpn = cpn
+        return self
+
+    def __exit__(self, *exc):
+        self.verifier.cpn = self._orig
+
+
+def bench_cheap(args) -> dict:
+    from dreamr import models
+    from dreamr.reasoner import SpeculativeReasoner
+
+    dtype = getattr(torch, args.dtype)
+    draft = models.load(models.DEFAULT_DRAFT, dtype=dtype, device="cpu", progress=False)
+    target = random_target(draft, args.hidden, args.layers, args.intermediate, dtype)
+    params = sum(p.numel() for p in target.parameters())
+    reasoner = SpeculativeReasoner(target, draft.model, target_tokenizer=draft.tokenizer,
+                                   draft_tokenizer=draft.tokenizer)
+    n, max_new = (1, 16) if args.quick else (args.problems, args.max_new_tokens)
+    prompts = [chat(q) for q in load_questions(args.data, n)]
+    settings = dict(alpha=0.5, max_new_tokens=max_new, max_step_tokens=args.max_step_tokens)
+    ids = reasoner.target.encode_prompt(prompts[0])
+    ct, cd = per_token_cost(reasoner.target, ids), per_token_cost(reasoner.draft, ids)
+    c = cd / ct
+    print(f"random target {params / 1e9:.2f}B params: {ct * 1e3:.0f} ms/token; draft {cd * 1e3:.1f} ms/token; "
+          f"c = {c:.3f}", flush=True)
+    verifier = reasoner.verifier_for(reasoner.config)
+    out = {"params": params, "c": c, "target_ms_per_token": ct * 1e3, "draft_ms_per_token": cd * 1e3,
+           "by_a": {}, "settings": dict(settings, problems=len(prompts), window=args.window, dtype=args.dtype,
+                                        threads=torch.get_num_threads())}
+    target_runs = None
+    configs = variants(args)
+    for a in args.accept:
+        with FixedAcceptance(verifier, a) as judge:
+            def before(mode, i, judge=judge):
+                judge.reseed(1000 * i + 7)  # each mode sees the same draws on a problem
+            # the target alone does not depend on a: it runs in the first sweep only
+            sweep = configs if target_runs is None else [c for c in configs if c[1] != "target"]
+            modes_runs = run_modes(reasoner, prompts, settings, args.window, sweep, before=before)
+        if target_runs is None:
+            target_runs = modes_runs["results"]["target"]
+        modes_runs["results"]["target"] = target_runs
+        s = summarize(modes_runs)
+        L = mean_step_length(modes_runs["results"]["speculative"])
+        s["bound"] = dict(L=L, speedup_bound=1.0 / (c + 1.0 / L + (1.0 - a)))
+        out["by_a"][a] = s
+        print_table(s, f"cheap draft, a = {a}: bound 1/(c + 1/L + 1 - a) = {s['bound']['speedup_bound']:.3f} "
+                       f"(L = {L:.1f})")
+    labels = [label for label, _, _ in configs if label != "target"]
+    print("\n a    " + "  ".join(f"{x:>14s}" for x in labels) + "   bound   (speedup over the target alone)")
+    for a, s in out["by_a"].items():
+        print(f" {a:.1f}  " + "  ".join(f"{s[x]['speedup_vs_target']:14.3f}" for x in labels)
+              + f"  {s['bound']['speedup_bound']:6.3f}")
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=["real", "cheap"])
+    p.add_argument("--data", default="/work/shared/data/gsm8k/test_dev.jsonl")
+    p.add_argument("--problems", type=int, default=10)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-step-tokens", type=int, default=24)
+    p.add_argument("--alpha", type=float, default=0.7)
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--accept", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--layers", type=int, default=20)
+    p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--fpsr-variants", nargs="*", default=[],
+                   help="extra FPSR settings to time beside the engine's defaults (row 'fpsr'), e.g. "
+                        "target_launch=eager overlap=1,verify_batch=2")
+    p.add_argument("--batched", action="store_true", help="real: also run all problems as one batch per mode")
+    p.add_argument("--json", metavar="PATH")
+    args = p.parse_args(argv)
+    summary = bench_real(args) if args.which == "real" else bench_cheap(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,266 @@
+"""Mode "fpsr" (dreamr.engines.fpsr) on tiny float64 models: the same commits as mode "speculative".
+
+- greedy FPSR commits exactly the steps and text of the sequential speculative mode, for several alphas
+  (0 and 1 included), windows W and both target-launch policies, on three model pairs;
+- a request in a batch gets the result it gets alone;
+- the caches the executor keeps equal a fresh prefill of what they stand for after every commit;
+- cancelled work frees its cache rows: no growth over 100 requests;
+- bad settings raise ValueError.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import pytest
+import torch
+
+from conftest import PROMPTS
+from test_reasoner_memory import live_objects
+
+
+def key(result):
+    return [(s.text, s.source, s.accepted, s.num_tokens) for s in result.steps]
+
+
+def assert_same(fpsr, spec):
+    assert key(fpsr) == key(spec)
+    assert fpsr.text == spec.text
+    assert fpsr.finish_reason == spec.finish_reason
+    for a, b in zip(fpsr.steps, spec.steps):
+        assert (a.cpn is None) == (b.cpn is None)
+        if a.cpn is not None and not (math.isnan(a.cpn) and math.isnan(b.cpn)):
+            assert a.cpn == pytest.approx(b.cpn, abs=1e-6)
+    m, n = fpsr.metrics, spec.metrics
+    assert (m.num_steps, m.verified_steps, m.accepted_steps, m.committed_tokens) == \
+        (n.num_steps, n.verified_steps, n.accepted_steps, n.committed_tokens)
+    assert m.step_acceptance_rate == n.step_acceptance_rate
+    assert fpsr.mode == "fpsr"
+
+
+@pytest.fixture(params=["other_tokenizer", "same_tokenizer", "gemma3_target"])
+def pair(request, reasoner, same_tok_reasoner, gemma_reasoner):
+    return {"other_tokenizer": reasoner, "same_tokenizer": same_tok_reasoner,
+            "gemma3_target": gemma_reasoner}[request.param]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_fpsr_commits_what_speculative_commits(pair, alpha, content_judge):
+    content_judge(pair)
+    sources = set()
+    for prompt in PROMPTS[:2]:
+        spec = pair.generate(prompt, alpha=alpha)
+        for window in (1, 2, 4):
+            for launch in ("eager", "auto") if window == 4 else ("eager",):
+                pair.engine("fpsr").target_launch = launch
+                try:
+                    fpsr = pair.generate(prompt, alpha=alpha, mode="fpsr", window=window)
+                finally:
+                    pair.engine("fpsr").target_launch = "auto"
+                assert_same(fpsr, spec)
+        sources |= {s.source for s in spec.steps}
+    if alpha == 0.5:
+        assert sources == {"draft", "target"}, "alpha 0.5 should mix accepted and rejected steps"
+
+
+@pytest.mark.parametrize("launch,ticks,verify_batch,overlap", [
+    ("eager", 1, 1, True), ("eager", 3, 1, False), ("on_reject", 1, 1, False), ("on_reject", 3, 2, True),
+    ("eager", 2, 3, False)])
+def test_knobs_do_not_change_commits(pair, content_judge, launch, ticks, verify_batch, overlap):
+    """Launch policy, draft lead, multi-step verification passes and the draft thread change the schedule,
+    not the commits."""
+    content_judge(pair)
+    engine = pair.engine("fpsr")
+    engine.target_launch, engine.draft_tokens_per_tick, engine.verify_batch = launch, ticks, verify_batch
+    engine.overlap = overlap
+    multi = 0
+    try:
+        for prompt in PROMPTS:
+            spec = pair.generate(prompt, alpha=0.5)
+            assert_same(pair.generate(prompt, alpha=0.5, mode="fpsr", window=3), spec)
+            stats = engine.last_stats
+            multi += stats["multi_step_verify_passes"]
+            if launch == "on_reject":  # a fallback branch only where a verdict rejected
+                assert stats["targets_launched"] <= stats["rejected"]
+    finally:
+        engine.target_launch, engine.draft_tokens_per_tick, engine.verify_batch = "auto", 1, 1
+        engine.overlap = False
+    if verify_batch > 1:
+        assert multi > 0, "several drafted steps should have shared one verification pass"
+
+
+def test_real_verdicts_without_judge(pair):
+    """The model's own verdicts (no judge swapped in) give the same commits as well."""
+    for alpha in (0.3, 0.5):
+        spec = pair.generate(PROMPTS[2], alpha=alpha)
+        assert_same(pair.generate(PROMPTS[2], alpha=alpha, mode="fpsr"), spec)
+
+
+def test_batch_equals_one_at_a_time(reasoner, content_judge):
+    content_judge(reasoner)
+    batch = reasoner.generate_batch(PROMPTS, mode="fpsr", alpha=0.5)
+    single = [reasoner.generate(p, mode="fpsr", alpha=0.5) for p in PROMPTS]
+    spec = [reasoner.generate(p, alpha=0.5) for p in PROMPTS]
+    for b, s, q in zip(batch, single, spec):
+        assert_same(b, q)
+        assert_same(s, q)
+    # one target forward serves several requests: fewer batched passes than the requests' sum
+    stats = reasoner.engine("fpsr").last_stats
+    reasoner.generate_batch(PROMPTS, mode="fpsr", alpha=0.5)
+    stats = reasoner.engine("fpsr").last_stats
+    passes = stats["chain_forwards"] + stats["branch_forwards"]
+    assert passes < sum(r.metrics.target_forward_passes for r in batch)
+
+
+def test_stream_yields_the_committed_steps(reasoner, content_judge):
+    content_judge(reasoner)
+    stream = reasoner.stream(PROMPTS[1], mode="fpsr", alpha=0.5)
+    streamed = [s.text for s in stream]
+    assert stream.result is not None and streamed == [s.text for s in stream.result.steps]
+    assert stream.result.text == reasoner.generate(PROMPTS[1], alpha=0.5).text
+
+
+def test_caches_match_fresh_prefill_after_every_commit(pair, content_judge):
+    """The executor's target chain and draft rows hold exactly the KV of a fresh prefill of their ids."""
+    content_judge(pair)
+    checked = []
+
+    def check(row, model):
+        batch = row.batch
+        if row.cached == 0:
+            return
+        got = batch.dense(row, row.cached)
+        from dreamr.cache import CachedSequence, cache_tensors
+        seq = CachedSequence(model, row.ids[:row.cached])
+        seq.ids.append(0)  # one pending token so that the whole prefix is cached
+        seq.next_logits()
+        want = cache_tensors(seq.cache)
+        flat = [t for kv in got for t in kv]
+        assert len(flat) == len(want)
+        for g, w in zip(flat, want):
+            torch.testing.assert_close(g, w[:, :, :row.cached], atol=1e-9, rtol=0)
+
+    def observer(chain, d_row):
+        check(chain, pair.target.model)
+        check(d_row, pair.draft.model)
+        checked.append(1)
+
+    engine = pair.engine("fpsr")
+    engine.observer = observer
+    try:
+        result = pair.generate(PROMPTS[1], alpha=0.5, mode="fpsr")
+    finally:
+        engine.observer = None
+    assert len(checked) == len(result.steps) >= 3
+
+
+def test_metrics_count_the_parallel_work(reasoner, content_judge, eager):
+    content_judge(reasoner)
+    spec = reasoner.generate(PROMPTS[0], alpha=0.5)
+    fpsr = reasoner.generate(PROMPTS[0], alpha=0.5, mode="fpsr", window=4)
+    m = fpsr.metrics
+    stats = reasoner.engine("fpsr").last_stats
+    assert m.committed_tokens == sum(s.num_tokens for s in fpsr.steps)
+    # eager FPSR drafts and decodes speculatively: at least the sequential mode's work
+    assert m.draft_tokens >= spec.metrics.draft_tokens
+    assert m.target_tokens >= spec.metrics.target_tokens
+    assert stats["steps_committed_draft"] == m.accepted_steps
+    assert stats["steps_committed_target"] == m.num_steps - m.accepted_steps
+    assert stats["requests_finished"] == 1 and m.wall_time_s > 0
+
+
+@pytest.fixture
+def eager(reasoner):
+    """The paper's launch policy (every slot's fallback branch decodes from the start)."""
+    engine = reasoner.engine("fpsr")
+    engine.target_launch = "eager"
+    yield engine
+    engine.target_launch = "auto"
+
+
+def test_no_growth_over_100_requests(reasoner, content_judge, eager):
+    content_judge(reasoner)
+    kw = dict(alpha=0.5, max_new_tokens=12, max_step_tokens=4, mode="fpsr", window=3)
+    for p in PROMPTS:
+        reasoner.generate(p, **kw)
+    count0, bytes0, objects0 = live_objects()
+    sources, cancelled, branches = set(), 0, 0
+    for i in range(100):
+        r = reasoner.generate(PROMPTS[i % len(PROMPTS)], **kw)
+        sources |= {s.source for s in r.steps}
+        cancelled += reasoner.engine("fpsr").last_stats["slots_cancelled"]
+        branches += reasoner.engine("fpsr").last_stats["targets_cancelled"]
+        del r
+    count1, bytes1, objects1 = live_objects()
+    assert sources == {"draft", "target"} and cancelled > 0 and branches > 0
+    assert count1 == count0 and bytes1 == bytes0, (count0, count1, bytes0, bytes1)
+    assert objects1 - objects0 < 50
+
+
+def test_batch_rows_are_freed_while_running(reasoner, content_judge, eager):
+    """Inside one run, the rows of cancelled branches go: the target batches hold at most the live work."""
+    content_judge(reasoner)
+    from dreamr.engines import fpsr as fpsr_mod
+
+    peaks = []
+    orig = fpsr_mod.RaggedBatch.forward
+
+    def forward(self, feeds):
+        out = orig(self, feeds)
+        peaks.append((self.name, sum(r.alive for r in self.rows), len(self.rows)))
+        return out
+
+    fpsr_mod.RaggedBatch.forward = forward
+    try:
+        reasoner.generate_batch(PROMPTS, mode="fpsr", alpha=0.5, window=4)
+    finally:
+        fpsr_mod.RaggedBatch.forward = orig
+    branches = [p for p in peaks if p[0] == "branches"]
+    assert branches and max(p[1] for p in branches) <= 4 * len(PROMPTS)
+    # released rows are compacted away before the next forward: never more than live + this pass's releases
+    assert max(p[2] for p in peaks) <= 4 * len(PROMPTS) + len(PROMPTS)
+
+
+@pytest.mark.parametrize("bad", [dict(window=0), dict(window=-2), dict(window=1.5), dict(window=True),
+                                 dict(max_new_tokens=0), dict(max_step_tokens=0)])
+def test_bad_settings_raise(reasoner, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        reasoner.generate(PROMPTS[0], mode="fpsr", **bad)
+
+
+def test_bad_engine_knobs_raise(reasoner):
+    engine = reasoner.engine("fpsr")
+    engine.target_launch = "sometimes"
+    try:
+        with pytest.raises(ValueError, match="target_launch"):
+            reasoner.generate(PROMPTS[0], mode="fpsr")
+    finally:
+        engine.target_launch = "auto"
+
+
+def test_explicit_mask_path_alone_gives_the_same_commits(pair, content_judge, monkeypatch):
+    """Every forward through the executor's own 4-D masks (ragged rows, sliding windows by position)."""
+    from dreamr.engines import fpsr as fpsr_mod
+
+    content_judge(pair)
+    monkeypatch.setattr(fpsr_mod.RaggedBatch, "_plain", lambda self, *a: False)
+    for prompt in PROMPTS[:2]:
+        assert_same(pair.generate(prompt, alpha=0.5, mode="fpsr", window=2), pair.generate(prompt, alpha=0.5))
+
+
+@pytest.mark.slow
+def test_real_pair_fpsr_matches_speculative():
+    """The real default pair in float32: FPSR (both launch policies) writes the speculative mode's text."""
+    from test_reasoner_real import gsm8k_prompt
+
+    from dreamr.reasoner import SpeculativeReasoner
+
+    real = SpeculativeReasoner.from_pretrained(dtype="float32", progress=False, max_new_tokens=40,
+                                               max_step_tokens=16, answer_marker="The answer is")
+    prompt = gsm8k_prompt(0)
+    spec = real.generate(prompt)
+    for launch in ("eager", "on_reject"):
+        real.engine("fpsr").target_launch = launch
+        fpsr = real.generate(prompt, mode="fpsr")
+        assert fpsr.text == spec.text and key(fpsr) == key(spec)
