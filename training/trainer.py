@@ -1,0 +1,689 @@
+"""SAPO trainer: GRPO for the draft model with rewards from the target (METHOD.md, section 3).
+
+One optimizer step:
+
+1. take ``batch_prompts`` prompts (global, over all processes; each process takes its contiguous share);
+2. sample ``group_size`` completions per prompt from the draft (step-structured: the system prompt asks
+   for steps separated by blank lines; completions are split into steps at the delimiter);
+3. score them: ``R = w1 * R_outcome + w2 * R_draft + w3 * R_length`` (:mod:`training.rewards`), the
+   draft reward from the target's CPN verdicts on every step;
+4. group-normalised advantages, then the clipped GRPO objective with optional k3 KL to a frozen
+   reference (:mod:`training.grpo`), averaged over all completion tokens of the global batch, with
+   gradient accumulation over micro-batches of ``micro_batch_prompts`` prompts, gradient clipping, and
+   AdamW; ``ppo_epochs`` > 1 reuses the rollouts for several updates (only then can the ratio clip).
+
+Determinism: the prompts of a step and the sampling seed of each prompt depend only on
+``(seed, step, global prompt index)``, so a resumed run and a data-parallel run sample the same
+completions as an uninterrupted single-process run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from training import grpo
+from training.data import DEFAULT_SYSTEM_PROMPT, Dataset, draft_messages, global_indices, validate_rows
+from training.rewards import DraftReward, LengthReward, OutcomeReward, SAPOReward, check_weights, split_steps
+
+__all__ = ["SAPOConfig", "Rollout", "SAPOTrainer", "check_text_exchange"]
+
+
+@dataclass
+class SAPOConfig:
+    """Settings of a SAPO run (the script's flags have the same names).
+
+    Attributes
+    ----------
+    group_size : G, completions per prompt (>= 2).
+    batch_prompts : prompts per optimizer step, over all processes (the global batch is
+        ``batch_prompts * group_size`` completions); must be a multiple of ``world_size *
+        micro_batch_prompts``.
+    micro_batch_prompts : prompts per forward/backward; gradient accumulation steps per process =
+        ``batch_prompts / (world_size * micro_batch_prompts)``.
+    total_steps : optimizer steps to train for.
+    lr, weight_decay, adam_betas, adam_eps, warmup_steps : AdamW and a linear warm-up, then constant.
+    max_grad_norm : gradient clipping (global L2 norm); 0 disables.
+    epsilon, epsilon_high : the ratio clip range ``[1 - epsilon, 1 + epsilon_high]`` (epsilon_high
+        defaults to epsilon).
+    beta : KL coefficient (k3 estimator against a frozen copy of the initial draft); 0 disables and
+        loads no reference.
+    ppo_epochs : optimizer updates per batch of rollouts (1: on-policy, the ratio is 1).
+    loss_type : "token" (token-level averaging over the global batch) or "sequence".
+    scale_advantages : divide by the group's std (False: Dr. GRPO centring only).
+    temperature, top_p, max_new_tokens : sampling of the draft's completions.
+    weights : (w_outcome, w_draft, w_length).
+    alpha, draft_reward_mode : CPN threshold; "fraction" of accepted steps or "mean" cpn.
+    length_max_steps, length_max_tokens : the budget of the length penalty.
+    dtype : "float32" or "bfloat16" (bf16 autocast of forward passes, fp32 master weights and AdamW
+        state), or "float64" (tests).
+    rollout_dtype : None (sample from the policy as is) or "bfloat16": sample from a bf16 copy of the
+        policy, refreshed every step (about 2x faster decoding on CPUs with bf16 units; the update
+        still uses the fp32 policy's log-probs, so the rollouts are very slightly off-policy).
+    lora_r, lora_alpha, lora_dropout, lora_target_modules : LoRA via peft when ``lora_r > 0``.
+    system_prompt : the draft's system instruction (None: no system message).
+    seed, shuffle : data order and sampling seeds.
+    save_every : checkpoint every N steps (0: only at the end); log_every : console log cadence.
+    """
+
+    group_size: int = 4
+    batch_prompts: int = 1
+    micro_batch_prompts: int = 1
+    total_steps: int = 50
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    epsilon: float = 0.2
+    epsilon_high: Optional[float] = None
+    beta: float = 0.0
+    ppo_epochs: int = 1
+    loss_type: str = "token"
+    scale_advantages: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    alpha: float = 0.7
+    draft_reward_mode: str = "fraction"
+    length_max_steps: int = 8
+    length_max_tokens: int = 192
+    delimiter: str = "\n\n"
+    dtype: str = "float32"
+    rollout_dtype: Optional[str] = None
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: Any = "all-linear"
+    system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT
+    seed: int = 0
+    shuffle: bool = True
+    save_every: int = 0
+    log_every: int = 1
+
+    def validate(self, world_size: int = 1) -> None:
+        def integer(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
+            raise ValueError(f"group_size (G) must be an integer >= 2: GRPO compares completions within a group "
+                             f"(a group of one has zero advantage), got {self.group_size!r}")
+        for name in ("batch_prompts", "micro_batch_prompts", "total_steps", "ppo_epochs", "max_new_tokens",
+                     "length_max_steps", "length_max_tokens", "log_every"):
+            integer(name, 1)
+        for name in ("save_every", "warmup_steps", "lora_r", "seed"):
+            integer(name, 0)
+        if self.batch_prompts % (world_size * self.micro_batch_prompts):
+            raise ValueError(f"batch_prompts={self.batch_prompts} must be a multiple of world_size * "
+                             f"micro_batch_prompts = {world_size} * {self.micro_batch_prompts}")
+        for name, lo in (("lr", 0.0), ("weight_decay", 0.0), ("max_grad_norm", 0.0), ("beta", 0.0),
+                         ("epsilon", 0.0), ("temperature", 0.0)):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < lo:
+                raise ValueError(f"{name} must be a finite number >= {lo}, got {v!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 (GRPO samples its completions), got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.epsilon_high is not None and (not isinstance(self.epsilon_high, (int, float)) or self.epsilon_high < 0):
+            raise ValueError(f"epsilon_high must be a number >= 0 or None, got {self.epsilon_high!r}")
+        if self.loss_type not in ("token", "sequence"):
+            raise ValueError(f"loss_type must be 'token' or 'sequence', got {self.loss_type!r}")
+        if self.draft_reward_mode not in ("fraction", "mean"):
+            raise ValueError(f"draft_reward_mode must be 'fraction' or 'mean', got {self.draft_reward_mode!r}")
+        if self.rollout_dtype not in (None, "bfloat16", "float32"):
+            raise ValueError(f"rollout_dtype must be None, 'float32' or 'bfloat16', got {self.rollout_dtype!r}")
+        if self.dtype not in ("float32", "bfloat16", "float64"):
+            raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float64', got {self.dtype!r}")
+        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
+        self.weights = check_weights(self.weights)
+        if not isinstance(self.delimiter, str) or not self.delimiter:
+            raise ValueError(f"delimiter must be a non-empty string, got {self.delimiter!r}")
+
+
+@dataclass
+class Rollout:
+    """One prompt's group: the prompt's draft tokens, G completions, rewards and their components."""
+
+    prompt_ids: list[int]
+    completion_ids: list[list[int]]
+    rewards: list[float]
+    components: dict[str, list[float]] = field(default_factory=dict)
+    cpns: list[list[float]] = field(default_factory=list)  # per completion, per step
+    texts: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before training
+# --------------------------------------------------------------------------------------------------
+
+_PROBE = "Step 1: 48 / 2 = 24 clips.\n\n#### 72"
+
+
+def check_text_exchange(draft_tokenizer, target_tokenizer) -> None:
+    """Raise ValueError unless the draft's text can reach the target: the draft tokenizer decodes, the
+    target tokenizer encodes, and a probe step survives draft encode -> decode -> target encode."""
+    for name, tok, attrs in (("draft_tokenizer", draft_tokenizer, ("encode", "decode")),
+                             ("target_tokenizer", target_tokenizer, ("encode",))):
+        if tok is None:
+            raise ValueError(f"{name} is missing: the draft's steps are exchanged with the target as text")
+        for attr in attrs:
+            if not callable(getattr(tok, attr, None)):
+                raise ValueError(f"{name} ({type(tok).__name__}) has no {attr}(): the draft's steps are "
+                                 "exchanged with the target as text, so the draft must decode and the target encode")
+    try:
+        text = draft_tokenizer.decode(draft_tokenizer.encode(_PROBE, add_special_tokens=False),
+                                      skip_special_tokens=True)
+        ids = target_tokenizer.encode(text, add_special_tokens=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means no text exchange
+        raise ValueError(f"draft_tokenizer/target_tokenizer cannot exchange text: {type(e).__name__}: {e}") from e
+    if not isinstance(text, str) or "72" not in text or not ids:
+        raise ValueError(f"draft_tokenizer/target_tokenizer cannot exchange text: the probe {_PROBE!r} came back "
+                         f"as {text!r} from the draft and {len(ids) if ids else 0} target tokens")
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    eos = set()
+    for src in (getattr(tokenizer, "eos_token_id", None),
+                getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+                getattr(model.config, "eos_token_id", None)):
+        if src is None:
+            continue
+        eos.update([src] if isinstance(src, int) else list(src))
+    return {int(t) for t in eos}
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------------
+
+
+class SAPOTrainer:
+    """GRPO for the draft with SAPO rewards.
+
+    Parameters
+    ----------
+    draft, draft_tokenizer : the policy (a transformers causal LM) and its tokenizer.
+    target, target_tokenizer : the judge, or None when the draft weight is 0. A
+        :class:`dreamr.verify.StepVerifier` (or any object with ``score_steps``) may be given as
+        ``verifier`` instead of building one from ``target``.
+    data : a :class:`training.data.Dataset` or a list of ``{"question", "answer"}`` rows.
+    config : :class:`SAPOConfig`.
+    out_dir : where logs, checkpoints and the final model go (None: nothing written).
+    target_prompt : callable(question) -> str, the text the target reads before the steps.
+
+    All checks (data, G, weights, text exchange, verdict words) run in the constructor, before any
+    training.
+    """
+
+    def __init__(self, draft, draft_tokenizer, target=None, target_tokenizer=None, *, data, config: SAPOConfig,
+                 out_dir=None, verifier=None, target_prompt=None, reward: Optional[SAPOReward] = None,
+                 progress: bool = True):
+        self.rank, self.world_size = _rank_world()
+        self.config = config
+        config.validate(self.world_size)
+        self.data = data if isinstance(data, Dataset) else validate_rows(list(data) if data is not None else [],
+                                                                         source="data")
+        if draft is None or not hasattr(draft, "parameters"):
+            raise ValueError("draft must be a transformers causal LM (the policy to train)")
+        if config.weights[1] > 0 and reward is None:
+            if verifier is None:
+                if target is None:
+                    raise ValueError("target is missing: the draft reward (weights[1] > 0) needs the target model "
+                                     "(or a verifier); set the draft weight to 0 to train without it")
+                check_text_exchange(draft_tokenizer, target_tokenizer)
+                from dreamr.verify import StepVerifier
+
+                verifier = StepVerifier(target, target_tokenizer, alpha=config.alpha, delimiter=config.delimiter)
+            else:
+                check_text_exchange(draft_tokenizer, getattr(verifier, "tokenizer", draft_tokenizer))
+        elif not callable(getattr(draft_tokenizer, "decode", None)):
+            raise ValueError(f"draft_tokenizer ({type(draft_tokenizer).__name__}) has no decode(): completions "
+                             "must be turned into text for the rewards")
+        self.verifier = verifier
+        self.tokenizer = draft_tokenizer
+        self.target_prompt = target_prompt
+        self.reward = reward or SAPOReward(
+            OutcomeReward(),
+            DraftReward(verifier, alpha=config.alpha, mode=config.draft_reward_mode, target_prompt=target_prompt,
+                        delimiter=config.delimiter) if verifier is not None else None,
+            LengthReward(config.length_max_steps, config.length_max_tokens, delimiter=config.delimiter),
+            config.weights,
+        )
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.progress = progress
+        self.device = next(draft.parameters()).device
+        self.eos_ids = _eos_ids(draft, draft_tokenizer)
+        pad = getattr(draft_tokenizer, "pad_token_id", None)
+        self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
+
+        # Precision: fp32 master weights (float64 for tests), bf16 autocast where asked.
+        master = torch.float64 if config.dtype == "float64" else torch.float32
+        draft.to(master)
+        self.autocast = config.dtype == "bfloat16"
+
+        # LoRA
+        self.lora = config.lora_r > 0
+        if self.lora:
+            from peft import LoraConfig, get_peft_model
+
+            draft = get_peft_model(draft, LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                                                     lora_dropout=config.lora_dropout,
+                                                     target_modules=config.lora_target_modules,
+                                                     task_type="CAUSAL_LM"))
+        self.model = draft  # unwrapped policy (a PeftModel with LoRA)
+        self.model.eval()  # dropout off: rollouts and updates see the same function
+
+        # Frozen reference for the KL term (LoRA: the base model with adapters disabled).
+        self.ref_model = None
+        if config.beta > 0 and not self.lora:
+            self.ref_model = copy.deepcopy(self.model).eval()
+            for p in self.ref_model.parameters():
+                p.requires_grad_(False)
+
+        self.ddp_model = self.model
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp_model = DDP(self.model, device_ids=None if self.device.type == "cpu" else [self.device])
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=tuple(config.adam_betas),
+                                           eps=config.adam_eps, weight_decay=config.weight_decay)
+        self.step = 0
+        self._rollout_model = None
+        self.history: list[dict] = []
+        self._tb = None
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def lr_at(self, step: int) -> float:
+        if self.config.warmup_steps and step < self.config.warmup_steps:
+            return self.config.lr * (step + 1) / self.config.warmup_steps
+        return self.config.lr
+
+    def prompt_ids(self, question: str) -> list[int]:
+        tok = self.tokenizer
+        msgs = draft_messages(question, self.config.system_prompt)
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return list(tok.encode(text, add_special_tokens=False))
+        text = "".join(f"{m['content']}\n\n" for m in msgs[:-1]) + f"Question: {question}\nAnswer:"
+        return list(tok.encode(text, add_special_tokens=True))
+
+    def sample_seed(self, step: int, index: int) -> int:
+        return (self.config.seed * 1_000_003 + step * 10_007 + index * 101 + 17) % (2 ** 62)
+
+    # -- rollouts ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: list[int], seed: int) -> list[list[int]]:
+        """G completions of one prompt (token ids, cut after the first EOS, which is kept)."""
+        cfg = self.config
+        torch.manual_seed(seed)
+        x = torch.tensor([prompt_ids] * cfg.group_size, dtype=torch.long, device=self.device)
+        model = self._rollout_model if self._rollout_model is not None else self.model
+        with self._autocast():
+            out = model.generate(
+                input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=cfg.temperature,
+                top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_id,
+                eos_token_id=sorted(self.eos_ids) or None,
+            )
+        completions = []
+        for row in out[:, len(prompt_ids):].tolist():
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.eos_ids), len(row))
+            completions.append(row[:cut])
+        return completions
+
+    def score(self, question: str, answer: str, completion_ids: list[list[int]]) -> Rollout:
+        texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
+        prompts = [question] * len(texts)
+        comps = self.reward.components(prompts, texts, answer=[answer] * len(texts), completion_ids=completion_ids)
+        rewards = self.reward.combine(comps)
+        cpns = list(self.reward.draft.last_cpns) if self.reward.draft is not None and self.config.weights[1] > 0 \
+            else [[] for _ in texts]
+        return Rollout([], completion_ids, rewards, comps, cpns, texts)
+
+    def rollout(self, example, step: int, index: int) -> Rollout:
+        pids = self.prompt_ids(example.question)
+        completions = self.sample(pids, self.sample_seed(step, index))
+        r = self.score(example.question, example.answer, completions)
+        r.prompt_ids = pids
+        return r
+
+    # -- the update -------------------------------------------------------------------------------
+
+    def _batch(self, rollouts: Sequence[Rollout]):
+        rows, masks, starts = [], [], []
+        for r in rollouts:
+            for c in r.completion_ids:
+                rows.append(list(r.prompt_ids) + list(c))
+                starts.append(len(r.prompt_ids))
+        width = max(len(x) for x in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, x in enumerate(rows):
+            ids[i, :len(x)] = torch.tensor(x)
+            attn[i, :len(x)] = 1
+        # Completion tokens are predicted from positions start-1 .. len-2.
+        tmax = max(len(x) - s for x, s in zip(rows, starts))
+        targets = torch.full((len(rows), tmax), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), tmax))
+        gather_pos = torch.zeros((len(rows), tmax), dtype=torch.long)
+        for i, (x, s) in enumerate(zip(rows, starts)):
+            n = len(x) - s
+            targets[i, :n] = torch.tensor(x[s:])
+            mask[i, :n] = 1
+            gather_pos[i, :n] = torch.arange(s - 1, s - 1 + n)
+        dev = self.device
+        return ids.to(dev), attn.to(dev), targets.to(dev), mask.to(dev), gather_pos.to(dev)
+
+    def _logps(self, model, batch) -> torch.Tensor:
+        ids, attn, targets, mask, pos = batch
+        with self._autocast():
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+        idx = pos.unsqueeze(-1).expand(-1, -1, logits.size(-1))
+        sel = logits.gather(1, idx)
+        return grpo.token_logprobs(sel, targets) * mask.to(torch.float64 if sel.dtype == torch.float64 else torch.float32)
+
+    def _ref_logps(self, batch) -> Optional[torch.Tensor]:
+        if self.config.beta <= 0:
+            return None
+        with torch.no_grad():
+            if self.lora:
+                with self.model.disable_adapter():
+                    return self._logps(self.model, batch)
+            return self._logps(self.ref_model, batch)
+
+    def optimize(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
+        """Update the draft on this process's rollouts (its share of the global batch).
+
+        Returns summed statistics over the global batch (loss, KL, clip fraction, grad norm).
+        """
+        cfg = self.config
+        mb = cfg.micro_batch_prompts
+        micro = [list(rollouts[i:i + mb]) for i in range(0, len(rollouts), mb)]
+        batches, advs, olds, refs = [], [], [], []
+        local_tokens = 0.0
+        for m in micro:
+            b = self._batch(m)
+            batches.append(b)
+            rewards = torch.tensor([x for r in m for x in r.rewards], dtype=torch.float64)
+            advs.append(grpo.group_advantages(rewards, cfg.group_size, scale=cfg.scale_advantages).to(self.device))
+            local_tokens += float(b[3].sum())
+            olds.append(None)
+            refs.append(self._ref_logps(b))
+        if cfg.ppo_epochs > 1:
+            with torch.no_grad():
+                olds = [self._logps(self.model, b) for b in batches]
+        total_tokens = self._all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64))[0].item()
+        n_seqs = cfg.batch_prompts * cfg.group_size
+
+        sums = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        for _epoch in range(cfg.ppo_epochs):
+            self.optimizer.zero_grad(set_to_none=True)
+            for k, (b, adv, old, ref) in enumerate(zip(batches, advs, olds, refs)):
+                last = k == len(batches) - 1
+                sync = contextlib.nullcontext() if (last or self.world_size == 1) else self.ddp_model.no_sync()
+                with sync:
+                    logp = self._logps(self.ddp_model, b)
+                    old_k = logp.detach() if old is None else old
+                    if cfg.loss_type == "token":
+                        loss, st = grpo.grpo_loss(logp, old_k, adv, b[3], epsilon=cfg.epsilon,
+                                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref,
+                                                  loss_type="token", num_tokens=total_tokens)
+                    else:
+                        loss, st = grpo.grpo_loss(logp, old_k, adv, b[3], epsilon=cfg.epsilon,
+                                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref,
+                                                  loss_type="sequence")
+                        loss = loss * (adv.numel() / n_seqs)
+                    # DDP averages gradients over processes; scale so the result is the global-batch loss.
+                    (loss * self.world_size).backward()
+                if _epoch == cfg.ppo_epochs - 1:
+                    sums["loss"] += float(loss.detach())
+                    for key in ("kl_sum", "clipped_sum", "ratio_sum", "tokens"):
+                        sums[key] += float(st[key])
+            if cfg.max_grad_norm > 0:
+                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            else:
+                norm = torch.sqrt(sum((p.grad.detach().double() ** 2).sum() for p in self.params if p.grad is not None))
+            self.optimizer.step()
+            sums["grad_norm"] = float(norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        keys = ["loss", "kl_sum", "clipped_sum", "ratio_sum", "tokens"]
+        red = self._all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
+        out = dict(zip(keys, red))
+        tokens = max(out["tokens"], 1.0)
+        return {"loss": out["loss"], "kl": out["kl_sum"] / tokens, "clip_frac": out["clipped_sum"] / tokens,
+                "ratio": out["ratio_sum"] / tokens, "grad_norm": sums["grad_norm"], "lr": lr,
+                "tokens": out["tokens"]}
+
+    def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            t = t.to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t = t.cpu()
+        return t
+
+    # -- one step, the loop -----------------------------------------------------------------------
+
+    def local_indices(self, step: int) -> list[tuple[int, int]]:
+        """(position in the global batch, dataset index) of this process's prompts at ``step``."""
+        cfg = self.config
+        idx = global_indices(len(self.data), step, cfg.batch_prompts, cfg.seed, cfg.shuffle)
+        per = cfg.batch_prompts // self.world_size
+        return [(self.rank * per + j, idx[self.rank * per + j]) for j in range(per)]
+
+    def _refresh_rollout_model(self) -> None:
+        self._rollout_model = None
+        if self.config.rollout_dtype == "bfloat16":
+            self._rollout_model = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        self._refresh_rollout_model()
+        rollouts = [self.rollout(self.data[di], self.step, self.step * self.config.batch_prompts + gi)
+                    for gi, di in self.local_indices(self.step)]
+        self._rollout_model = None
+        t1 = time.perf_counter()
+        stats = self.optimize(rollouts)
+        self.step += 1
+        record = {"step": self.step, **self._rollout_stats(rollouts), **stats,
+                  "rollout_s": t1 - t0, "update_s": time.perf_counter() - t1}
+        return record
+
+    def _rollout_stats(self, rollouts: Sequence[Rollout]) -> dict:
+        comps = ("outcome", "draft", "length")
+        vals = [0.0] * 10
+        for r in rollouts:
+            for i in range(len(r.rewards)):
+                vals[0] += 1
+                vals[1] += r.rewards[i]
+                vals[2] += r.rewards[i] ** 2
+                for j, c in enumerate(comps):
+                    vals[3 + j] += r.components.get(c, [0.0] * len(r.rewards))[i]
+                cp = r.cpns[i] if i < len(r.cpns) else []
+                vals[6] += len(cp)
+                vals[7] += sum(1 for c in cp if c == c and c > self.config.alpha)
+                vals[8] += len(split_steps(r.texts[i], self.config.delimiter)) if r.texts else 0
+                vals[9] += len(r.completion_ids[i])
+        v = self._all_reduce_sum(torch.tensor(vals, dtype=torch.float64)).tolist()
+        n = max(v[0], 1.0)
+        mean = v[1] / n
+        return {"reward": mean, "reward_std": math.sqrt(max(v[2] / n - mean * mean, 0.0)),
+                "r_outcome": v[3] / n, "r_draft": v[4] / n, "r_length": v[5] / n,
+                "acceptance": (v[7] / v[6]) if v[6] else float("nan"),
+                "steps_mean": v[8] / n, "tokens_mean": v[9] / n}
+
+    def train(self, total_steps: Optional[int] = None) -> list[dict]:
+        """Train until ``total_steps`` (default ``config.total_steps``); checkpoints, logs, final save."""
+        total = self.config.total_steps if total_steps is None else total_steps
+        bar = None
+        if self.rank == 0 and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.step, desc="SAPO", dynamic_ncols=True)
+        while self.step < total:
+            record = self.train_step()
+            self.history.append(record)
+            self._log(record, bar)
+            if self.config.save_every and self.step % self.config.save_every == 0 and self.step < total:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if self.out_dir is not None:
+            self.save_checkpoint()
+            self.save_model(self.out_dir)
+        return self.history
+
+    def _log(self, record: dict, bar) -> None:
+        if self.rank != 0:
+            return
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                                    for k, v in record.items()}) + "\n")
+            self._tensorboard(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(R=f"{record['reward']:.3f}", acc=f"{record['acceptance']:.2f}",
+                            out=f"{record['r_outcome']:.2f}", len=f"{record['tokens_mean']:.0f}",
+                            kl=f"{record['kl']:.4f}", refresh=False)
+            if record["step"] % self.config.log_every == 0:
+                bar.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+    def _tensorboard(self, record: dict) -> None:
+        if self._tb is False:
+            return
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            except Exception:  # noqa: BLE001 - tensorboard not installed: JSONL and console only
+                self._tb = False
+                return
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                self._tb.add_scalar(f"sapo/{k}", v, record["step"])
+
+    # -- saving -----------------------------------------------------------------------------------
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self, path=None) -> Optional[Path]:
+        """Write ``out_dir/checkpoint-<step>/``: trainable weights (safetensors), optimizer, RNG, step."""
+        if path is None:
+            if self.out_dir is None:
+                return None
+            path = self.out_dir / f"checkpoint-{self.step:06d}"
+        path = Path(path)
+        if self.rank == 0:
+            from safetensors.torch import save_file
+
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.mkdir(parents=True, exist_ok=True)
+            save_file(self.trainable_state(), str(tmp / "weights.safetensors"))
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
+            state = {"step": self.step, "config": _jsonable(dataclasses.asdict(self.config)),
+                     "world_size": self.world_size}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            if path.exists():
+                import shutil
+
+                shutil.rmtree(path)
+            tmp.rename(path)
+        if self.world_size > 1:
+            dist.barrier()
+        return path
+
+    def load_checkpoint(self, path) -> None:
+        """Restore weights, optimizer, RNG and the step counter from a checkpoint folder (or the latest
+        ``checkpoint-*`` inside ``path``)."""
+        from safetensors.torch import load_file
+
+        path = latest_checkpoint(path)
+        state = json.loads((path / "trainer_state.json").read_text())
+        weights = load_file(str(path / "weights.safetensors"))
+        named = dict(self.model.named_parameters())
+        missing = [n for n, p in named.items() if p.requires_grad and n not in weights]
+        if missing:
+            raise ValueError(f"resume={str(path)!r}: checkpoint lacks {len(missing)} trainable tensors "
+                             f"(first: {missing[0]}); was it written with the same draft and LoRA settings?")
+        with torch.no_grad():
+            for n, t in weights.items():
+                named[n].copy_(t.to(named[n].device))
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(opt)
+        rng = torch.load(path / "rng.pt", weights_only=False)
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        self.step = int(state["step"])
+
+    def save_model(self, out_dir) -> None:
+        """Save the trained draft (merged LoRA) and its tokenizer with ``save_pretrained``: the folder
+        loads with ``dreamr.models.load(out_dir)`` and ``SpeculativeReasoner.from_pretrained(draft=out_dir)``."""
+        if self.rank != 0:
+            return
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        if self.lora:
+            model = copy.deepcopy(self.model).merge_and_unload()
+        model.save_pretrained(str(out_dir))
+        self.tokenizer.save_pretrained(str(out_dir))
+
+
+def latest_checkpoint(path) -> Path:
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    found = sorted(p for p in path.glob("checkpoint-*") if (p / "trainer_state.json").is_file())
+    if not found:
+        raise ValueError(f"resume={str(path)!r}: no checkpoint (a folder with trainer_state.json, or "
+                         "checkpoint-* folders inside it)")
+    return found[-1]
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return repr(obj)
