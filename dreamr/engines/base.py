@@ -153,6 +153,15 @@ def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, ma
     return writer
 
 
+def drain(gen: Generator[Any, None, Any]) -> Any:
+    """Run a generator to its end and return its return value (the engines' streams return results)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
 class Engine:
     """Base of the engines: ``run(requests) -> results`` and ``stream(request)`` over committed steps."""
 
@@ -177,12 +186,7 @@ class Engine:
         return [self.generate(r) for r in items]
 
     def generate(self, request: Request) -> Result:
-        gen = self.stream(request)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                return stop.value
+        return drain(self.stream(request))
 
     def stream(self, request: Request) -> Generator[Step, None, Result]:
         raise NotImplementedError

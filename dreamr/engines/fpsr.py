@@ -49,7 +49,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from dreamr.cache import cache_kwarg
-from dreamr.engines.base import Engine, LM, Request, RequestState
+from dreamr.engines.base import LM, Engine, Request, RequestState, drain
 from dreamr.result import Result, Step
 from dreamr.scheduler import WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, Scheduler, StepEnd, TargetLaunch
 from dreamr.steps import StepWriter, has_answer
@@ -482,12 +482,7 @@ class FpsrEngine(Engine):
     # -- public ------------------------------------------------------------------------------------
 
     def run(self, requests: Sequence[Request], progress: bool = False) -> list[Result]:
-        gen = self._drive(list(requests))
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                return stop.value
+        return drain(self._drive(list(requests)))
 
     def stream(self, request: Request) -> Generator[Step, None, Result]:
         gen = self._drive([request])
