@@ -147,6 +147,7 @@ def main(argv=None) -> list[Record]:
     parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per op (default 20, quick 3)")
+    parser.add_argument("--e2e", action="store_true", help="also run the end-to-end per-step latency breakdown per mode (real models; bench/e2e_latency.py)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     repeats = args.repeats or (3 if args.quick else 20)
@@ -176,6 +177,8 @@ def main(argv=None) -> list[Record]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in records], f, indent=2)
+    if args.e2e:
+        __import__("e2e_latency").main(["--device", args.device] + (["--quick"] if args.quick else []))
     return records
 
 

@@ -1,0 +1,21 @@
+"""Evaluate reasoning modes side by side on a JSONL dataset (a thin command line over dreamr.eval).
+
+    python bench/eval.py --data ../shared/data/gsm8k/test_dev.jsonl --limit 20 \
+        --modes target draft speculative --alphas 0.5 0.7 0.9 --out runs/gsm8k20
+
+Per mode (and per alpha): accuracy, accuracy difference to the target alone, wall time, speedup over the
+target alone (same run, modes interleaved per problem), tokens/s, step acceptance, accepted steps per
+window, target passes per token, token counts and the ideal bound 1/(c + 1/L). Writes OUT/records.jsonl
+(one line per problem and mode; an interrupted run resumes from it), OUT/results.json, OUT/sweep.json
+and OUT/sweep.png. ``python bench/eval.py --help`` lists the options; ``python -m dreamr.eval`` is the same.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dreamr.eval import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

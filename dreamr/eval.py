@@ -1,0 +1,972 @@
+"""Evaluation: accuracy, speedup and acceptance of reasoning modes, measured side by side.
+
+    python bench/eval.py --data ../shared/data/gsm8k/test_dev.jsonl --limit 20 \\
+        --modes target draft speculative --alphas 0.5 0.7 0.9 --out runs/gsm8k20
+
+    from dreamr.eval import evaluate
+    report = evaluate(reasoner, "test_dev.jsonl", "runs/x", modes=["target", "speculative"], alphas=[0.7])
+    print(format_table(report))
+
+What a run does
+---------------
+* Reads a JSONL dataset (GSM8K's ``question`` / ``answer`` fields by default; ``fields=`` maps others).
+* Builds the *variants*: each baseline mode ("target", "draft") once, every other mode the reasoner
+  accepts ("speculative", later "fpsr", ...) once per alpha.
+* Runs every variant on every problem, **interleaved per problem** (problem 0 in every variant, then
+  problem 1, ...; the variant order rotates by one per problem) so that machine noise hits all
+  variants alike and the target-alone baseline is measured in the same run.
+* Appends one JSON line per (problem, variant) to ``records.jsonl`` as soon as it is done (flushed), so an
+  interrupted run resumes without redoing finished work. A variant that raises on a problem is recorded
+  with its error and the run goes on (``retry_failed=True`` runs those again on resume).
+* Writes ``results.json`` (per-variant metrics, the alpha sweep, the models, settings, seed, library
+  versions, device and GPU readings), ``sweep.json`` and ``sweep.png`` (speedup against accuracy, one
+  point per alpha, the target alone marked).
+
+Answers are extracted and compared by :func:`training.rewards.extract_answer` /
+:func:`training.rewards.answers_match`, the one extractor shared with SAPO training.
+
+Metric definitions (per variant; sums over the problems the variant finished without error)
+----------------------------------------------------------------------------------------
+accuracy                 correct / finished problems.
+accuracy_delta           accuracy - the target's accuracy, both over the problems both finished.
+wall_time_s              sum of end-to-end seconds of ``reasoner.generate`` calls (tokenization included).
+speedup                  sum(target wall) / sum(variant wall) over the problems both finished (same run).
+speedup_median           the median over those problems of target wall / variant wall.
+tokens_per_second        committed tokens / wall_time_s.
+step_acceptance_rate     accepted drafted steps / verified drafted steps (None without verification).
+accepted_per_window      mean accepted drafted steps per verification window. A window ends at a
+                         rejected step (its target fallback step closes the window), after W accepted
+                         steps when the mode has a window of W steps (FPSR), or at the end of the request
+                         (a trailing run of >= 1 accepted steps). For sequential "speculative" (no
+                         window) this is the mean run length of consecutive accepted steps, runs of zero
+                         included: accepted / (rejections + trailing accepted runs). For a per-step
+                         acceptance probability a it tends to a / (1 - a). Where the engine reports a
+                         ``windows`` counter in its Metrics, accepted_steps / windows is used instead.
+target_passes_per_token  target forward passes / committed tokens.
+draft_tokens, target_tokens, committed_tokens
+                         as in :class:`dreamr.result.Metrics` (each in its model's tokenizer).
+mean_step_tokens         committed tokens / committed steps.
+mean_draft_step_tokens   draft tokens / drafted steps (verified steps; draft mode: its steps).
+ideal_bound              1 / (c + 1/L): the step-level speedup if every drafted step were accepted,
+                         c = (draft seconds per draft token in the draft-only run) / (target seconds per
+                         target token in the target-only run), both over the problems both finished;
+                         L = the variant's mean drafted step length in tokens (mean_draft_step_tokens;
+                         for the top-level ``bound`` entry, the draft-only run's mean step length).
+phase_time_s             sums of the engine's per-phase timings (Metrics fields named ``*_time_s``), where
+                         the engine reports them; None otherwise (bench/e2e_latency.py measures phases
+                         from outside meanwhile).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+__all__ = [
+    "BASELINE_MODES",
+    "SYSTEM_PROMPT",
+    "EvalSettings",
+    "Variant",
+    "Problem",
+    "make_variants",
+    "load_problems",
+    "answer_functions",
+    "accepted_per_window",
+    "ideal_bound",
+    "summarize",
+    "sweep",
+    "plot_sweep",
+    "environment",
+    "GpuMonitor",
+    "evaluate",
+    "format_table",
+    "main",
+]
+
+BASELINE_MODES = ("target", "draft")
+"""Modes without verification: run once, alpha does not apply. Every other mode is run once per alpha."""
+
+SYSTEM_PROMPT = (
+    "Solve the problem step by step. Write each step as one short paragraph and leave a blank line "
+    "between steps. End with 'The answer is N.'"
+)
+
+RECORDS = "records.jsonl"
+META = "meta.json"
+RESULTS = "results.json"
+SWEEP_JSON = "sweep.json"
+SWEEP_PNG = "sweep.png"
+
+DEFAULT_FIELDS = {"question": "question", "answer": "answer", "id": None}
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings, variants, problems
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalSettings:
+    """What an evaluation runs and how.
+
+    Generation settings (``max_new_tokens`` ... ``extra``) go to every ``reasoner.generate`` call and
+    make the run's fingerprint: resuming into a folder written with other generation settings, another
+    dataset or other models raises ValueError. ``modes``, ``alphas``, ``limit`` and ``offset`` may change
+    between resumes (new variants or problems are run, finished ones are kept).
+    """
+
+    modes: tuple[str, ...] = ("target", "draft", "speculative")
+    alphas: tuple[float, ...] = (0.7,)
+    limit: Optional[int] = None  # at most this many problems (after offset)
+    offset: int = 0  # skip this many problems first
+    max_new_tokens: int = 128
+    max_step_tokens: int = 64
+    answer_marker: Optional[str] = "The answer is"
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: Optional[int] = 0
+    chat: bool = True  # send [system, user] chat messages (False: the question as plain text)
+    system_prompt: Optional[str] = SYSTEM_PROMPT
+    # Other ReasonerConfig overrides for every call (e.g. an FPSR window size).
+    extra: dict = field(default_factory=dict)
+    # Field names in the JSONL: question, answer (reference) and optional id.
+    fields: dict = field(default_factory=lambda: dict(DEFAULT_FIELDS))
+    # Before extraction the prediction is cut at the first of these strings (a base model that goes
+    # on to invent the next "Question:" would otherwise be scored on its invented text). Scoring only.
+    cut_at: tuple[str, ...] = ("\nQuestion:",)
+    warmup: bool = True  # one short untimed generation per variant before the timed ones
+    retry_failed: bool = False  # on resume, run again the (problem, variant) pairs that raised
+
+    def generation(self) -> dict:
+        out = dict(max_new_tokens=self.max_new_tokens, max_step_tokens=self.max_step_tokens,
+                   answer_marker=self.answer_marker, temperature=self.temperature, top_p=self.top_p,
+                   seed=self.seed)
+        out.update(self.extra)
+        return out
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["modes"], d["alphas"], d["cut_at"] = list(self.modes), list(self.alphas), list(self.cut_at)
+        return d
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One mode at one alpha (alpha None for the baseline modes)."""
+
+    mode: str
+    alpha: Optional[float] = None
+
+    @property
+    def name(self) -> str:
+        return self.mode if self.alpha is None else f"{self.mode}@{self.alpha:g}"
+
+    def overrides(self) -> dict:
+        return {"mode": self.mode} if self.alpha is None else {"mode": self.mode, "alpha": self.alpha}
+
+
+def make_variants(modes: Sequence[str], alphas: Sequence[float]) -> list[Variant]:
+    """Baseline modes once each, every other mode once per alpha; order kept, duplicates dropped."""
+    if isinstance(modes, str):
+        modes = [modes]
+    if not modes:
+        raise ValueError("modes is empty")
+    out: list[Variant] = []
+    for mode in modes:
+        if not isinstance(mode, str) or not mode:
+            raise ValueError(f"modes: expected mode names, got {mode!r}")
+        if mode in BASELINE_MODES:
+            items = [Variant(mode)]
+        else:
+            if not alphas:
+                raise ValueError(f"alphas is empty but mode {mode!r} needs an alpha")
+            items = [Variant(mode, float(a)) for a in alphas]
+        for v in items:
+            if v not in out:
+                out.append(v)
+    return out
+
+
+@dataclass
+class Problem:
+    index: int  # 0-based line index among the dataset's non-blank lines
+    key: str  # the id field's value, or the index as text
+    question: str
+    reference: str  # the answer field as written (e.g. a GSM8K worked solution ending "#### 18")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_problems(path: Union[str, Path], *, fields: Optional[dict] = None, limit: Optional[int] = None,
+                  offset: int = 0) -> list[Problem]:
+    """Read a JSONL dataset: one JSON object per line with a question and a reference answer.
+
+    ``fields`` maps the roles "question", "answer" and optionally "id" to the dataset's field names
+    (default GSM8K: question / answer, no id). Raises ValueError naming the line on a malformed line or a
+    missing field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"dataset: no such file {str(path)!r}")
+    f = dict(DEFAULT_FIELDS)
+    f.update(fields or {})
+    if offset < 0 or (limit is not None and limit < 0):
+        raise ValueError(f"offset and limit must be >= 0, got offset={offset} limit={limit}")
+    problems: list[Problem] = []
+    index = -1
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            index += 1
+            if index < offset:
+                continue
+            if limit is not None and len(problems) >= limit:
+                break
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"dataset {path}: line {lineno} is not JSON ({exc})") from None
+            if not isinstance(item, dict):
+                raise ValueError(f"dataset {path}: line {lineno} is not a JSON object")
+            for role in ("question", "answer"):
+                if f[role] not in item:
+                    raise ValueError(f"dataset {path}: line {lineno} has no {role} field {f[role]!r} "
+                                     f"(fields: {sorted(item)}; map it with fields={{'{role}': ...}})")
+            key = str(item[f["id"]]) if f.get("id") and f["id"] in item else str(index)
+            problems.append(Problem(index, key, str(item[f["question"]]), str(item[f["answer"]])))
+    keys = [p.key for p in problems]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"dataset {path}: the id field {f.get('id')!r} has duplicate values")
+    return problems
+
+
+def answer_functions() -> tuple[Callable[[Optional[str]], Optional[str]], Callable[[Any, Any], bool]]:
+    """``(extract_answer, answers_match)`` from ``training.rewards``, the one shared extractor.
+
+    ``training`` is a folder beside the ``dreamr`` package; it is put on ``sys.path`` when the current
+    directory is elsewhere.
+    """
+    try:
+        mod = importlib.import_module("training.rewards")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("training", "training.rewards"):
+            raise
+        root = str(Path(__file__).resolve().parent.parent)
+        if root not in sys.path:
+            sys.path.append(root)
+        try:
+            mod = importlib.import_module("training.rewards")
+        except ModuleNotFoundError as exc2:
+            if exc2.name not in ("training", "training.rewards"):
+                raise
+            raise ImportError("answer extraction: training/rewards.py (extract_answer, answers_match) was not "
+                              f"found beside the dreamr package in {root}") from None
+    return mod.extract_answer, mod.answers_match
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics on traces
+# --------------------------------------------------------------------------------------------------
+
+
+def accepted_per_window(flags: Iterable[Optional[bool]], window: Optional[int] = None) -> tuple[int, int]:
+    """``(windows, accepted)`` of one request's trace of verified steps (see the module docstring).
+
+    ``flags`` holds ``Step.accepted`` per committed step (None entries, unverified steps, are skipped).
+    A window ends at a rejection, after ``window`` accepted steps (None: no cap), or at the end of the
+    trace when it holds at least one accepted step. Mean accepted steps per window = sum of accepted /
+    sum of windows over requests.
+
+    >>> accepted_per_window([True, True, False, True])      # windows [T T F] [T]
+    (2, 3)
+    >>> accepted_per_window([True] * 5, window=4)           # [T T T T] [T]
+    (2, 5)
+    >>> accepted_per_window([False, False])                 # two windows of zero accepted steps
+    (2, 0)
+    """
+    if window is not None and (isinstance(window, bool) or int(window) < 1):
+        raise ValueError(f"window must be None or an integer >= 1, got {window!r}")
+    windows = accepted = run = 0
+    for flag in flags:
+        if flag is None:
+            continue
+        if flag:
+            accepted += 1
+            run += 1
+            if window is not None and run == int(window):
+                windows += 1
+                run = 0
+        else:
+            windows += 1
+            run = 0
+    if run:
+        windows += 1
+    return windows, accepted
+
+
+def ideal_bound(c: Optional[float], length: Optional[float]) -> Optional[float]:
+    """``1 / (c + 1/L)``: the step-level speedup with every step accepted (None where undefined)."""
+    if c is None or length is None or not length > 0 or not math.isfinite(c) or c < 0:
+        return None
+    return 1.0 / (c + 1.0 / length)
+
+
+def _ratio(a: float, b: float) -> Optional[float]:
+    return a / b if b else None
+
+
+def _cut(text: str, cut_at: Sequence[str]) -> str:
+    end = len(text)
+    for s in cut_at:
+        i = text.find(s) if s else -1
+        if i >= 0:
+            end = min(end, i)
+    return text[:end]
+
+
+_COUNTERS = ("num_steps", "verified_steps", "accepted_steps", "draft_tokens", "target_tokens", "committed_tokens",
+             "target_forward_passes", "draft_forward_passes", "nonfinite_verdicts")
+
+
+def score_record(rec: dict, extract: Callable, match: Callable, cut_at: Sequence[str] = ()) -> dict:
+    """Fill ``pred`` / ``ref_answer`` / ``correct`` of a finished record from its text and reference."""
+    if rec.get("ok"):
+        text = _cut(rec.get("text") or "", cut_at)
+        rec["pred"] = extract(text)
+        rec["ref_answer"] = extract(rec.get("reference") or "")
+        rec["correct"] = bool(rec["pred"] is not None and match(rec["pred"], rec.get("reference")))
+    return rec
+
+
+def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline: str = "target",
+              windows: Optional[dict] = None) -> dict:
+    """Per-variant metrics from scored records (see the module docstring for each definition).
+
+    ``records``: dicts with ``key``, ``variant``, ``ok``, ``correct``, ``wall_s``, ``metrics`` (a
+    :class:`dreamr.result.Metrics` dict) and ``accepted`` (``Step.accepted`` per committed step); the
+    last record per (key, variant) counts. ``windows``: variant name -> window size W of modes with
+    lookahead windows (FPSR). Returns ``{"variants": {name: {...}}, "bound": {...}, "baseline": ...}``.
+    """
+    windows = windows or {}
+    last: dict[tuple[str, str], dict] = {}
+    for rec in records:
+        last[(str(rec["key"]), rec["variant"])] = rec
+    by_variant: dict[str, dict[str, dict]] = {v.name: {} for v in variants}
+    for (key, name), rec in last.items():
+        if name in by_variant:
+            by_variant[name][key] = rec
+    ok = {name: {k: r for k, r in recs.items() if r.get("ok")} for name, recs in by_variant.items()}
+
+    def paired(a: str, b: str) -> list[str]:
+        return sorted(set(ok.get(a, {})) & set(ok.get(b, {})))
+
+    base = ok.get(baseline)
+    base_acc = None
+    draft_name = "draft" if "draft" in ok else None
+
+    # c: draft seconds per draft token over target seconds per target token, same problems.
+    c = None
+    if base is not None and draft_name is not None:
+        keys = paired(baseline, draft_name)
+        t_time = sum(base[k]["wall_s"] for k in keys)
+        t_tok = sum(base[k]["metrics"]["target_tokens"] for k in keys)
+        d_time = sum(ok[draft_name][k]["wall_s"] for k in keys)
+        d_tok = sum(ok[draft_name][k]["metrics"]["draft_tokens"] for k in keys)
+        if t_time > 0 and t_tok > 0 and d_tok > 0:
+            c = (d_time / d_tok) / (t_time / t_tok)
+
+    out: dict[str, dict] = {}
+    for v in variants:
+        recs = by_variant[v.name]
+        good = ok[v.name]
+        n_ok = len(good)
+        sums = {name: sum(int(r["metrics"].get(name, 0) or 0) for r in good.values()) for name in _COUNTERS}
+        wall = sum(r["wall_s"] for r in good.values())
+        correct = sum(bool(r.get("correct")) for r in good.values())
+        row: dict[str, Any] = {
+            "mode": v.mode,
+            "alpha": v.alpha,
+            "problems": len(recs),
+            "finished": n_ok,
+            "errors": len(recs) - n_ok,
+            "error_messages": {k: r.get("error") for k, r in sorted(recs.items()) if not r.get("ok")},
+            "correct": correct,
+            "accuracy": _ratio(correct, n_ok),
+            "accuracy_delta": None,
+            "wall_time_s": wall,
+            "speedup": None,
+            "speedup_median": None,
+            "paired_problems": None,
+            "tokens_per_second": _ratio(sums["committed_tokens"], wall),
+            "step_acceptance_rate": _ratio(sums["accepted_steps"], sums["verified_steps"]),
+            "accepted_per_window": None,
+            "window": windows.get(v.name),
+            "target_passes_per_token": _ratio(sums["target_forward_passes"], sums["committed_tokens"]),
+            "mean_step_tokens": _ratio(sums["committed_tokens"], sums["num_steps"]),
+            "mean_draft_step_tokens": (_ratio(sums["draft_tokens"], sums["verified_steps"]) if sums["verified_steps"]
+                                       else _ratio(sums["draft_tokens"], sums["num_steps"]) if v.mode == "draft"
+                                       else None),
+            "ideal_bound": None,
+            "finish_reasons": {},
+            **sums,
+        }
+        # Per-phase engine timings, where the engine's Metrics report them (fields "<phase>_time_s").
+        phase: dict[str, float] = {}
+        for r in good.values():
+            for name, value in r["metrics"].items():
+                if name.endswith("_time_s") and name != "wall_time_s" and isinstance(value, (int, float)):
+                    phase[name] = phase.get(name, 0.0) + float(value)
+        row["phase_time_s"] = phase or None
+        for r in good.values():
+            fr = r.get("finish_reason")
+            row["finish_reasons"][fr] = row["finish_reasons"].get(fr, 0) + 1
+        if sums["verified_steps"]:
+            reported = [r["metrics"].get("windows") for r in good.values()]
+            if all(isinstance(w, int) for w in reported):  # the engine counts its windows itself
+                n_windows = sum(reported)
+            else:
+                n_windows = sum(accepted_per_window(r.get("accepted") or [], windows.get(v.name))[0]
+                                for r in good.values())
+            row["accepted_per_window"] = _ratio(sums["accepted_steps"], n_windows)
+        if v.mode not in BASELINE_MODES:
+            row["ideal_bound"] = ideal_bound(c, row["mean_draft_step_tokens"])
+        if base is not None:
+            keys = paired(baseline, v.name)
+            row["paired_problems"] = len(keys)
+            if keys:
+                t = [base[k]["wall_s"] for k in keys]
+                s = [good[k]["wall_s"] for k in keys]
+                row["speedup"] = _ratio(sum(t), sum(s))
+                ratios = [a / b for a, b in zip(t, s) if b > 0]
+                row["speedup_median"] = statistics.median(ratios) if ratios else None
+                acc_v = sum(bool(good[k].get("correct")) for k in keys) / len(keys)
+                acc_t = sum(bool(base[k].get("correct")) for k in keys) / len(keys)
+                row["accuracy_delta"] = acc_v - acc_t
+        out[v.name] = row
+    if base is not None and baseline in out:
+        base_acc = out[baseline]["accuracy"]
+    draft_row = out.get("draft")
+    length = draft_row["mean_step_tokens"] if draft_row else None
+    bound = {
+        "c": c,
+        "L": length,
+        "ideal_bound": ideal_bound(c, length),
+        "definition": "c = (draft-only s per draft token) / (target-only s per target token) on the problems "
+                      "both finished; L = the draft-only run's mean step length (tokens); bound = 1/(c + 1/L)",
+    }
+    return {"baseline": baseline, "baseline_accuracy": base_acc, "variants": out, "bound": bound}
+
+
+def sweep(summary: dict) -> dict:
+    """Accuracy and speedup per alpha of every mode run at several alphas, plus the baselines."""
+    out: dict[str, Any] = {"modes": {}, "baselines": {}, "bound": summary.get("bound", {}).get("ideal_bound")}
+    for name, row in summary["variants"].items():
+        point = {k: row[k] for k in ("accuracy", "accuracy_delta", "speedup", "speedup_median",
+                                     "step_acceptance_rate", "accepted_per_window", "tokens_per_second",
+                                     "ideal_bound", "finished", "errors")}
+        if row["alpha"] is None:
+            out["baselines"][name] = point
+        else:
+            out["modes"].setdefault(row["mode"], []).append({"alpha": row["alpha"], **point})
+    for points in out["modes"].values():
+        points.sort(key=lambda p: p["alpha"])
+    return out
+
+
+def plot_sweep(data: dict, path: Union[str, Path], title: str = "") -> Path:
+    """Draw speedup (y) against accuracy (x): one point per alpha, the target alone marked; save PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    for mode, points in data["modes"].items():
+        pts = [p for p in points if p["accuracy"] is not None and p["speedup"] is not None]
+        if not pts:
+            continue
+        xs, ys = [p["accuracy"] * 100 for p in pts], [p["speedup"] for p in pts]
+        ax.plot(xs, ys, marker="o", label=mode)
+        for p, x, y in zip(pts, xs, ys):
+            ax.annotate(f"α={p['alpha']:g}", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    styles = {"target": dict(marker="*", s=180, color="black"), "draft": dict(marker="s", s=60, color="gray")}
+    for name, p in data["baselines"].items():
+        if p["accuracy"] is None or p["speedup"] is None:
+            continue
+        ax.scatter([p["accuracy"] * 100], [p["speedup"]], label=f"{name} alone", zorder=3,
+                   **styles.get(name, dict(marker="D", s=60)))
+    ax.axhline(1.0, color="black", lw=0.6, ls=":")
+    if data.get("bound"):
+        ax.axhline(data["bound"], color="tab:red", lw=0.8, ls="--", label=f"ideal bound {data['bound']:.2f}x")
+    xs = [p["accuracy"] * 100 for pts in data["modes"].values() for p in pts if p["accuracy"] is not None]
+    xs += [p["accuracy"] * 100 for p in data["baselines"].values() if p["accuracy"] is not None]
+    if xs and max(xs) - min(xs) < 10:  # keep a readable accuracy axis when the points nearly coincide
+        mid = (max(xs) + min(xs)) / 2
+        ax.set_xlim(max(-2.0, mid - 8), min(102.0, mid + 8))
+    ax.set_xlabel("accuracy (%)")
+    ax.set_ylabel("speedup over the target alone (x)")
+    ax.set_title(title or "accuracy and speedup per alpha")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+# Environment and GPU readings
+# --------------------------------------------------------------------------------------------------
+
+
+class GpuMonitor:
+    """GPU name, memory used and power through nvidia-ml-py; ``{"gpu": "no GPU", ...}`` without one.
+
+    ``sample()`` reads every visible NVIDIA GPU (cheap; called after each problem); ``summary()`` gives
+    the names, total memory, the largest memory used and mean / max power seen.
+    """
+
+    def __init__(self):
+        self.error: Optional[str] = None
+        self._nvml = None
+        self._handles: list = []
+        self._samples: list[list[dict]] = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception as exc:  # noqa: BLE001 - NVMLError without a driver, ImportError without the package
+            self.error = f"{type(exc).__name__}: {exc}"
+            self._handles = []
+        if self._handles:
+            self.sample()
+
+    def sample(self) -> None:
+        if not self._handles:
+            return
+        nv = self._nvml
+        reading = []
+        for h in self._handles:
+            r: dict[str, Any] = {}
+            try:
+                r["memory_used_mib"] = nv.nvmlDeviceGetMemoryInfo(h).used / 2**20
+            except Exception:  # noqa: BLE001
+                pass
+            try:
+                r["power_w"] = nv.nvmlDeviceGetPowerUsage(h) / 1000.0
+            except Exception:  # noqa: BLE001 - some boards do not report power
+                pass
+            reading.append(r)
+        self._samples.append(reading)
+
+    def summary(self) -> dict:
+        if not self._handles:
+            return {"gpu": "no GPU", "reason": self.error or "no NVIDIA GPU found"}
+        nv = self._nvml
+        gpus = []
+        for i, h in enumerate(self._handles):
+            info: dict[str, Any] = {"index": i}
+            try:
+                name = nv.nvmlDeviceGetName(h)
+                info["name"] = name.decode() if isinstance(name, bytes) else name
+                info["memory_total_mib"] = nv.nvmlDeviceGetMemoryInfo(h).total / 2**20
+                info["driver"] = nv.nvmlSystemGetDriverVersion()
+            except Exception:  # noqa: BLE001
+                pass
+            mem = [s[i]["memory_used_mib"] for s in self._samples if "memory_used_mib" in s[i]]
+            power = [s[i]["power_w"] for s in self._samples if "power_w" in s[i]]
+            info["memory_used_mib_max"] = max(mem) if mem else None
+            info["power_w_mean"] = statistics.fmean(power) if power else None
+            info["power_w_max"] = max(power) if power else None
+            info["samples"] = len(self._samples)
+            gpus.append(info)
+        return {"gpu": [g.get("name") for g in gpus], "gpus": gpus}
+
+
+def _version(module: str) -> Optional[str]:
+    try:
+        from importlib.metadata import version
+
+        return version(module)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _describe_model(lm) -> dict:
+    model = getattr(lm, "model", lm)
+    config = getattr(model, "config", None)
+    return {
+        "class": type(model).__name__,
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "vocab_size": getattr(getattr(lm, "tokenizer", None), "vocab_size", None),
+    }
+
+
+def environment(reasoner=None, gpu: Optional[GpuMonitor] = None) -> dict:
+    """Library versions, Python, platform, torch threads, device and (NVIDIA) GPU readings."""
+    import torch
+
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "versions": {name: _version(name) for name in ("dreamr", "torch", "transformers", "tokenizers", "numpy",
+                                                       "tqdm", "matplotlib", "nvidia-ml-py")},
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }
+    if reasoner is not None:
+        device = getattr(reasoner.target, "device", None)
+        env["device"] = str(device)
+        if device is not None and getattr(device, "type", "") == "cuda":
+            env["torch_gpu_name"] = torch.cuda.get_device_name(device)
+            env["torch_max_memory_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    env["gpu"] = (gpu or GpuMonitor()).summary()
+    return env
+
+
+def models_info(reasoner) -> dict:
+    return {"target": _describe_model(reasoner.target), "draft": _describe_model(reasoner.draft),
+            "same_tokenizer": bool(getattr(reasoner, "same_tokenizer", False))}
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def read_records(path: Union[str, Path]) -> list[dict]:
+    """Records of a ``records.jsonl``; a torn last line (a run killed while writing) is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return out
+
+
+def _prompt(problem: Problem, settings: EvalSettings):
+    if not settings.chat:
+        return problem.question
+    messages = [{"role": "user", "content": problem.question}]
+    if settings.system_prompt:
+        messages.insert(0, {"role": "system", "content": settings.system_prompt})
+    return messages
+
+
+def _window_sizes(reasoner, settings: EvalSettings, variants: Sequence[Variant]) -> dict:
+    """Window size W of the variants whose mode uses lookahead windows (read from the config fields
+    ``window`` / ``window_size`` / ``lookahead`` of the settings' extras or the reasoner's config)."""
+    out = {}
+    for v in variants:
+        if v.mode in BASELINE_MODES or v.mode == "speculative":
+            continue
+        for name in ("window", "window_size", "lookahead"):
+            w = settings.extra.get(name, getattr(getattr(reasoner, "config", None), name, None))
+            if isinstance(w, int) and not isinstance(w, bool) and w >= 1:
+                out[v.name] = w
+                break
+    return out
+
+
+def _run_one(reasoner, problem: Problem, variant: Variant, settings: EvalSettings, order: int) -> dict:
+    rec: dict[str, Any] = {"key": problem.key, "index": problem.index, "variant": variant.name,
+                           "mode": variant.mode, "alpha": variant.alpha, "order": order,
+                           "reference": problem.reference}
+    start = time.perf_counter()
+    try:
+        result = reasoner.generate(_prompt(problem, settings), **variant.overrides(), **settings.generation())
+    except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
+        rec.update(ok=False, wall_s=time.perf_counter() - start, error=f"{type(exc).__name__}: {exc}",
+                   traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-4000:])
+        return rec
+    wall = time.perf_counter() - start
+    rec.update(
+        ok=True,
+        wall_s=wall,
+        text=result.text,
+        finish_reason=result.finish_reason,
+        metrics=result.metrics.to_dict(),
+        accepted=[s.accepted for s in result.steps],
+        sources=[s.source for s in result.steps],
+        cpn=[None if s.cpn is None or not math.isfinite(s.cpn) else round(float(s.cpn), 6) for s in result.steps],
+        step_tokens=[s.num_tokens for s in result.steps],
+    )
+    return rec
+
+
+def _fingerprint(settings: EvalSettings, dataset: Path, models: dict) -> dict:
+    return {"generation": settings.generation(), "chat": settings.chat, "system_prompt": settings.system_prompt,
+            "fields": settings.fields, "dataset_sha256": _sha256(dataset), "models": models}
+
+
+def evaluate(
+    reasoner,
+    dataset: Union[str, Path],
+    out_dir: Union[str, Path],
+    settings: Optional[EvalSettings] = None,
+    *,
+    progress: bool = True,
+    plot: bool = True,
+    models: Optional[dict] = None,
+    extract: Optional[Callable] = None,
+    match: Optional[Callable] = None,
+    **overrides,
+) -> dict:
+    """Run the variants on the dataset's problems, interleaved per problem; write and return the report.
+
+    Parameters
+    ----------
+    reasoner : SpeculativeReasoner (any object with ``generate(prompt, mode=..., alpha=..., **settings)``
+        returning a :class:`dreamr.result.Result`, and ``target`` / ``draft`` handles).
+    dataset : JSONL file (GSM8K format by default; see ``EvalSettings.fields``).
+    out_dir : folder for records.jsonl, meta.json, results.json, sweep.json and sweep.png. An existing
+        records.jsonl is resumed: finished (problem, variant) pairs are not run again.
+    settings : EvalSettings; ``**overrides`` replace its fields (``modes=[...], alphas=[...], limit=20``).
+    models : a description of the models for the results (default: read from the reasoner), e.g. their
+        names; part of the resume fingerprint.
+    extract, match : answer extraction and comparison (default: training.rewards's).
+
+    Returns the report written to results.json: ``{"summary": ..., "sweep": ..., "settings": ...,
+    "models": ..., "environment": ..., "files": ...}``.
+    """
+    settings = dataclasses.replace(settings or EvalSettings(), **overrides)
+    settings.modes, settings.alphas = tuple(settings.modes), tuple(float(a) for a in settings.alphas)
+    dataset, out = Path(dataset), Path(out_dir)
+    variants = make_variants(settings.modes, settings.alphas)
+    if extract is None or match is None:
+        ex, ma = answer_functions()
+        extract, match = extract or ex, match or ma
+    problems = load_problems(dataset, fields=settings.fields, limit=settings.limit, offset=settings.offset)
+    if not problems:
+        raise ValueError(f"dataset {dataset}: no problems selected (offset={settings.offset}, limit={settings.limit})")
+    out.mkdir(parents=True, exist_ok=True)
+    models = models if models is not None else models_info(reasoner)
+    fingerprint = _fingerprint(settings, dataset, models)
+    meta_path, rec_path = out / META, out / RECORDS
+    if meta_path.exists() and rec_path.exists():
+        old = json.loads(meta_path.read_text()).get("fingerprint")
+        if json.loads(json.dumps(old)) != json.loads(json.dumps(fingerprint)):
+            raise ValueError(f"{out}: it holds a run with other settings, dataset or models; use another out_dir "
+                             f"(or delete {rec_path}). Stored: {old}; now: {fingerprint}")
+    meta_path.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings.to_dict(),
+                                     "dataset": str(dataset)}, indent=2, default=str))
+
+    done = {(str(r["key"]), r["variant"]): r for r in read_records(rec_path)}
+    todo: list[tuple[Problem, Variant, int]] = []
+    for p in problems:
+        shift = p.index % len(variants)
+        for j, v in enumerate(variants[shift:] + variants[:shift]):
+            prev = done.get((p.key, v.name))
+            if prev is None or (settings.retry_failed and not prev.get("ok")):
+                todo.append((p, v, j))
+    gpu = GpuMonitor()
+    if settings.warmup and todo:
+        for v in variants:
+            if any(t[1] == v for t in todo):
+                try:
+                    reasoner.generate(_prompt(problems[0], settings), **v.overrides(),
+                                      **{**settings.generation(), "max_new_tokens": 4})
+                except Exception:  # noqa: BLE001 - a real failure is recorded by the timed run
+                    pass
+    bar = None
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(todo), desc="dreamr eval", unit="run", dynamic_ncols=True)
+    try:
+        torn = rec_path.exists() and rec_path.stat().st_size > 0 and not rec_path.read_bytes().endswith(b"\n")
+        with open(rec_path, "a", encoding="utf-8") as fh:
+            if torn:  # a run killed mid-line: start the next record on a line of its own
+                fh.write("\n")
+            last_problem = None
+            for p, v, j in todo:
+                if bar is not None:
+                    bar.set_postfix_str(f"problem {p.key} {v.name}")
+                rec = _run_one(reasoner, p, v, settings, j)
+                score_record(rec, extract, match, settings.cut_at)
+                fh.write(json.dumps(rec, default=str) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                if last_problem != p.key:
+                    gpu.sample()
+                    last_problem = p.key
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    gpu.sample()
+
+    selected = {p.key for p in problems}
+    records = [score_record(r, extract, match, settings.cut_at) for r in read_records(rec_path)
+               if str(r["key"]) in selected]
+    summary = summarize(records, variants, windows=_window_sizes(reasoner, settings, variants))
+    sweep_data = sweep(summary)
+    files = {"records": str(rec_path), "results": str(out / RESULTS), "sweep_json": str(out / SWEEP_JSON)}
+    (out / SWEEP_JSON).write_text(json.dumps(sweep_data, indent=2))
+    if plot:
+        files["sweep_png"] = str(plot_sweep(sweep_data, out / SWEEP_PNG,
+                                            title=f"{dataset.name}: {len(problems)} problems"))
+    report = {
+        "summary": summary,
+        "sweep": sweep_data,
+        "settings": settings.to_dict(),
+        "dataset": {"path": str(dataset), "sha256": fingerprint["dataset_sha256"], "problems": len(problems)},
+        "models": models,
+        "seed": settings.seed,
+        "environment": environment(reasoner, gpu),
+        "files": files,
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (out / RESULTS).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Table and command line
+# --------------------------------------------------------------------------------------------------
+
+
+def _f(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def format_table(report: dict) -> str:
+    """The per-variant metrics as a fixed-width text table (and the bound line)."""
+    summary = report["summary"] if "summary" in report else report
+    cols = ["variant", "n", "err", "acc%", "dacc", "wall s", "speedup", "med", "tok/s", "accept", "acc/win",
+            "tgt fw/tok", "draft tok", "tgt tok", "L", "bound"]
+    rows = []
+    for name, r in summary["variants"].items():
+        rows.append([
+            name, str(r["finished"]), str(r["errors"]), _f(None if r["accuracy"] is None else 100 * r["accuracy"], ".1f"),
+            _f(None if r["accuracy_delta"] is None else 100 * r["accuracy_delta"], "+.1f"), _f(r["wall_time_s"], ".1f"),
+            _f(r["speedup"], ".2f"), _f(r["speedup_median"], ".2f"), _f(r["tokens_per_second"], ".1f"),
+            _f(r["step_acceptance_rate"], ".2f"), _f(r["accepted_per_window"], ".2f"),
+            _f(r["target_passes_per_token"], ".3f"), str(r["draft_tokens"]), str(r["target_tokens"]),
+            _f(r["mean_draft_step_tokens"], ".1f"), _f(r["ideal_bound"], ".2f"),
+        ])
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))]
+    lines.append("-" * len(lines[0]))
+    for row in rows:
+        lines.append("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
+    b = summary["bound"]
+    lines.append(f"ideal step-level bound 1/(c + 1/L): c = {_f(b['c'], '.3f')}, L = {_f(b['L'], '.1f')} tokens "
+                 f"(draft-only steps) -> {_f(b['ideal_bound'], '.2f')}x")
+    return "\n".join(lines)
+
+
+def build_parser():
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python bench/eval.py",
+        description="Evaluate reasoning modes side by side on a JSONL dataset: accuracy, speedup over the "
+                    "target alone (same run, interleaved per problem), acceptance; alpha sweep plot. "
+                    "Resumes from OUT/records.jsonl.")
+    p.add_argument("--data", default=str(Path(__file__).resolve().parent.parent / "examples" / "gsm8k_dev_sample.jsonl"),
+                   help="JSONL dataset (default: examples/gsm8k_dev_sample.jsonl)")
+    p.add_argument("--out", default="runs/eval", help="output folder (resumed if it holds records.jsonl)")
+    p.add_argument("--modes", nargs="+", default=["target", "draft", "speculative"],
+                   help="modes to run (any the reasoner accepts); 'target' is the speedup baseline")
+    p.add_argument("--alphas", nargs="+", type=float, default=[0.7],
+                   help="alphas for the verifying modes (one run per alpha; the sweep plot)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many problems")
+    p.add_argument("--offset", type=int, default=0, help="skip this many problems first")
+    p.add_argument("--target", default=None, help="target model: built-in name or local path (gemma-3-270m)")
+    p.add_argument("--draft", default=None, help="draft model: built-in name, local path or self[:k]")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-step-tokens", type=int, default=64)
+    p.add_argument("--answer-marker", default="The answer is", help="stop after a step containing this ('' = none)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                   help="another ReasonerConfig override for every call (JSON value), e.g. --set window=4")
+    p.add_argument("--question-field", default="question")
+    p.add_argument("--answer-field", default="answer")
+    p.add_argument("--id-field", default=None)
+    p.add_argument("--no-chat", action="store_true", help="send the question as plain text, not chat messages")
+    p.add_argument("--no-cut", action="store_true", help="score the whole text (do not cut at '\\nQuestion:')")
+    p.add_argument("--retry-failed", action="store_true", help="run again the problems recorded as failed")
+    p.add_argument("--no-warmup", action="store_true")
+    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    extra = {}
+    for item in args.set:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
+        try:
+            extra[name] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[name] = value
+    settings = EvalSettings(
+        modes=tuple(args.modes), alphas=tuple(args.alphas), limit=args.limit, offset=args.offset,
+        max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens,
+        answer_marker=args.answer_marker or None, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        chat=not args.no_chat, extra=extra,
+        fields={"question": args.question_field, "answer": args.answer_field, "id": args.id_field},
+        cut_at=() if args.no_cut else EvalSettings.cut_at, warmup=not args.no_warmup,
+        retry_failed=args.retry_failed,
+    )
+    from dreamr import models
+    from dreamr.reasoner import SpeculativeReasoner
+
+    reasoner = SpeculativeReasoner.from_pretrained(target=args.target, draft=args.draft, dtype=args.dtype,
+                                                   device=args.device, progress=not args.no_progress)
+    names = {"target": args.target or models.DEFAULT_TARGET, "draft": args.draft or models.DEFAULT_DRAFT,
+             "dtype": args.dtype, "device": args.device}
+    report = evaluate(reasoner, args.data, args.out, settings, progress=not args.no_progress,
+                      plot=not args.no_plot, models={"names": names, **models_info(reasoner)})
+    print(format_table(report))
+    print(json.dumps({"sweep": report["sweep"], "files": report["files"]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

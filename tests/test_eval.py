@@ -1,0 +1,334 @@
+"""Evaluation (dreamr.eval): metrics on constructed traces, a tiny end-to-end run, resume, failures."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dreamr import eval as ev
+from dreamr.eval import Variant, accepted_per_window, ideal_bound, make_variants, summarize
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# -- answer extraction: the shared extractor (training.rewards), smoke only ---------------------------
+
+
+def test_extraction_is_the_shared_one():
+    extract, match = ev.answer_functions()
+    import training.rewards as rewards
+
+    assert extract is rewards.extract_answer and match is rewards.answers_match
+    cases = {"Janet makes 9 * 2 = 18.\n#### 18": "18", "The answer is 18.": "18", "She makes $18.00": "18",
+             "It costs 1,234 dollars": "1234", "The answer is -7.": "-7", "The answer is 2.5.": "2.5"}
+    for text, want in cases.items():
+        assert extract(text) == want, text
+    assert match("18", "Some solution.\n#### 18")
+    assert not match("17", "#### 18")
+    assert not match(None, "#### 18")
+
+
+def test_prediction_is_cut_before_an_invented_question():
+    extract, match = ev.answer_functions()
+    rec = {"ok": True, "text": " $16.00\nQuestion: Tom has 3 apples and 5 pears.", "reference": "#### 16"}
+    assert ev.score_record(dict(rec), extract, match, ("\nQuestion:",))["correct"]
+    assert not ev.score_record(dict(rec), extract, match, ())["correct"]  # last number would be 5
+
+
+# -- variants and data -------------------------------------------------------------------------------
+
+
+def test_variants_baselines_once_verifying_modes_per_alpha():
+    vs = make_variants(["target", "speculative", "draft", "fpsr"], [0.5, 0.9])
+    assert [v.name for v in vs] == ["target", "speculative@0.5", "speculative@0.9", "draft", "fpsr@0.5", "fpsr@0.9"]
+    assert vs[1].overrides() == {"mode": "speculative", "alpha": 0.5}
+    assert vs[0].overrides() == {"mode": "target"}
+    with pytest.raises(ValueError):
+        make_variants([], [0.7])
+
+
+def test_load_problems_field_mapping(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"q": "one?", "a": "1", "uid": "x1"}\n\n{"q": "two?", "a": "2", "uid": "x2"}\n'
+                    '{"q": "three?", "a": "3", "uid": "x3"}\n')
+    ps = ev.load_problems(path, fields={"question": "q", "answer": "a", "id": "uid"}, offset=1, limit=1)
+    assert [(p.index, p.key, p.question, p.reference) for p in ps] == [(1, "x2", "two?", "2")]
+    with pytest.raises(ValueError, match="line 1 has no question field 'question'"):
+        ev.load_problems(path)
+
+
+# -- metrics on constructed traces ---------------------------------------------------------------------
+
+
+def test_accepted_per_window():
+    assert accepted_per_window([True, True, False, True]) == (2, 3)
+    assert accepted_per_window([False, False]) == (2, 0)
+    assert accepted_per_window([None, True, None, True]) == (1, 2)
+    assert accepted_per_window([]) == (0, 0)
+    assert accepted_per_window([True] * 5, window=4) == (2, 5)
+    assert accepted_per_window([True] * 4 + [False], window=4) == (2, 4)  # full window, then a rejection
+    assert accepted_per_window([True, False, True, True, True, True], window=2) == (3, 5)
+    with pytest.raises(ValueError):
+        accepted_per_window([True], window=0)
+
+
+def _m(**kw):
+    base = dict(num_steps=0, verified_steps=0, accepted_steps=0, draft_tokens=0, target_tokens=0,
+                committed_tokens=0, target_forward_passes=0, draft_forward_passes=0, nonfinite_verdicts=0)
+    base.update(kw)
+    return base
+
+
+def _rec(key, variant, wall, correct, metrics, accepted=(), ok=True):
+    rec = {"key": key, "variant": variant, "ok": ok, "wall_s": wall, "correct": correct, "metrics": metrics,
+           "accepted": list(accepted), "finish_reason": "eos"}
+    if not ok:
+        rec["error"] = "RuntimeError: boom"
+    return rec
+
+
+def test_summary_speedup_accuracy_acceptance_and_bound():
+    variants = [Variant("target"), Variant("draft"), Variant("speculative", 0.7)]
+    t = _m(num_steps=4, target_tokens=20, committed_tokens=20, target_forward_passes=20)
+    d = _m(num_steps=4, draft_tokens=20, committed_tokens=20, draft_forward_passes=20)
+    records = [
+        _rec("0", "target", 2.0, True, t), _rec("1", "target", 6.0, False, t), _rec("2", "target", 5.0, True, t),
+        _rec("0", "draft", 1.0, False, d), _rec("1", "draft", 3.0, False, d), _rec("2", "draft", 9.0, False, d),
+        # problem 0: T T F T -> 2 windows, 3 accepted; problem 1: F F -> 2 windows, 0 accepted
+        _rec("0", "speculative@0.7", 1.0, True,
+             _m(num_steps=4, verified_steps=4, accepted_steps=3, draft_tokens=20, target_tokens=5,
+                committed_tokens=20, target_forward_passes=10), [True, True, False, True]),
+        _rec("1", "speculative@0.7", 2.0, True,
+             _m(num_steps=2, verified_steps=2, accepted_steps=0, draft_tokens=10, target_tokens=10,
+                committed_tokens=10, target_forward_passes=12), [False, False]),
+        _rec("2", "speculative@0.7", 0.5, False, _m(), ok=False),  # failed: out of every pairing
+    ]
+    s = summarize(records, variants)
+    spec = s["variants"]["speculative@0.7"]
+    assert spec["finished"] == 2 and spec["errors"] == 1 and spec["problems"] == 3
+    assert spec["error_messages"] == {"2": "RuntimeError: boom"}
+    assert spec["paired_problems"] == 2
+    assert spec["speedup"] == pytest.approx((2.0 + 6.0) / (1.0 + 2.0))
+    assert spec["speedup_median"] == pytest.approx(2.5)  # median of 2/1 and 6/2
+    assert spec["accuracy"] == 1.0
+    assert spec["accuracy_delta"] == pytest.approx(1.0 - 0.5)  # target right on 1 of the 2 paired problems
+    assert spec["step_acceptance_rate"] == pytest.approx(3 / 6)
+    assert spec["accepted_per_window"] == pytest.approx(3 / 4)
+    assert spec["target_passes_per_token"] == pytest.approx(22 / 30)
+    assert spec["tokens_per_second"] == pytest.approx(30 / 3.0)
+    assert spec["mean_draft_step_tokens"] == pytest.approx(30 / 6)
+    assert s["variants"]["target"]["speedup"] == pytest.approx(1.0)
+    assert s["variants"]["draft"]["speedup"] == pytest.approx(13 / 13)
+    assert s["variants"]["target"]["accuracy"] == pytest.approx(2 / 3)
+    # c = (13 s / 60 draft tokens) / (13 s / 60 target tokens) = 1; L = 60 / 12 = 5 -> 1 / (1 + 0.2)
+    assert s["bound"]["c"] == pytest.approx(1.0)
+    assert s["bound"]["L"] == pytest.approx(5.0)
+    assert s["bound"]["ideal_bound"] == pytest.approx(1 / 1.2)
+    assert spec["ideal_bound"] == pytest.approx(1 / (1 + 1 / 5))
+    assert ideal_bound(0.25, 10) == pytest.approx(1 / 0.35)
+    assert ideal_bound(None, 10) is None and ideal_bound(0.5, 0) is None
+
+
+def test_summary_window_and_engine_window_counter():
+    variants = [Variant("fpsr", 0.7)]
+    m = _m(num_steps=6, verified_steps=6, accepted_steps=5, committed_tokens=6)
+    rec = _rec("0", "fpsr@0.7", 1.0, True, m, [True] * 4 + [False] + [True])
+    assert summarize([rec], variants, windows={"fpsr@0.7": 4})["variants"]["fpsr@0.7"]["accepted_per_window"] == \
+        pytest.approx(5 / 3)
+    rec2 = _rec("0", "fpsr@0.7", 1.0, True, dict(m, windows=2), rec["accepted"])
+    assert summarize([rec2], variants)["variants"]["fpsr@0.7"]["accepted_per_window"] == pytest.approx(2.5)
+    s = summarize([rec2], variants)
+    assert s["variants"]["fpsr@0.7"]["speedup"] is None  # no target run: no speedup, no crash
+
+
+def test_last_record_per_pair_counts():
+    v = [Variant("target")]
+    recs = [_rec("0", "target", 1.0, False, _m(), ok=False), _rec("0", "target", 2.0, True, _m(committed_tokens=4))]
+    row = summarize(recs, v)["variants"]["target"]
+    assert row["finished"] == 1 and row["errors"] == 0 and row["wall_time_s"] == 2.0
+
+
+def test_sweep_points_sorted_by_alpha():
+    variants = [Variant("target"), Variant("speculative", 0.9), Variant("speculative", 0.5)]
+    m = _m(num_steps=1, committed_tokens=1, verified_steps=1, accepted_steps=1)
+    recs = [_rec("0", "target", 2.0, True, m), _rec("0", "speculative@0.9", 2.0, True, m, [True]),
+            _rec("0", "speculative@0.5", 1.0, False, m, [True])]
+    sw = ev.sweep(summarize(recs, variants))
+    assert [p["alpha"] for p in sw["modes"]["speculative"]] == [0.5, 0.9]
+    assert sw["modes"]["speculative"][0]["speedup"] == pytest.approx(2.0)
+    assert sw["baselines"]["target"]["accuracy"] == 1.0
+
+
+# -- GPU readings ----------------------------------------------------------------------------------------
+
+
+def test_gpu_monitor_without_gpu(monkeypatch):
+    pynvml = pytest.importorskip("pynvml")
+
+    def fail():
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", fail)
+    mon = ev.GpuMonitor()
+    mon.sample()
+    s = mon.summary()
+    assert s["gpu"] == "no GPU" and "NVML" in s["reason"]
+    env = ev.environment(None, mon)
+    assert env["gpu"]["gpu"] == "no GPU" and env["versions"]["torch"]
+
+
+# -- a small evaluation on tiny random models -------------------------------------------------------------
+
+QUESTIONS = [("Natalia sold 48 clips in April.", "#### 48"), ("Step 1: 2 + 2 = 4.", "#### 4"),
+             ("How many clips altogether?", "#### 72"), ("Is the last step correct?", "#### 1"),
+             ("She sold half as many in May.", "#### 24")]
+
+
+@pytest.fixture
+def data(tmp_path):
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in QUESTIONS))
+    return path
+
+
+class Proxy:
+    """The reasoner with a counter of generate calls, an optional interruption and optional failures."""
+
+    def __init__(self, inner, interrupt_after=None, fail_on=None):
+        self.inner, self.calls, self.interrupt_after, self.fail_on = inner, [], interrupt_after, fail_on
+        self.target, self.draft, self.config = inner.target, inner.draft, inner.config
+
+    def generate(self, prompt, **kw):
+        question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
+        if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls.append((question, kw["mode"], kw.get("alpha")))
+        if self.fail_on is not None and self.fail_on in question and kw["mode"] == "speculative":
+            raise RuntimeError("simulated failure")
+        return self.inner.generate(prompt, **kw)
+
+
+KW = dict(modes=["target", "draft", "speculative"], alphas=[0.0, 1.0], max_new_tokens=12, max_step_tokens=4,
+          warmup=False, progress=False, system_prompt=None)
+
+
+def test_small_evaluation_writes_json_and_png_and_resumes(reasoner, data, tmp_path):
+    out = tmp_path / "run"
+    n_var = 4  # target, draft, speculative@0, speculative@1
+    first = Proxy(reasoner, interrupt_after=2 * n_var + 1)  # problems 0 and 1 whole, one run of problem 2
+    with pytest.raises(KeyboardInterrupt):
+        ev.evaluate(first, data, out, **KW)
+    done = ev.read_records(out / ev.RECORDS)
+    assert len(done) == 2 * n_var + 1
+    # interleaved per problem, the variant order rotating by one per problem
+    assert [r["variant"] for r in done[:n_var]] == ["target", "draft", "speculative@0", "speculative@1"]
+    assert [r["variant"] for r in done[n_var:2 * n_var]] == ["draft", "speculative@0", "speculative@1", "target"]
+
+    second = Proxy(reasoner)
+    report = ev.evaluate(second, data, out, **KW)
+    assert len(second.calls) == len(QUESTIONS) * n_var - len(done)  # nothing finished is run again
+    finished = {(QUESTIONS[int(r["key"])][0], r["variant"]) for r in done}
+    rerun = {(q, mode if alpha is None else f"{mode}@{alpha:g}") for q, mode, alpha in second.calls}
+    assert not finished & rerun
+    records = ev.read_records(out / ev.RECORDS)
+    assert len(records) == len(QUESTIONS) * n_var
+    assert len({(r["key"], r["variant"]) for r in records}) == len(records)
+
+    results = json.loads((out / ev.RESULTS).read_text())
+    assert results == json.loads(json.dumps(report))
+    for key in ("summary", "sweep", "settings", "models", "environment", "dataset", "seed", "files"):
+        assert key in results
+    assert results["environment"]["gpu"]  # "no GPU" here, readings on a GPU machine
+    assert results["models"]["target"]["class"] == "LlamaForCausalLM"
+    rows = results["summary"]["variants"]
+    assert set(rows) == {"target", "draft", "speculative@0", "speculative@1"}
+    for row in rows.values():
+        assert row["finished"] == len(QUESTIONS) and row["errors"] == 0
+        assert row["speedup"] is not None and row["accuracy"] is not None and row["tokens_per_second"] > 0
+    assert rows["target"]["speedup"] == pytest.approx(1.0)
+    assert rows["speculative@0"]["step_acceptance_rate"] == 1.0  # alpha 0: every finite verdict accepts
+    assert rows["speculative@1"]["step_acceptance_rate"] == 0.0  # alpha 1: none
+    assert rows["speculative@1"]["target_tokens"] == rows["target"]["target_tokens"]  # exactly target's text
+    assert rows["draft"]["step_acceptance_rate"] is None
+    assert math.isfinite(results["summary"]["bound"]["c"])
+    sweep = json.loads((out / ev.SWEEP_JSON).read_text())
+    assert [p["alpha"] for p in sweep["modes"]["speculative"]] == [0.0, 1.0]
+    assert (out / ev.SWEEP_PNG).read_bytes()[:8] == PNG_MAGIC
+    assert "speculative@1" in ev.format_table(report)
+
+    third = Proxy(reasoner)  # all done: nothing runs, the report is rebuilt
+    ev.evaluate(third, data, out, **KW)
+    assert third.calls == []
+    with pytest.raises(ValueError, match="other settings"):
+        ev.evaluate(third, data, out, **{**KW, "max_new_tokens": 13})
+
+
+def test_failing_problem_is_recorded_and_the_run_goes_on(reasoner, data, tmp_path):
+    out = tmp_path / "run"
+    proxy = Proxy(reasoner, fail_on="How many clips")
+    kw = {**KW, "modes": ["target", "speculative"], "alphas": [0.5], "limit": 3}
+    report = ev.evaluate(proxy, data, out, **kw, plot=False)
+    bad = [r for r in ev.read_records(out / ev.RECORDS) if not r["ok"]]
+    assert len(bad) == 1 and bad[0]["key"] == "2" and bad[0]["variant"] == "speculative@0.5"
+    assert bad[0]["error"] == "RuntimeError: simulated failure" and "Traceback" in bad[0]["traceback"]
+    row = report["summary"]["variants"]["speculative@0.5"]
+    assert row["finished"] == 2 and row["errors"] == 1 and row["paired_problems"] == 2
+    assert row["error_messages"] == {"2": "RuntimeError: simulated failure"}
+    assert not (out / ev.SWEEP_PNG).exists()
+    # resume: recorded failures are kept, unless retry_failed
+    again = Proxy(reasoner)
+    ev.evaluate(again, data, out, **kw, plot=False)
+    assert again.calls == []
+    retry = Proxy(reasoner)
+    report = ev.evaluate(retry, data, out, **kw, plot=False, retry_failed=True)
+    assert len(retry.calls) == 1 and report["summary"]["variants"]["speculative@0.5"]["errors"] == 0
+
+
+def test_chat_prompt_and_plain_prompt(reasoner, data, tmp_path):
+    proxy = Proxy(reasoner)
+    ev.evaluate(proxy, data, tmp_path / "a", **{**KW, "modes": ["draft"], "limit": 1, "system_prompt": "Be brief."},
+                plot=False)
+    plain = Proxy(reasoner)
+    ev.evaluate(plain, data, tmp_path / "b", **{**KW, "modes": ["draft"], "limit": 1, "chat": False}, plot=False)
+    assert proxy.calls[0][0] == plain.calls[0][0] == QUESTIONS[0][0]
+
+
+def test_engine_phase_timings_are_summed_when_reported():
+    v = [Variant("speculative", 0.7)]
+    m = _m(num_steps=1, committed_tokens=1, verified_steps=1, accepted_steps=1)
+    recs = [_rec("0", "speculative@0.7", 1.0, True, dict(m, draft_time_s=0.25, verify_time_s=0.5, wall_time_s=1.0)),
+            _rec("1", "speculative@0.7", 1.0, True, dict(m, draft_time_s=0.25, verify_time_s=0.25))]
+    row = summarize(recs, v)["variants"]["speculative@0.7"]
+    assert row["phase_time_s"] == {"draft_time_s": 0.5, "verify_time_s": 0.75}
+    assert summarize(recs[:1], [Variant("speculative", 0.7)])["variants"]["speculative@0.7"]["phase_time_s"]
+    assert summarize([_rec("0", "target", 1.0, True, _m())], [Variant("target")])["variants"]["target"][
+        "phase_time_s"] is None
+
+
+def test_resume_after_a_torn_last_line(reasoner, data, tmp_path):
+    out = tmp_path / "run"
+    kw = {**KW, "modes": ["draft"], "limit": 3}
+    ev.evaluate(Proxy(reasoner), data, out, **kw, plot=False)
+    path = out / ev.RECORDS
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:2]) + "\n" + lines[2][: len(lines[2]) // 2])  # killed while writing
+    proxy = Proxy(reasoner)
+    report = ev.evaluate(proxy, data, out, **kw, plot=False)
+    assert len(proxy.calls) == 1  # only the torn record is run again
+    assert report["summary"]["variants"]["draft"]["finished"] == 3
+    assert len(ev.read_records(path)) == 3
+
+
+@pytest.mark.slow
+def test_cli_on_the_real_pair(tmp_path, capsys):
+    """python bench/eval.py on one GSM8K problem with the default pair (a minute on CPU)."""
+    out = tmp_path / "real"
+    assert ev.main(["--limit", "1", "--modes", "target", "speculative", "--alphas", "0.7", "--max-new-tokens", "16",
+                    "--max-step-tokens", "8", "--out", str(out), "--no-progress"]) == 0
+    results = json.loads((out / ev.RESULTS).read_text())
+    assert results["models"]["names"]["target"] == "gemma-3-270m"
+    assert results["summary"]["variants"]["speculative@0.7"]["finished"] == 1
+    assert (out / ev.SWEEP_PNG).read_bytes()[:8] == PNG_MAGIC
+    assert "speculative@0.7" in capsys.readouterr().out

@@ -1,0 +1,59 @@
+"""The end-to-end latency section (bench/e2e_latency.py): per-step phase breakdown on tiny models."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parent.parent / "bench" / "e2e_latency.py"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("e2e_latency", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_phase_breakdown_per_mode(e2e, reasoner):
+    import dreamr.cache as cache
+
+    saved = cache.rollback
+    prompts = ["Natalia sold clips to 48 of her friends in April.", "Step 1: 2 + 2 = 4.\n\n"]
+    rows = e2e.bench_end_to_end(reasoner, prompts, ["target", "draft", "speculative"], alphas=[1.0],
+                                max_new_tokens=12, max_step_tokens=4)
+    assert cache.rollback is saved  # the instrumentation is removed afterwards
+    by = {r["mode"]: r for r in rows}
+    assert set(by) == {"target", "draft", "speculative"}
+    for r in rows:
+        assert r["steps"] > 0 and r["tokens"] > 0 and r["step_ms_mean"] > 0
+        ph = r["phase_ms_per_step"]
+        assert set(ph) == {"drafting", "verification", "target", "rollback", "other"}
+        assert sum(ph.values()) == pytest.approx(r["step_ms_mean"], rel=1e-6)
+        assert all(v >= 0 for k, v in ph.items() if k != "other")
+    assert by["target"]["phase_ms_per_step"]["drafting"] == 0 and by["target"]["phase_ms_per_step"]["target"] > 0
+    assert by["draft"]["phase_ms_per_step"]["target"] == 0 and by["draft"]["phase_ms_per_step"]["drafting"] > 0
+    spec = by["speculative"]["phase_ms_per_step"]
+    # alpha = 1: every step is drafted, verified, rejected (rolled back) and written by the target
+    assert by["speculative"]["acceptance"] == 0.0
+    assert spec["drafting"] > 0 and spec["verification"] > 0 and spec["target"] > 0 and spec["rollback"] > 0
+    assert "speculative@1" in e2e.format_rows(rows)
+
+
+def test_engine_reported_phases_are_passed_through(e2e, reasoner, monkeypatch):
+    from dreamr.engines.base import RequestState
+
+    original = RequestState.result
+
+    def result(self, mode):
+        res = original(self, mode)
+        res.metrics.verify_time_s = 0.002  # what an engine with its own breakdown would report
+        return res
+
+    monkeypatch.setattr(RequestState, "result", result)
+    rows = e2e.bench_end_to_end(reasoner, ["Step 1: 2 + 2 = 4.\n\n"], ["speculative"], alphas=[0.5],
+                                max_new_tokens=8, max_step_tokens=4, warmup=False)
+    assert rows[0]["engine_phase_ms_per_step"] == {"verify_time_s": pytest.approx(2.0 / rows[0]["steps"])}
