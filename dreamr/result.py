@@ -41,6 +41,9 @@ class Step:
         return d
 
 
+PHASE_TIME_FIELDS = ("draft_time_s", "verify_time_s", "target_time_s", "rollback_time_s", "scheduler_time_s")
+
+
 @dataclass
 class Metrics:
     """Counters of one request (or, summed with :meth:`merge`, of several)."""
@@ -71,6 +74,15 @@ class Metrics:
     wall_time_s: float = 0.0
     # committed_tokens / wall_time_s (output throughput of the request).
     tokens_per_second: float = 0.0
+    # Host wall-clock seconds spent in each phase: the draft writing steps, CPN verification passes, the
+    # target writing (fallback) steps, KV-cache rollback, and the FPSR scheduler (poll and applying its
+    # actions). FPSR phases are batched across requests: each live request is charged the phase's full
+    # time, so these sum to more than wall time over a batch. CUDA work is timed as launched (no sync).
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    target_time_s: float = 0.0
+    rollback_time_s: float = 0.0
+    scheduler_time_s: float = 0.0
 
     def finalize(self) -> "Metrics":
         """Fill the derived fields (acceptance rate, throughput) from the counters."""
@@ -87,7 +99,7 @@ class Metrics:
         for m in items:
             for name in ("num_steps", "verified_steps", "accepted_steps", "draft_tokens", "target_tokens",
                          "committed_tokens", "target_forward_passes", "draft_forward_passes",
-                         "nonfinite_verdicts", "wall_time_s"):
+                         "nonfinite_verdicts", "wall_time_s", *PHASE_TIME_FIELDS):
                 setattr(total, name, getattr(total, name) + getattr(m, name))
         return total.finalize()
 

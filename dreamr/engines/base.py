@@ -9,6 +9,7 @@ engine will override :meth:`Engine.run` to interleave them.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterator, Optional, Sequence, Union
 
@@ -153,6 +154,18 @@ def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, ma
     return writer
 
 
+@contextmanager
+def timed(field_name: str, *metrics: Metrics):
+    """Add the block's wall-clock seconds to ``metrics.<field_name>`` (a phase time) of each given Metrics."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        elapsed = time.perf_counter() - start
+        for m in metrics:
+            setattr(m, field_name, getattr(m, field_name) + elapsed)
+
+
 def drain(gen: Generator[Any, None, Any]) -> Any:
     """Run a generator to its end and return its return value (the engines' streams return results)."""
     while True:
@@ -214,7 +227,8 @@ class SingleModelEngine(Engine):
             if cap <= 0:
                 state.finish_reason = "length"
                 break
-            w = write_step(seq, lm, sampler, cfg.step_delimiter, cap)
+            with timed("target_time_s" if is_target else "draft_time_s", state.metrics):
+                w = write_step(seq, lm, sampler, cfg.step_delimiter, cap)
             if is_target:
                 state.metrics.target_tokens += len(w.ids)
             else:

@@ -49,7 +49,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from dreamr.cache import cache_kwarg
-from dreamr.engines.base import LM, Engine, Request, RequestState, drain
+from dreamr.engines.base import LM, Engine, Request, RequestState, drain, timed
 from dreamr.result import Result, Step
 from dreamr.scheduler import WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, Scheduler, StepEnd, TargetLaunch
 from dreamr.steps import StepWriter, has_answer
@@ -545,7 +545,9 @@ class FpsrEngine(Engine):
         try:
             while True:
                 self._events = False
-                committed = self._apply(sched.poll())
+                live_metrics = [r.state.metrics for r in reqs if not r.done]
+                with timed("scheduler_time_s", *live_metrics):
+                    committed = self._apply(sched.poll())
                 for item in committed:
                     yield item
                 if sched.all_done():
@@ -554,15 +556,19 @@ class FpsrEngine(Engine):
                 # the draft's forwards (its own thread when overlapping) while the target's run here
                 live = [(r, r.draft_epoch) for r in reqs if not r.done and r.draft_epoch is not None]
                 job = pool.submit(self._draft_job, live, ticks) if (pool and live) else None
-                if self._chain_forward():
-                    forwards["chain"] += 1
-                    worked = True
-                self._materialize_branches()
-                if self._branch_forward():
-                    forwards["branch"] += 1
-                    worked = True
+                live_metrics = [r.state.metrics for r in reqs if not r.done]
+                with timed("verify_time_s", *live_metrics):
+                    if self._chain_forward():
+                        forwards["chain"] += 1
+                        worked = True
+                with timed("target_time_s", *live_metrics):
+                    self._materialize_branches()
+                    if self._branch_forward():
+                        forwards["branch"] += 1
+                        worked = True
                 if live:
-                    passes, finished = job.result() if job is not None else self._draft_job(live, ticks)
+                    with timed("draft_time_s", *live_metrics):  # with overlap: the wait for the draft thread
+                        passes, finished = job.result() if job is not None else self._draft_job(live, ticks)
                     forwards["draft"] += passes
                     worked = True
                     self._draft_finish(finished)

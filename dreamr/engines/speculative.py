@@ -18,7 +18,7 @@ import math
 from typing import Generator
 
 from dreamr.cache import CachedSequence
-from dreamr.engines.base import Engine, Request, RequestState, step_cap, write_step
+from dreamr.engines.base import Engine, Request, RequestState, step_cap, timed, write_step
 from dreamr.result import Result, Step
 
 
@@ -42,10 +42,12 @@ class SpeculativeEngine(Engine):
                     state.finish_reason = "length"
                     break
                 d_committed = len(d_seq.ids)
-                dw = write_step(d_seq, draft, d_sampler, cfg.step_delimiter, cap)
+                with timed("draft_time_s", m):
+                    dw = write_step(d_seq, draft, d_sampler, cfg.step_delimiter, cap)
                 m.draft_tokens += len(dw.ids)
                 step_ids = dw.content_ids if self.same_tokenizer else target.encode_text(dw.text)
-                cpn, accepted = verifier.verify(t_seq, step_ids, dw.text, alpha=cfg.alpha)
+                with timed("verify_time_s", m):
+                    cpn, accepted = verifier.verify(t_seq, step_ids, dw.text, alpha=cfg.alpha)
                 m.verified_steps += 1
                 if math.isnan(cpn):
                     m.nonfinite_verdicts += 1
@@ -53,8 +55,10 @@ class SpeculativeEngine(Engine):
                     m.accepted_steps += 1
                     step, end = Step(dw.text, "draft", cpn, True, len(dw.ids)), dw.end
                 else:
-                    d_seq.truncate(d_committed)
-                    tw = write_step(t_seq, target, t_sampler, cfg.step_delimiter, cap)
+                    with timed("rollback_time_s", m):
+                        d_seq.truncate(d_committed)
+                    with timed("target_time_s", m):
+                        tw = write_step(t_seq, target, t_sampler, cfg.step_delimiter, cap)
                     m.target_tokens += len(tw.ids)
                     d_seq.extend(tw.content_ids if self.same_tokenizer else draft.encode_text(tw.text))
                     step, end = Step(tw.text, "target", cpn, False, len(tw.ids)), tw.end
