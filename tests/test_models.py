@@ -22,40 +22,28 @@ from dreamr.models import EarlyExitDraft, LoadedModel, default_self_draft_layers
 VOCAB = 96
 
 
+# The settings every tiny model shares; each family adds its own.
+_TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, max_position_embeddings=128,
+             bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
 def _tiny_llama(num_layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    cfg = LlamaConfig(**_TINY, num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
 
 def _tiny_gemma3(num_layers: int = 4, seed: int = 0) -> Gemma3ForCausalLM:
     torch.manual_seed(seed)
     cfg = Gemma3TextConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
+        **_TINY,
         num_hidden_layers=num_layers,
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=16,
-        max_position_embeddings=128,
         sliding_window=4,  # shorter than the test sequences, so the sliding layers really slide
         layer_types=["sliding_attention", "full_attention"] * (num_layers // 2),
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
     )
     model = Gemma3ForCausalLM(cfg).eval()
     with torch.no_grad():  # the random init leaves the norms at zero; give them some spread
@@ -69,19 +57,8 @@ def _tiny_qwen2(num_layers: int = 4, seed: int = 0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
+    cfg = Qwen2Config(**_TINY, num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+                      tie_word_embeddings=True)
     return Qwen2ForCausalLM(cfg).eval()
 
 
