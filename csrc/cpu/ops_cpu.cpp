@@ -2,6 +2,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/matmul.h>
 #include <torch/library.h>
 
 #include "../ops_checks.h"
@@ -21,20 +23,29 @@ std::tuple<at::Tensor, at::Tensor> cpn_verify_cpu(const at::Tensor& hidden, cons
                                                   const c10::optional<at::Tensor>& bias, at::IntArrayRef positive_ids,
                                                   at::IntArrayRef negative_ids, double alpha, double logit_softcap) {
   const VerdictIds ids = check_cpn_inputs(hidden, weight, bias, positive_ids, negative_ids, alpha, logit_softcap);
-  const int64_t batch = hidden.size(0), hidden_size = hidden.size(1);
+  const int64_t batch = hidden.size(0), count = ids.num_positive + ids.num_negative;
+  // Gather only the |P| + |N| verdict rows of the LM head and take their logits with one BLAS product
+  // ([B, H] x [H, |P|+|N|], accumulated in float, or double for double inputs); never a [B, V] tensor.
+  const at::ScalarType acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor token_ids = at::empty({count}, hidden.options().dtype(at::kLong));
+  int64_t* token_ptr = token_ids.data_ptr<int64_t>();
+  for (int k = 0; k < count; ++k) {
+    token_ptr[k] = k < ids.num_positive ? ids.positive[k] : ids.negative[k - ids.num_positive];
+  }
+  at::Tensor logits = at::matmul(hidden.to(acc), weight.index_select(0, token_ids).to(acc).t());  // [B, count]
+  if (bias.has_value()) logits.add_(bias->index_select(0, token_ids).to(acc));
+  logits = logits.contiguous();
+
   at::Tensor cpn = at::empty({batch}, hidden.options().dtype(at::kFloat));
   at::Tensor accept = at::empty({batch}, hidden.options().dtype(at::kBool));
   float* cpn_ptr = cpn.data_ptr<float>();
   bool* accept_ptr = accept.data_ptr<bool>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "cpn_verify_cpu", [&] {
-    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const scalar_t* h = hidden.data_ptr<scalar_t>();
-    const scalar_t* w = weight.data_ptr<scalar_t>();
-    const scalar_t* b = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    for_each_row(batch, 4, [&](int64_t row) {
-      cpn_verify_row_cpu<scalar_t, acc_t>(h + row * hidden_size, w, b, hidden_size, ids, static_cast<float>(alpha),
-                                          static_cast<float>(logit_softcap), cpn_ptr + row, accept_ptr + row);
-    });
+  AT_DISPATCH_FLOATING_TYPES(acc, "cpn_epilogue_cpu", [&] {
+    scalar_t* l = logits.data_ptr<scalar_t>();
+    for (int64_t row = 0; row < batch; ++row) {
+      cpn_epilogue_row<scalar_t>(l + row * count, ids, static_cast<float>(alpha), static_cast<float>(logit_softcap),
+                                 cpn_ptr + row, accept_ptr + row);
+    }
   });
   return {cpn, accept};
 }

@@ -66,7 +66,20 @@ inline acc_t dot_row(const scalar_t* a, const scalar_t* b, int64_t n) {
   return sum;
 }
 
-// CPU kernel for one row b: writes cpn[b] and accept[b].
+// The epilogue for one row, from its raw verdict logits (W h + b, positives first): soft-capping, the
+// two log-sum-exps, the sigmoid and the threshold. `logits` is overwritten with the capped values.
+template <typename acc_t>
+inline void cpn_epilogue_row(acc_t* logits, const VerdictIds& ids, float alpha, float softcap, float* cpn,
+                             bool* accept) {
+  const int count = ids.num_positive + ids.num_negative;
+  for (int k = 0; k < count; ++k) logits[k] = cap_logit<acc_t>(logits[k], softcap);
+  *cpn = cpn_from_logits<acc_t>(logits, ids.num_positive, ids.num_negative);
+  *accept = accepts(*cpn, alpha);
+}
+
+// Plain C++ kernel for one row b (dot products then the epilogue), for C++ users without a BLAS. The
+// torch CPU op instead computes the [B, |P|+|N|] logits with one BLAS matrix product over the gathered
+// verdict rows and runs cpn_epilogue_row on them: a hand-written loop cannot match the vendor GEMM.
 template <typename scalar_t, typename acc_t>
 inline void cpn_verify_row_cpu(const scalar_t* hidden, const scalar_t* weight, const scalar_t* bias,
                                int64_t hidden_size, const VerdictIds& ids, float alpha, float softcap,
@@ -77,10 +90,9 @@ inline void cpn_verify_row_cpu(const scalar_t* hidden, const scalar_t* weight, c
     const int64_t token = k < ids.num_positive ? ids.positive[k] : ids.negative[k - ids.num_positive];
     acc_t logit = dot_row<scalar_t, acc_t>(hidden, weight + token * hidden_size, hidden_size);
     if (bias != nullptr) logit += static_cast<acc_t>(bias[token]);
-    logits[k] = cap_logit<acc_t>(logit, softcap);
+    logits[k] = logit;
   }
-  *cpn = cpn_from_logits<acc_t>(logits, ids.num_positive, ids.num_negative);
-  *accept = accepts(*cpn, alpha);
+  cpn_epilogue_row<acc_t>(logits, ids, alpha, softcap, cpn, accept);
 }
 
 // Window form for one request: accept flags per slot and the length of the leading accepted run.
