@@ -127,8 +127,9 @@ def kv_rollback(
     receives the span ``[copy_src_start[b], copy_src_start[b] + copy_length[b])`` of row
     ``copy_src_row[b]`` at position ``lengths[b]`` (the FPSR clean fallback: a target branch's step
     becomes the main sequence's next step). Positions from a row's new length up to ``new_lengths.max()``
-    are zeroed, so a shorter row's stale keys never reach attention; positions past ``new_lengths.max()``
-    are left as they are: the caller crops the time axis there (for instance ``DynamicCache.crop``).
+    are zeroed, so a shorter row's dead span holds no leftover step (its contents are deterministic; an
+    attention mask must still hide it); positions past ``new_lengths.max()`` are left as they are: the
+    caller crops the time axis there (for instance ``DynamicCache.crop``).
 
     A source span must lie inside what its row keeps (``copy_src_start + copy_length <=
     lengths[src]``) and a source row must not itself receive a copy, so the result never depends on

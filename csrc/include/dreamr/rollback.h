@@ -2,9 +2,12 @@
 //
 // Every cache tensor is [B, H_kv, T, D]. Row b keeps positions [0, lengths[b]); where a copy is asked
 // for, it then receives the span [src_start, src_start + n) of row src at position lengths[b] (FPSR's
-// clean fallback: the target branch's step becomes the main sequence's next step); every position after
-// the new length is zeroed. Sources are never written by the same call (checked on the host), so the
-// result does not depend on the order in which rows are processed.
+// clean fallback: the target branch's step becomes the main sequence's next step). Positions from a row's
+// new length up to the longest new length in the batch are zeroed, so the dead span holds no leftover
+// step (deterministic contents; attention must still mask it); positions past the longest new length are
+// left alone, since the caller crops the time axis there (DynamicCache.crop) and zeroing them would be
+// wasted memory traffic. Sources are never written by the same call (checked on the host), so the result
+// does not depend on the order in which rows are processed.
 #pragma once
 
 #include <cstring>
