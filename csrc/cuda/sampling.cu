@@ -14,14 +14,6 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename scalar_t>
-__device__ double weight_at(const scalar_t* p_row, const scalar_t* q_row, int64_t v, bool use_p) {
-  const double pv = to_acc<double>(p_row[v]);
-  if (use_p || q_row == nullptr) return pv;
-  const double r = pv - to_acc<double>(q_row[v]);
-  return r > 0.0 ? r : 0.0;
-}
-
-template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     speculative_sample_kernel(const scalar_t* __restrict__ q, const int64_t* __restrict__ draft_ids,
                               const scalar_t* __restrict__ p, const float* __restrict__ uniforms, SamplingShape s,
@@ -38,15 +30,7 @@ __global__ void __launch_bounds__(kThreads)
 
   const int64_t b = blockIdx.x, k_len = s.draft_len, v_len = s.vocab;
   if (threadIdx.x == 0) {
-    int64_t n = 0;
-    while (n < k_len) {
-      const int64_t x = draft_ids[b * k_len + n];
-      if (x < 0 || x >= v_len) break;  // out-of-range ids (not checked on the host for device tensors) reject
-      const double qx = to_acc<float>(q[(b * k_len + n) * v_len + x]);
-      const double px = to_acc<float>(p[(b * (k_len + 1) + n) * v_len + x]);
-      if (!(static_cast<double>(uniforms[b * (k_len + 1) + n]) * qx < px)) break;
-      ++n;
-    }
+    const int64_t n = count_accepted(q, draft_ids, p, uniforms, s, b);
     accepted = n;
     found = -1;
   }
@@ -63,14 +47,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t lo = threadIdx.x * chunk, hi = lo + chunk < v_len ? lo + chunk : v_len;
   bool use_p = false;
   double local = 0.0;
-  for (int64_t v = lo; v < hi; ++v) local += weight_at(p_row, q_row, v, false);
+  for (int64_t v = lo; v < hi; ++v) local += extra_token_weight(p_row, q_row, v, false);
   double total = Reduce(temp.reduce).Sum(local);
   if (threadIdx.x == 0) total_shared = total;
   __syncthreads();
   if (!(total_shared > 0.0)) {  // p == q exactly: the residual is empty, draw from p
     use_p = true;
     local = 0.0;
-    for (int64_t v = lo; v < hi; ++v) local += weight_at(p_row, q_row, v, true);
+    for (int64_t v = lo; v < hi; ++v) local += extra_token_weight(p_row, q_row, v, true);
     total = Reduce(temp.reduce).Sum(local);
     if (threadIdx.x == 0) total_shared = total;
   }
@@ -81,7 +65,7 @@ __global__ void __launch_bounds__(kThreads)
   if (before <= target && target < before + local) {
     double cumulative = before;
     for (int64_t v = lo; v < hi; ++v) {
-      const double w = weight_at(p_row, q_row, v, use_p);
+      const double w = extra_token_weight(p_row, q_row, v, use_p);
       if (w <= 0.0) continue;
       cumulative += w;
       if (cumulative > target) {
@@ -95,7 +79,7 @@ __global__ void __launch_bounds__(kThreads)
     int64_t token = found;
     if (token < 0) {  // u * total rounded up to total: take the last token with positive weight
       for (int64_t v = v_len - 1; v >= 0; --v) {
-        if (weight_at(p_row, q_row, v, use_p) > 0.0) {
+        if (extra_token_weight(p_row, q_row, v, use_p) > 0.0) {
           token = v;
           break;
         }

@@ -6,6 +6,8 @@
 #include <cstdint>
 
 #if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #define DREAMR_HOST_DEVICE __host__ __device__ __forceinline__
 #else
 #define DREAMR_HOST_DEVICE inline
@@ -17,6 +19,17 @@ namespace dreamr {
 // parameter block, so a launch needs no host-to-device copy (and stays capturable in a CUDA graph).
 constexpr int kMaxVerdictIds = 64;     // per set (positive, negative)
 constexpr int kMaxCacheTensors = 256;  // keys + values of up to 128 layers
+
+// Widen a stored probability or logit to float. torch builds CUDA code with the implicit __half and
+// __nv_bfloat16 conversions disabled, so those go through the explicit intrinsics.
+template <typename T>
+DREAMR_HOST_DEVICE float to_float(T x) {
+  return static_cast<float>(x);
+}
+#if defined(__CUDACC__)
+DREAMR_HOST_DEVICE float to_float(__half x) { return __half2float(x); }
+DREAMR_HOST_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+#endif
 
 // accept iff cpn > alpha, with both ends exact: alpha <= 0 accepts every finite verdict (even a cpn
 // that underflowed to 0), alpha >= 1 rejects everything, and a NaN cpn (broken verdict) never accepts.

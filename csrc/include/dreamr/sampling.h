@@ -23,9 +23,10 @@ DREAMR_HOST_DEVICE int64_t count_accepted(const scalar_t* q, const int64_t* draf
   int64_t n = 0;
   while (n < k_len) {
     const int64_t x = draft_ids[b * k_len + n];
+    if (x < 0 || x >= v_len) break;  // checked on the host for CPU tensors; device tensors reject instead
     // In double, so the product rounds exactly as the reference's Python floats do.
-    const double qx = static_cast<float>(q[(b * k_len + n) * v_len + x]);
-    const double px = static_cast<float>(p[(b * (k_len + 1) + n) * v_len + x]);
+    const double qx = to_float(q[(b * k_len + n) * v_len + x]);
+    const double px = to_float(p[(b * (k_len + 1) + n) * v_len + x]);
     if (!(static_cast<double>(uniforms[b * (k_len + 1) + n]) * qx < px)) break;
     ++n;
   }
@@ -36,9 +37,9 @@ DREAMR_HOST_DEVICE int64_t count_accepted(const scalar_t* q, const int64_t* draf
 // residual max(0, p - q); where p == q exactly the residual is empty and p itself is used (use_p).
 template <typename scalar_t>
 DREAMR_HOST_DEVICE double extra_token_weight(const scalar_t* p_row, const scalar_t* q_row, int64_t v, bool use_p) {
-  const double pv = static_cast<double>(static_cast<float>(p_row[v]));
+  const double pv = static_cast<double>(to_float(p_row[v]));
   if (use_p || q_row == nullptr) return pv;
-  const double r = pv - static_cast<double>(static_cast<float>(q_row[v]));
+  const double r = pv - static_cast<double>(to_float(q_row[v]));
   return r > 0.0 ? r : 0.0;
 }
 
