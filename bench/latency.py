@@ -178,7 +178,9 @@ def main(argv=None) -> list[Record]:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in records], f, indent=2)
     if args.e2e:
-        __import__("e2e_latency").main(["--device", args.device] + (["--quick"] if args.quick else []))
+        from e2e_latency import main as end_to_end  # bench/ is on sys.path when run as a script
+
+        end_to_end(["--device", args.device] + (["--quick"] if args.quick else []))
     return records
 
 

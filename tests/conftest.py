@@ -21,10 +21,6 @@ def pytest_addoption(parser):
                      help="also run tests marked slow (real models; or set DREAMR_RUN_SLOW=1)")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: runs the real model pair (minutes); skipped without --runslow")
-
-
 def pytest_collection_modifyitems(config, items):
     if config.getoption("--runslow") or os.environ.get("DREAMR_RUN_SLOW") == "1":
         return

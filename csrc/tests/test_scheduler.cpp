@@ -764,22 +764,17 @@ struct Step {
 };
 
 // Deterministic "models": the draft's and the target's step on a prefix, and the verdict on a draft step.
-Step draft_step(const Prefix& p, int64_t cap) {
+// A step is a hash of its prefix; salt, token_mod and end_mod make the two models differ.
+Step model_step(const Prefix& p, int64_t cap, uint64_t salt, uint64_t token_mod, uint64_t end_mod) {
   Step s;
-  s.label = mix2(p.h, 1);
-  s.tokens = std::min<int64_t>(1 + static_cast<int64_t>(s.label % 15), cap);
-  const uint64_t e = (s.label >> 20) % 23;
+  s.label = mix2(p.h, salt);
+  s.tokens = std::min<int64_t>(1 + static_cast<int64_t>(s.label % token_mod), cap);
+  const uint64_t e = (s.label >> 20) % end_mod;
   s.end = e == 0 ? StepEnd::kEos : e == 1 ? StepEnd::kAnswerMarker : StepEnd::kNone;
   return s;
 }
-Step target_step(const Prefix& p, int64_t cap) {
-  Step s;
-  s.label = mix2(p.h, 2);
-  s.tokens = std::min<int64_t>(1 + static_cast<int64_t>(s.label % 11), cap);
-  const uint64_t e = (s.label >> 20) % 19;
-  s.end = e == 0 ? StepEnd::kEos : e == 1 ? StepEnd::kAnswerMarker : StepEnd::kNone;
-  return s;
-}
+Step draft_step(const Prefix& p, int64_t cap) { return model_step(p, cap, 1, 15, 23); }
+Step target_step(const Prefix& p, int64_t cap) { return model_step(p, cap, 2, 11, 19); }
 double verdict_cpn(const Step& d) {
   const uint64_t v = mix2(d.label, 3);
   if (v % 41 == 0) return std::numeric_limits<double>::quiet_NaN();
