@@ -117,13 +117,17 @@ def batch_cost(lm, prompt_ids: list[int], rows: int, tokens: int = 8) -> float:
 def variants(args) -> list[tuple[str, str, dict]]:
     """(label, mode, FPSR engine knobs) of every configuration to time."""
     out = [("target", "target", {}), ("speculative", "speculative", {})]
-    base = dict(target_launch="auto", overlap=False, verify_batch=1, draft_tokens_per_tick=1)
+    base = dict(target_launch="auto", overlap=False, verify_batch=1, draft_tokens_per_tick=1, cuda_graphs="auto",
+                draft_stream="auto")
     out.append(("fpsr", "fpsr", base))
     for extra in args.fpsr_variants:
         knobs = dict(base)
         for item in extra.split(","):
             k, v = item.split("=")
-            knobs[k] = v if k == "target_launch" else (v.lower() in ("1", "true") if k == "overlap" else int(v))
+            if k in ("target_launch", "cuda_graphs", "draft_stream"):
+                knobs[k] = v
+            else:
+                knobs[k] = v.lower() in ("1", "true") if k == "overlap" else int(v)
         out.append((f"fpsr[{extra}]", "fpsr", knobs))
     return out
 
@@ -236,6 +240,11 @@ def print_table(summary: dict, title: str) -> None:
         acc = "-" if m["acceptance"] is None else f"{m['acceptance']:.2f}"
         print(f"{mode:28s} {m['wall_s']:8.2f} {m['tokens']:7d} {m['tok_per_s']:7.2f} {m['speedup_vs_target']:9.3f} "
               f"{m['speedup_vs_speculative']:7.3f} {acc:>7s} {m['target_passes_per_token']:11.3f}")
+    for mode in [k for k in summary if isinstance(summary[k], dict) and "scheduler" in summary[k]]:
+        st = summary[mode]["scheduler"]
+        graphs = {k: v for k, v in st.items() if "graph" in k or "bucketed" in k or "fallbacks" in k}
+        print(f"  {mode}: draft stream {'on' if st.get('draft_stream') else 'off'}; "
+              + (", ".join(f"{k} {v}" for k, v in graphs.items()) if graphs else "CUDA graphs off"))
 
 
 # -- the real default pair --------------------------------------------------------------------------
@@ -246,7 +255,7 @@ def bench_real(args) -> dict:
     n, max_new = (1, 16) if args.quick else (args.problems, args.max_new_tokens)
     questions = load_questions(args.data, n)
     prompts = [chat(q) for q in questions]
-    reasoner = SpeculativeReasoner.from_pretrained(dtype=args.dtype, device="cpu", progress=False)
+    reasoner = SpeculativeReasoner.from_pretrained(dtype=args.dtype, device=args.device, progress=False)
     settings = dict(alpha=args.alpha, max_new_tokens=max_new, max_step_tokens=args.max_step_tokens,
                     answer_marker="The answer is")
     t_ids = reasoner.target.encode_prompt(prompts[0])
@@ -277,16 +286,18 @@ def bench_real(args) -> dict:
 
 # -- a cheap draft: random ~1B target, real SmolLM2 draft, fixed acceptance probability -----------------
 
-def random_target(draft, hidden: int, layers: int, intermediate: int, dtype):
+def random_llama(tok, hidden: int, layers: int, intermediate: int, dtype, device="cpu", seed: int = 0):
+    """A random-weight Llama built from a config, with ``tok``'s vocabulary."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = draft.tokenizer
+    heads = hidden // 64
+    kv_heads = max(d for d in range(1, min(8, heads) + 1) if heads % d == 0)  # grouped-query, as real models
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=8,
+                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
                       max_position_embeddings=8192, tie_word_embeddings=True,
                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    with torch.device("cpu"):
+    torch.manual_seed(seed)
+    with torch.device(device):
         model = LlamaForCausalLM(cfg)
     return model.to(dtype).eval()
 
@@ -318,21 +329,30 @@ def bench_cheap(args) -> dict:
     from dreamr.reasoner import SpeculativeReasoner
 
     dtype = getattr(torch, args.dtype)
-    draft = models.load(models.DEFAULT_DRAFT, dtype=dtype, device="cpu", progress=False)
-    target = random_target(draft, args.hidden, args.layers, args.intermediate, dtype)
+    if args.draft_hidden and args.tokenizer:  # both models random: only SmolLM2's tokenizer is needed
+        from transformers import AutoTokenizer
+
+        tok, draft_model = AutoTokenizer.from_pretrained(args.tokenizer), None
+    else:
+        draft = models.load(models.DEFAULT_DRAFT, dtype=dtype, device=args.device, progress=False)
+        tok, draft_model = draft.tokenizer, draft.model
+    target = random_llama(tok, args.hidden, args.layers, args.intermediate, dtype, args.device)
+    if args.draft_hidden:  # a random draft of a chosen size instead of the real SmolLM2
+        draft_model = random_llama(tok, args.draft_hidden, args.draft_layers, args.draft_intermediate,
+                                   dtype, args.device, seed=1)
     params = sum(p.numel() for p in target.parameters())
-    reasoner = SpeculativeReasoner(target, draft.model, target_tokenizer=draft.tokenizer,
-                                   draft_tokenizer=draft.tokenizer)
+    reasoner = SpeculativeReasoner(target, draft_model, target_tokenizer=tok, draft_tokenizer=tok)
     n, max_new = (1, 16) if args.quick else (args.problems, args.max_new_tokens)
     prompts = [chat(q) for q in load_questions(args.data, n)]
     settings = dict(alpha=0.5, max_new_tokens=max_new, max_step_tokens=args.max_step_tokens)
     ids = reasoner.target.encode_prompt(prompts[0])
     ct, cd = per_token_cost(reasoner.target, ids), per_token_cost(reasoner.draft, ids)
     c = cd / ct
-    print(f"random target {params / 1e9:.2f}B params: {ct * 1e3:.0f} ms/token; draft {cd * 1e3:.1f} ms/token; "
-          f"c = {c:.3f}", flush=True)
+    draft_params = sum(p.numel() for p in draft_model.parameters())
+    print(f"random target {params / 1e9:.2f}B params: {ct * 1e3:.1f} ms/token; draft ({draft_params / 1e9:.2f}B) "
+          f"{cd * 1e3:.1f} ms/token; c = {c:.3f}; device {args.device}", flush=True)
     verifier = reasoner.verifier_for(reasoner.config)
-    out = {"params": params, "c": c, "target_ms_per_token": ct * 1e3, "draft_ms_per_token": cd * 1e3,
+    out = {"params": params, "draft_params": draft_params, "c": c, "target_ms_per_token": ct * 1e3, "draft_ms_per_token": cd * 1e3,
            "by_a": {}, "settings": dict(settings, problems=len(prompts), window=args.window, dtype=args.dtype,
                                         threads=torch.get_num_threads())}
     target_runs = None
@@ -376,6 +396,13 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--layers", type=int, default=20)
     p.add_argument("--intermediate", type=int, default=5632)
+    p.add_argument("--draft-hidden", type=int, default=0,
+                   help="cheap: a random draft of this width instead of the real SmolLM2 (e.g. 1024)")
+    p.add_argument("--draft-layers", type=int, default=24)
+    p.add_argument("--draft-intermediate", type=int, default=2816)
+    p.add_argument("--tokenizer", default=None,
+                   help="cheap with --draft-hidden: a tokenizer folder (SmolLM2's) instead of loading the real draft")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fpsr-variants", nargs="*", default=[],
                    help="extra FPSR settings to time beside the engine's defaults (row 'fpsr'), e.g. "
                         "target_launch=eager overlap=1,verify_batch=2")

@@ -229,14 +229,15 @@ def test_bad_settings_raise(reasoner, bad):
         reasoner.generate(PROMPTS[0], mode="fpsr", **bad)
 
 
-def test_bad_engine_knobs_raise(reasoner):
-    engine = reasoner.engine("fpsr")
-    engine.target_launch = "sometimes"
-    try:
-        with pytest.raises(ValueError, match="target_launch"):
-            reasoner.generate(PROMPTS[0], mode="fpsr")
-    finally:
-        engine.target_launch = "auto"
+@pytest.mark.parametrize("name,value,match", [
+    ("target_launch", "sometimes", "target_launch"), ("cuda_graphs", "sometimes", "cuda_graphs"),
+    ("draft_stream", 2, "draft_stream"), ("graph_batch_sizes", (4, 2), "batch_sizes"),
+    ("graph_batch_sizes", (), "batch_sizes")]
+    + ([] if torch.cuda.is_available() else [("draft_stream", "on", "CUDA")]))
+def test_bad_engine_knobs_raise(reasoner, monkeypatch, name, value, match):
+    monkeypatch.setattr(reasoner.engine("fpsr"), name, value)
+    with pytest.raises(ValueError, match=match):
+        reasoner.generate(PROMPTS[0], mode="fpsr")
 
 
 def test_explicit_mask_path_alone_gives_the_same_commits(pair, content_judge, monkeypatch):

@@ -17,25 +17,30 @@ finishes, so with greedy decoding FPSR commits exactly the steps of mode "specul
 
 Caches
 ------
-Each model's rows live in :class:`RaggedBatch` objects: one transformers ``DynamicCache`` whose batch rows
-are *ragged*: every row keeps a validity flag and a logical position per cache column. A forward feeds
-each row a different number of tokens (padded to the longest), with explicit ``position_ids`` and a 4-D
-attention mask built from the flags and positions (causal, per-row sliding windows by logical position,
-private verdict prompts); so decoding rows, prefills and verification chunks of different lengths share
-one forward, and any model whose forward accepts a prepared 4-D mask works (Llama, Qwen2, Gemma 3 with
-its sliding-window layers). Rolling a row back only clears flags; a released row is dropped and the
-batch is compacted (one gather per layer tensor) before the next forward; a fork copies a row's prefix
-into another batch. Nothing accepted is recomputed: the target *chain* row of a request keeps the
-committed prefix plus the verified drafted steps, new fallback branches fork from it, and a committed
-fallback branch becomes the next chain (and, in eager mode, continues as the next head's branch).
+Each model's rows live in :class:`~dreamr.engines.ragged.RaggedBatch` objects (ragged rows over
+preallocated storage; see that module). Nothing accepted is recomputed: the target *chain* row of a
+request keeps the committed prefix plus the verified drafted steps, new fallback branches fork from it,
+and a committed fallback branch becomes the next chain (and, in eager mode, continues as the next head's
+branch). Three target batches: ``chains`` (verification), ``branches`` (live fallback decoding) and
+``parked`` (finished branches waiting for their slot to resolve; never run). One draft batch. The
+batches (their storage and captured graphs) are kept by the engine from one run to the next.
 
-Three target batches: ``chains`` (verification), ``branches`` (live fallback decoding) and ``parked``
-(finished branches waiting for their slot to resolve; never run). One draft batch.
+On CUDA
+-------
+- Two streams: the draft's batch runs on its own stream. Each turn queues the draft's forward there
+  first, then runs the target's verification and branch forwards on the current stream, and only then
+  waits (an event) for the draft's logits, so the two models' kernels overlap.
+  Each turn the draft stream waits for the current stream's earlier work and the current stream for
+  the draft's, so tensors never cross streams unordered.
+- CUDA graphs: the one-token-per-row decode forwards of the branches and the draft are replayed from
+  graphs bucketed by batch size and cache width (:mod:`dreamr.engines.decode_graphs`); verification
+  chunks, prefills and catch-ups (several tokens per row) and shapes outside the buckets run eagerly.
+On a CPU the same loop runs without streams or graphs (``cuda_graphs="on"`` runs the bucketed
+static-buffer decode path eagerly, which the tests use to check it).
 
-CUDA streams and CUDA graphs are not implemented: on every device the same single-threaded loop runs
-(see the note in :class:`FpsrEngine`). Greedy decoding reproduces mode "speculative" exactly (up to the
-last bits of batched arithmetic: exact in float64); with sampling the runs are seeded but not the same
-draws as mode "speculative" (cancelled work consumes random numbers).
+Greedy decoding reproduces mode "speculative" exactly (up to the last bits of batched arithmetic: exact
+in float64); with sampling the runs are seeded but not the same draws as mode "speculative" (cancelled
+work consumes random numbers).
 """
 
 from __future__ import annotations
@@ -45,350 +50,14 @@ from dataclasses import dataclass, field
 from typing import Generator, Optional, Sequence
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
-
-from dreamr.cache import cache_kwarg
-from dreamr.engines.base import LM, Engine, Request, RequestState, drain, timed
+from dreamr.engines.base import LM, Engine, Request, RequestState, drain, image_prefix, sample_rows, timed
+from dreamr.engines.decode_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, check_batch_sizes
+from dreamr.engines.ragged import RaggedBatch, Row
 from dreamr.result import Result, Step
 from dreamr.scheduler import WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, Scheduler, StepEnd, TargetLaunch
 from dreamr.steps import StepWriter, has_answer
 
 __all__ = ["FpsrEngine", "RaggedBatch", "Row"]
-
-
-# --------------------------------------------------------------------------------------------------
-# Ragged batched KV cache
-# --------------------------------------------------------------------------------------------------
-
-
-class Row:
-    """One sequence in a :class:`RaggedBatch`: ``ids`` it stands for, the first ``cached`` in the cache."""
-
-    __slots__ = ("ids", "cached", "batch", "index", "alive", "owner")
-
-    def __init__(self, ids: Sequence[int], owner=None):
-        self.ids: list[int] = [int(t) for t in ids]
-        self.cached = 0
-        self.batch: Optional["RaggedBatch"] = None
-        self.index = -1
-        self.alive = True
-        self.owner = owner  # the request index (metrics)
-
-    @property
-    def pending(self) -> list[int]:
-        return self.ids[self.cached:]
-
-
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-class RaggedBatch:
-    """A batched ``DynamicCache`` with ragged rows (see the module docstring)."""
-
-    def __init__(self, lm: LM, name: str = ""):
-        self.lm, self.name = lm, name
-        model = lm.model
-        base = getattr(model, "base_model", None)
-        if base is None or base is model:
-            raise ValueError(f"{lm.name}: FPSR needs a causal LM with a separate base model (model.base_model)")
-        self.base = base
-        self._cache_kw = cache_kwarg(base)
-        config = _text_config(model)
-        self.layer_types = list(getattr(config, "layer_types", None) or [])
-        self.sliding_window = getattr(config, "sliding_window", None)
-        self.additive_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
-        self.head = model.get_output_embeddings()
-        self.softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
-        self.device = lm.device
-        self.rows: list[Row] = []
-        self.cache = DynamicCache()
-        self.valid = torch.zeros(0, 0, dtype=torch.bool)
-        self.pos = torch.zeros(0, 0, dtype=torch.long)
-        self.forward_passes = 0
-        self._dirty = False
-
-    # -- structure -----------------------------------------------------------------------------------
-
-    @property
-    def width(self) -> int:
-        return self.valid.shape[1]
-
-    def _layers(self) -> list:
-        return [layer for layer in self.cache.layers
-                if getattr(layer, "is_initialized", False) and layer.keys is not None and layer.keys.dim() == 4]
-
-    def live_tokens(self) -> int:
-        """Cached positions over all live rows (what the batch really holds)."""
-        return int(sum(r.cached for r in self.rows if r.alive))
-
-    def dense(self, row: Row, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of ``row``'s first ``n`` cached positions, each ``[1, H, n, D]``."""
-        assert row.batch is self and row.alive and n <= row.cached
-        b = row.index
-        cols = torch.nonzero(self.valid[b] & (self.pos[b] < n)).flatten()
-        assert cols.numel() == n, (cols.numel(), n)
-        cols = cols.to(self.device)
-        return [(layer.keys[b:b + 1].index_select(2, cols), layer.values[b:b + 1].index_select(2, cols))
-                for layer in self._layers()]
-
-    def add(self, ids: Sequence[int], *, src: Optional[Row] = None, cached: int = 0, owner=None) -> Row:
-        """A new row standing for ``ids``; its first ``cached`` positions are copied from ``src``'s."""
-        row = Row(ids, owner)
-        kv = src.batch.dense(src, cached) if (src is not None and cached > 0) else None
-        if self._dirty and src is not None and src.batch is not self:
-            self.compact()  # released rows go before the batch grows
-        self._append_row(row, kv, cached)
-        return row
-
-    def fork(self, src: Row, n: int) -> Row:
-        """A new row in this batch standing for ``src.ids[:n]``; the cache is copied, at least the last
-        token left pending (so that a decode step has logits to read)."""
-        if not 1 <= n <= len(src.ids):
-            raise ValueError(f"fork: n={n} outside [1, {len(src.ids)}]")
-        return self.add(src.ids[:n], src=src, cached=min(src.cached, n - 1), owner=src.owner)
-
-    def _append_row(self, row: Row, kv, cached: int) -> None:
-        B, T = len(self.rows), self.width
-        if kv is not None and cached > T:  # widen every row (new columns are invalid)
-            grow = cached - T
-            for layer in self._layers():
-                k, v = layer.keys, layer.values
-                layer.keys = torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], grow, k.shape[3])], dim=2)
-                layer.values = torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], grow, v.shape[3])], dim=2)
-            self.valid = torch.cat([self.valid, torch.zeros(B, grow, dtype=torch.bool)], dim=1)
-            self.pos = torch.cat([self.pos, torch.full((B, grow), -1, dtype=torch.long)], dim=1)
-            T = cached
-        layers = self._layers()
-        if kv is not None and not layers and B == 0:
-            # an empty batch: build its layers from the copied prefix
-            self.cache = DynamicCache()
-            for k, v in kv:
-                layer = DynamicLayer()
-                layer.lazy_initialization(k, v)
-                layer.keys, layer.values = k.clone(), v.clone()
-                self.cache.layers.append(layer)
-        elif layers:
-            if kv is None:
-                kv = [(layer.keys.new_zeros(1, layer.keys.shape[1], 0, layer.keys.shape[3]),
-                       layer.values.new_zeros(1, layer.values.shape[1], 0, layer.values.shape[3]))
-                      for layer in layers]
-            for layer, (k, v) in zip(layers, kv):
-                pad = T - k.shape[2]
-                if pad:
-                    k = torch.cat([k, k.new_zeros(1, k.shape[1], pad, k.shape[3])], dim=2)
-                    v = torch.cat([v, v.new_zeros(1, v.shape[1], pad, v.shape[3])], dim=2)
-                layer.keys = torch.cat([layer.keys, k], dim=0)
-                layer.values = torch.cat([layer.values, v], dim=0)
-        elif kv is not None:
-            raise RuntimeError("RaggedBatch: rows without cache next to a copied prefix")  # not reached
-        T = self.width if B or kv is None else cached
-        valid = torch.zeros(1, T, dtype=torch.bool)
-        valid[0, :cached] = True
-        pos = torch.full((1, T), -1, dtype=torch.long)
-        pos[0, :cached] = torch.arange(cached)
-        self.valid = torch.cat([self.valid.reshape(B, -1), valid], dim=0) if B else valid
-        self.pos = torch.cat([self.pos.reshape(B, -1), pos], dim=0) if B else pos
-        row.cached, row.batch, row.index = cached, self, B
-        self.rows.append(row)
-
-    def truncate(self, row: Row, n: int) -> None:
-        """``row`` keeps its first ``n`` ids; cache entries past them are dropped (flags cleared)."""
-        assert row.batch is self and row.alive
-        if not 0 <= n <= len(row.ids):
-            raise ValueError(f"truncate: n={n} outside [0, {len(row.ids)}]")
-        del row.ids[n:]
-        if row.cached > n:
-            b = row.index
-            drop = self.pos[b] >= n
-            self.valid[b] &= ~drop
-            self.pos[b][drop] = -1
-            row.cached = n
-            self._dirty = True
-
-    def uncache_to(self, row: Row, n: int) -> None:
-        """Drop cache entries past ``n`` but keep the ids (they are fed again)."""
-        ids = list(row.ids)
-        self.truncate(row, n)
-        row.ids = ids
-
-    def release(self, row: Optional[Row]) -> None:
-        if row is None or not row.alive:
-            return
-        assert row.batch is self
-        row.alive = False
-        self.valid[row.index] = False
-        self.pos[row.index] = -1
-        self._dirty = True
-
-    def move(self, row: Row, dst: "RaggedBatch") -> Row:
-        """The same sequence in ``dst`` (cache copied, nothing recomputed); ``row`` is released."""
-        new = dst.add(row.ids, src=row, cached=row.cached, owner=row.owner)
-        self.release(row)
-        return new
-
-    def compact(self) -> None:
-        """Drop released rows and invalid columns: every live row's entries left-aligned, one gather per
-        layer tensor."""
-        live = [r for r in self.rows if r.alive]
-        if not live:
-            self.rows, self.cache = [], DynamicCache()
-            self.valid = torch.zeros(0, 0, dtype=torch.bool)
-            self.pos = torch.zeros(0, 0, dtype=torch.long)
-            self._dirty = False
-            return
-        counts = [r.cached for r in live]
-        width = max(counts)
-        index = torch.zeros(len(live), width, dtype=torch.long)
-        for i, r in enumerate(live):
-            cols = torch.nonzero(self.valid[r.index]).flatten()
-            assert cols.numel() == r.cached
-            index[i, :r.cached] = cols
-        rows_idx = torch.tensor([r.index for r in live], dtype=torch.long, device=self.device)
-        gather = index.to(self.device)
-        for layer in self._layers():
-            for name in ("keys", "values"):
-                t = getattr(layer, name).index_select(0, rows_idx)
-                idx = gather[:, None, :, None].expand(t.shape[0], t.shape[1], width, t.shape[3])
-                setattr(layer, name, torch.gather(t, 2, idx))
-        counts_t = torch.tensor(counts)
-        self.valid = torch.arange(width)[None, :] < counts_t[:, None]
-        self.pos = torch.where(self.valid, torch.arange(width)[None, :], torch.full_like(index, -1))
-        for i, r in enumerate(live):
-            r.index = i
-        self.rows = live
-        self._dirty = False
-
-    # -- forward -------------------------------------------------------------------------------------
-
-    def _mask(self, q_pos, q_tag, q_valid, sliding: bool):
-        T, S = self.width, q_pos.shape[1]
-        k_valid = torch.cat([self.valid, q_valid], dim=1)
-        k_pos = torch.cat([self.pos, q_pos], dim=1)
-        k_tag = torch.cat([torch.zeros_like(self.pos), q_tag], dim=1)
-        k_col = torch.arange(T + S)
-        q_col = T + torch.arange(S)
-        m = (k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
-             & ((k_tag[:, None, :] == 0) | (k_tag[:, None, :] == q_tag[:, :, None]))
-             & (k_col[None, None, :] <= q_col[None, :, None]))
-        if sliding and self.sliding_window:
-            m &= (q_pos[:, :, None] - k_pos[:, None, :]) < int(self.sliding_window)
-        # padding queries see themselves only (no empty rows in the softmax)
-        m[:, torch.arange(S), q_col] |= ~q_valid
-        m = m[:, None].to(self.device)
-        if self.additive_mask:
-            dtype = self.lm.dtype
-            return torch.zeros(m.shape, dtype=dtype, device=self.device).masked_fill_(~m, torch.finfo(dtype).min)
-        return m
-
-    @torch.no_grad()
-    def forward(self, feeds: dict) -> dict:
-        """One forward of every row of the batch.
-
-        ``feeds`` maps a row to a list of segments ``(ids, persist)`` fed after the row's pending ids;
-        a persistent segment's ids join the row's ids, a private one (``persist=False``: a verdict
-        prompt) is seen only by itself and dropped after the pass. Rows not in ``feeds`` are not fed
-        (they only pad the pass). Returns, per fed row, ``(last, segment_last)``: the final hidden state
-        ``[H]`` at the row's last persistent token (None if it fed none) and at the last token of each
-        segment.
-        """
-        if self._dirty:
-            self.compact()
-        B, T = len(self.rows), self.width
-        plans = []
-        for row in self.rows:
-            toks, poss, tags, seg_ends, last = [], [], [], [], None
-            if row.alive and row in feeds:
-                p = row.cached
-                for t in row.pending:
-                    toks.append(t), poss.append(p), tags.append(0)
-                    p += 1
-                if toks:
-                    last = len(toks) - 1
-                for j, (ids, persist) in enumerate(feeds.get(row, ())):
-                    q = p
-                    for t in ids:
-                        toks.append(int(t)), poss.append(q), tags.append(0 if persist else j + 1)
-                        q += 1
-                    if persist:
-                        row.ids.extend(int(t) for t in ids)
-                        p = q
-                        if ids:
-                            last = len(toks) - 1
-                    seg_ends.append(len(toks) - 1)
-            plans.append((toks, poss, tags, seg_ends, last))
-        S = max((len(p[0]) for p in plans), default=0)
-        if S == 0:
-            return {}
-        input_ids = torch.zeros(B, S, dtype=torch.long)
-        q_pos = torch.zeros(B, S, dtype=torch.long)
-        q_tag = torch.full((B, S), -1, dtype=torch.long)
-        q_valid = torch.zeros(B, S, dtype=torch.bool)
-        for b, (toks, poss, tags, _, _) in enumerate(plans):
-            n = len(toks)
-            if n:
-                input_ids[b, :n] = torch.tensor(toks)
-                q_pos[b, :n] = torch.tensor(poss)
-                q_tag[b, :n] = torch.tensor(tags)
-                q_valid[b, :n] = True
-        if self._plain(q_pos, q_tag, q_valid):
-            mask = None  # one dense row fed in order: the model's own causal (and sliding) masks are exact
-        else:
-            mask = self._masks(q_pos, q_tag, q_valid)
-        out = self.base(input_ids=input_ids.to(self.device), attention_mask=mask,
-                        position_ids=q_pos.to(self.device), use_cache=True, **{self._cache_kw: self.cache})
-        hidden = out.last_hidden_state
-        return self._after_forward(plans, hidden, q_pos, q_tag, q_valid)
-
-    def _plain(self, q_pos, q_tag, q_valid) -> bool:
-        """True for one row with no gaps, fed without padding, private tokens (if any) only at the end."""
-        if len(self.rows) != 1 or not bool(q_valid.all()):
-            return False
-        T = self.width
-        if T and not (bool(self.valid.all()) and bool((self.pos[0] == torch.arange(T)).all())):
-            return False
-        if not bool((q_pos[0] == T + torch.arange(q_pos.shape[1])).all()):
-            return False
-        tags = q_tag[0].tolist()
-        first = next((i for i, t in enumerate(tags) if t != 0), len(tags))
-        return all(t == tags[first] for t in tags[first:]) if first < len(tags) else True
-
-    def _masks(self, q_pos, q_tag, q_valid):
-        full = self._mask(q_pos, q_tag, q_valid, sliding=False)
-        if self.layer_types:
-            mask = {lt: (self._mask(q_pos, q_tag, q_valid, sliding=True) if lt == "sliding_attention" else full)
-                    for lt in set(self.layer_types)}
-        else:
-            mask = full
-        return mask
-
-    def _after_forward(self, plans, hidden, q_pos, q_tag, q_valid) -> dict:
-        B = len(self.rows)
-        self.forward_passes += 1
-        keep = q_valid & (q_tag == 0)
-        self.valid = torch.cat([self.valid, keep], dim=1) if B else keep
-        self.pos = torch.cat([self.pos, torch.where(keep, q_pos, torch.full_like(q_pos, -1))], dim=1)
-        if bool((q_valid & ~keep).any()):
-            self._dirty = True  # private columns left gaps
-        result = {}
-        for b, (row, (toks, _, _, seg_ends, last)) in enumerate(zip(self.rows, plans)):
-            if row.alive and toks:
-                row.cached = len(row.ids)
-                result[row] = (None if last is None else hidden[b, last],
-                               [hidden[b, e] for e in seg_ends])
-        if self.width > 64 and self.width > 2 * max((r.cached for r in self.rows if r.alive), default=0):
-            self._dirty = True
-        return result
-
-    @torch.no_grad()
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits from final hidden states ``[N, H]`` (LM head, soft-capping as the model does)."""
-        logits = self.head(hidden.to(self.head.weight.dtype))
-        if self.softcap:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits
 
 
 # --------------------------------------------------------------------------------------------------
@@ -440,24 +109,26 @@ class _Req:
 
 
 class FpsrEngine(Engine):
-    """Mode "fpsr". ``target_launch`` ("eager": the paper's, every slot's fallback step starts with its
-    draft step; "on_reject": a fallback step starts once its draft step is rejected; "auto", the
-    default: eager where draft and target work can overlap (``overlap`` on, or a CUDA device), on-reject
-    on a CPU without overlap, where every eagerly decoded target token adds to the wall time: measured
-    on the default pair on a CPU core, eager FPSR ran at 0.56x the target alone and on-reject at 1.18x;
-    both commit the same steps), ``draft_tokens_per_tick``
-    (draft tokens per loop turn: > 1 lets the draft run further ahead of the target) and
-    ``verify_batch`` (a request's drafted steps wait, while its draft runs, until this many can be
-    verified in one target pass; default 1: verify each step at once) and ``overlap`` (run the draft's
-    forwards on a worker thread while the target's run on the calling thread: the CPU stand-in for a
-    second CUDA stream; it pays only with a free core per model, so it is off by default) may be set on
-    the instance (``reasoner.engine("fpsr").target_launch = "on_reject"``). ``last_stats`` holds the
-    scheduler's counters and the executor's forward counts after each run.
+    """Mode "fpsr". Knobs, set on the instance (``reasoner.engine("fpsr").target_launch = "on_reject"``):
 
-    On CUDA the intended design is a draft stream and a target stream ordered by events, with the
-    fixed-shape decode forwards captured as CUDA graphs per batch-size bucket; it is not implemented:
-    on every device the same loop runs, which is exact and batches the target's work, and overlaps
-    draft and target work only through batching or, with ``overlap``, through a second CPU thread.
+    - ``target_launch``: "eager" (the paper's: every slot's fallback step starts with its draft step),
+      "on_reject" (a fallback step starts once its draft step is rejected) or "auto", the default: eager
+      where draft and target work can overlap (a CUDA device, or ``overlap`` on), on-reject on a CPU
+      without overlap, where every eagerly decoded target token adds to the wall time (measured on the
+      default pair on a CPU core: eager 0.56x the target alone, on-reject 1.18x; both commit the same
+      steps).
+    - ``draft_tokens_per_tick``: draft tokens per loop turn (> 1 lets the draft run further ahead).
+    - ``verify_batch``: a request's drafted steps wait, while its draft runs, until this many can be
+      verified in one target pass (default 1: verify each step at once).
+    - ``draft_stream``: "auto" (default: on CUDA), "on" or "off": the draft runs on its own CUDA stream.
+    - ``cuda_graphs``: "auto" (default: on CUDA), "on" or "off": decode forwards replayed from CUDA graphs
+      bucketed by ``graph_batch_sizes`` (on a CPU, "on" runs the same bucketed path eagerly).
+    - ``overlap``: the draft's forwards on a worker thread while the target's run on the calling thread
+      (the CPU stand-in for a second stream; it pays only with a free core per model; off by default).
+
+    ``last_stats`` holds the scheduler's counters, the executor's forward counts and, per batch, the
+    graph counters of the last run. The batches' KV storage (grown to the largest run so far) and graphs
+    are kept between runs; :meth:`free` releases them.
     """
 
     mode = "fpsr"
@@ -468,8 +139,59 @@ class FpsrEngine(Engine):
         self.draft_tokens_per_tick = 1
         self.verify_batch = 1
         self.overlap = False
+        self.draft_stream = "auto"
+        self.cuda_graphs = "auto"
+        self.graph_batch_sizes = DEFAULT_BATCH_SIZES
         self.last_stats: dict = {}
         self._executor = None
+        self._batches: dict = {}  # name -> RaggedBatch, kept across runs (storage and graphs)
+        self._batch_key = None
+
+    def free(self) -> None:
+        """Drop the kept batches (KV storage, CUDA graphs and the draft stream); the next run rebuilds them."""
+        self._batches, self._batch_key = {}, None
+
+    @staticmethod
+    def _switch(name: str, value, device) -> bool:
+        if value not in ("auto", "on", "off", True, False):
+            raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {value!r}")
+        return device.type == "cuda" if value == "auto" else value in ("on", True)
+
+    def _make_batches(self) -> None:
+        """The four ragged batches, reused while the settings that shape them are unchanged."""
+        use_stream = self._switch("draft_stream", self.draft_stream, self.draft.device)
+        use_graphs = self._switch("cuda_graphs", self.cuda_graphs, self.target.device)
+        if use_stream and self.draft.device.type != "cuda":
+            raise ValueError(f"draft_stream='on' needs a CUDA draft; the draft is on {self.draft.device}")
+        if self.overlap and self.target.device.type == "cuda":
+            # the draft on a second host thread: its stream and graph captures would race the main
+            # thread's launches (a capture must see no other thread's CUDA calls)
+            if any(v is True or v == "on" for v in (self.draft_stream, self.cuda_graphs)):
+                raise ValueError("overlap=True (the draft on a worker thread) cannot be combined with "
+                                 "draft_stream='on' or cuda_graphs='on' on CUDA; the draft stream already "
+                                 "overlaps the two models: set overlap=False")
+            use_stream = use_graphs = False
+        key = (use_stream, use_graphs, check_batch_sizes(self.graph_batch_sizes))
+        if key != self._batch_key:
+            stream = torch.cuda.Stream(self.draft.device) if use_stream else None
+            self._batches = {"chains": RaggedBatch(self.target, "chains"),
+                             "branches": RaggedBatch(self.target, "branches"),
+                             "parked": RaggedBatch(self.target, "parked"),
+                             "drafts": RaggedBatch(self.draft, "drafts", stream=stream)}
+            if use_graphs:
+                for name in ("branches", "drafts"):
+                    batch = self._batches[name]
+                    if self.cuda_graphs == "auto" and getattr(batch.lm, "vision", False):
+                        continue  # vision-language forwards are not checked for capture (host reads): eager
+                    batch.graphs = DecodeGraphs(batch, self.graph_batch_sizes,
+                                                capture=batch.device.type == "cuda")
+            self._batch_key = key
+        for batch in self._batches.values():
+            batch.reset()
+            if batch.graphs is not None:
+                batch.graphs.reset_stats()
+        self.chains, self.branches = self._batches["chains"], self._batches["branches"]
+        self.parked, self.drafts = self._batches["parked"], self._batches["drafts"]
 
     def _pool(self):
         """One worker thread for the draft's forwards (created on first use, kept with the engine)."""
@@ -520,19 +242,20 @@ class FpsrEngine(Engine):
         sched = Scheduler(window=cfg.window, alpha=cfg.alpha, target_launch=launch,
                           max_step_tokens=cfg.max_step_tokens)
         self.sched = sched
-        self.chains = RaggedBatch(self.target, "chains")
-        self.branches = RaggedBatch(self.target, "branches")
-        self.parked = RaggedBatch(self.target, "parked")
-        self.drafts = RaggedBatch(self.draft, "drafts")
+        self._make_batches()
         reqs: list[_Req] = []
         for i, request in enumerate(requests):
             rc = request.config
             rid = sched.add_request(rc.max_new_tokens, 0)
             assert rid == i
+            state = RequestState(rc)
+            # an image prompt is encoded once per model here; every row of the request copies its cache
+            t_prefix = image_prefix(self.target, request.target_inputs, state.metrics)
+            d_prefix = image_prefix(self.draft, request.draft_inputs, state.metrics)
             reqs.append(_Req(
-                index=i, request=request, state=RequestState(rc),
-                chain=self.chains.add(request.target_ids, owner=i),
-                d_row=self.drafts.add(request.draft_ids, owner=i),
+                index=i, request=request, state=state,
+                chain=self.chains.add(request.target_ids, owner=i, prefix=t_prefix),
+                d_row=self.drafts.add(request.draft_ids, owner=i, prefix=d_prefix),
                 t_view=list(request.target_ids),
                 t_sampler=self.sampler(rc, 0), d_sampler=self.sampler(rc, 1),
             ))
@@ -553,9 +276,10 @@ class FpsrEngine(Engine):
                 if sched.all_done():
                     break
                 worked = False
-                # the draft's forwards (its own thread when overlapping) while the target's run here
+                # the draft's forwards (its own stream or thread) while the target's run here
                 live = [(r, r.draft_epoch) for r in reqs if not r.done and r.draft_epoch is not None]
                 job = pool.submit(self._draft_job, live, ticks) if (pool and live) else None
+                launched = self._draft_launch(live) if (live and job is None and self.drafts.stream is not None) else None
                 live_metrics = [r.state.metrics for r in reqs if not r.done]
                 with timed("verify_time_s", *live_metrics):
                     if self._chain_forward():
@@ -567,8 +291,12 @@ class FpsrEngine(Engine):
                         forwards["branch"] += 1
                         worked = True
                 if live:
-                    with timed("draft_time_s", *live_metrics):  # with overlap: the wait for the draft thread
-                        passes, finished = job.result() if job is not None else self._draft_job(live, ticks)
+                    # with a stream or a thread this is the wait for the draft's work
+                    with timed("draft_time_s", *live_metrics):
+                        if job is not None:
+                            passes, finished = job.result()
+                        else:
+                            passes, finished = self._draft_job(live, ticks, launched)
                     forwards["draft"] += passes
                     worked = True
                     self._draft_finish(finished)
@@ -581,6 +309,13 @@ class FpsrEngine(Engine):
             stats = dict(sched.stats())
             stats.update({f"{k}_forwards": v for k, v in forwards.items()})
             stats["multi_step_verify_passes"] = self._multi_verify
+            stats["draft_stream"] = self.drafts.stream is not None
+            if self.drafts.stream is not None:  # later work on the current stream sees the draft's
+                torch.cuda.current_stream(self.draft.device).wait_stream(self.drafts.stream)
+            for name, batch in self._batches.items():
+                if batch.graphs is not None:
+                    stats.update({f"{name}_{k}": v for k, v in batch.graphs.stats.items()})
+                batch.reset()
             self.last_stats = stats
             self.chains = self.branches = self.parked = self.drafts = None
             self.sched = None
@@ -817,11 +552,11 @@ class FpsrEngine(Engine):
         counted = set()
         hidden = torch.stack([out[e.branch][0] for _, _, e in live])
         logits = self.branches.logits(hidden)
-        for (req, epoch, e), row_logits in zip(live, logits):
+        tokens = sample_rows([req.t_sampler for req, _, _ in live], logits)
+        for (req, epoch, e), token in zip(live, tokens):
             if req.index not in counted:
                 req.t_forwards += 1
                 counted.add(req.index)
-            token = req.t_sampler(row_logits)
             w = e.t_writer
             if w.add(token) != "eos":
                 e.branch.ids.append(token)
@@ -833,35 +568,62 @@ class FpsrEngine(Engine):
                 self.sched.on_target_step(req.index, e.slot, epoch, len(w.ids), self._step_end(w))
         return True
 
-    def _draft_job(self, live: list, ticks: int) -> tuple[int, list]:
-        """Up to ``ticks`` draft forwards (one token for each running draft step per forward).
+    def _draft_job(self, live: list, ticks: int, launched=None) -> tuple[int, list]:
+        """Up to ``ticks`` draft forwards (one token for each running draft step per forward); the first
+        one's logits may come from :meth:`_draft_launch` (already running on the draft's stream).
 
         Touches only draft-side state (the draft batch and rows, the draft writers and sampler), so it
         may run on its own thread while the target's forwards run; finished steps are returned and
         reported to the scheduler by :meth:`_draft_finish` on the driving thread.
         """
         finished, passes = [], 0
-        for _ in range(ticks):
+        for tick in range(ticks):
             live = [(req, epoch) for req, epoch in live if (req, epoch) not in finished]
             if not live:
                 break
-            for req, _ in live:
-                if not req.d_row.pending:
-                    self.drafts.uncache_to(req.d_row, len(req.d_row.ids) - 1)
-            out = self.drafts.forward({req.d_row: [] for req, _ in live})
+            if self.drafts.stream is None:
+                logits = self._draft_forward(live)
+            else:  # the first forward may already be running (queued before the target's work)
+                logits = self._draft_wait(launched if (tick == 0 and launched is not None) else self._draft_launch(live))
             passes += 1
-            hidden = torch.stack([out[req.d_row][0] for req, _ in live])
-            logits = self.drafts.logits(hidden)
-            for (req, epoch), row_logits in zip(live, logits):
+            tokens = sample_rows([req.d_sampler for req, _ in live], logits)
+            for (req, epoch), token in zip(live, tokens):
                 req.d_forwards += 1
                 w = req.epochs[epoch].d_writer
-                token = req.d_sampler(row_logits)
                 if w.add(token) != "eos":
                     req.d_row.ids.append(token)
                 req.state.metrics.draft_tokens += 1
                 if w.end is not None:
                     finished.append((req, epoch))
         return passes, finished
+
+    def _draft_forward(self, live: list) -> torch.Tensor:
+        """One draft forward for the running draft steps: their next-token logits ``[len(live), V]``."""
+        for req, _ in live:
+            if not req.d_row.pending:
+                self.drafts.uncache_to(req.d_row, len(req.d_row.ids) - 1)
+        out = self.drafts.forward({req.d_row: [] for req, _ in live})
+        with self.drafts.on_stream():
+            return self.drafts.logits(torch.stack([out[req.d_row][0] for req, _ in live]))
+
+    def _draft_launch(self, live: list):
+        """Queue one draft forward on the draft's stream (after the current stream's earlier work) and
+        return without waiting for it: ``(logits, event)``."""
+        stream = self.drafts.stream
+        logits = self._draft_forward(live)  # on_stream: the draft stream first waits for the current one
+        event = torch.cuda.Event()
+        event.record(stream)
+        return logits, event
+
+    def _draft_wait(self, launched) -> torch.Tensor:
+        """The logits of a launched draft forward, once its event has fired; the current stream is
+        ordered after the draft's work and ``logits`` is marked as used there (the allocator must not
+        hand its memory back to the draft stream while the current stream still reads it)."""
+        logits, event = launched
+        current = torch.cuda.current_stream(self.draft.device)
+        current.wait_event(event)
+        logits.record_stream(current)
+        return logits
 
     def _draft_finish(self, finished: list) -> None:
         for req, epoch in finished:
