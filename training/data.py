@@ -1,9 +1,11 @@
 """SAPO training data: JSONL rows with ``question`` and ``answer`` (GSM8K format).
 
 Each line is a JSON object with a non-empty string ``question`` and a reference ``answer`` (a GSM8K
-worked solution ending ``#### N``, or a bare number). An ``image``/``images`` field is accepted and
-ignored for now: the trainer is text-only until the step engines take vision-language models (a row with
-an image is trained on its text alone; :func:`load_jsonl` counts such rows in ``ignored_images``).
+worked solution ending ``#### N``, or a bare number). A row may name images: ``image`` (a path) or
+``images`` (a list of paths), relative paths taken from the JSONL file's folder. A vision-language draft
+sees them before the question; a text-only draft reads the question alone while a vision-language
+target sees them when it verifies the draft's steps; with two text-only models they are ignored (the
+trainer says so). :attr:`Dataset.image_rows` counts the rows with images.
 
 The order of prompts is a function of ``(seed, epoch)`` only, so a resumed run and a data-parallel run
 see the same global sequence of prompts as a fresh single-process run.
@@ -32,13 +34,14 @@ class Example:
     question: str
     answer: str
     has_image: bool = False
+    images: tuple[str, ...] = ()  # image paths (resolved), in order
 
 
 @dataclass
 class Dataset:
     examples: list[Example]
     source: str = "<memory>"
-    ignored_images: int = 0
+    image_rows: int = 0  # rows with images (whether a model sees them is the trainer's business)
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -47,8 +50,31 @@ class Dataset:
         return self.examples[i]
 
 
-def validate_rows(rows: Iterable[dict], source: str = "data") -> Dataset:
-    """Check rows and turn them into a :class:`Dataset`; ValueError names the first bad row."""
+def _row_images(row: dict, where: str, base_dir: Optional[Path]) -> tuple[str, ...]:
+    """The row's image paths (``image``: a path; ``images``: a list of paths), relative ones from ``base_dir``."""
+    paths = []
+    for key in ("image", "images"):
+        value = row.get(key)
+        if value is None or value == "" or value == []:
+            continue
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) and v.strip() for v in items):
+            raise ValueError(f"{where}: {key!r} must be an image path{' or a list of paths' if key == 'images' else ''}"
+                             f", got {value!r}")
+        for v in items:
+            path = Path(v).expanduser()
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            paths.append(str(path))
+    return tuple(paths)
+
+
+def validate_rows(rows: Iterable[dict], source: str = "data", base_dir: Union[str, Path, None] = None) -> Dataset:
+    """Check rows and turn them into a :class:`Dataset`; ValueError names the first bad row.
+
+    Image paths are kept as given (relative ones joined to ``base_dir`` when given); whether each file
+    is a readable image is checked by the trainer where a model sees the images."""
+    base = Path(base_dir) if base_dir is not None else None
     examples, images = [], 0
     for i, row in enumerate(rows):
         where = f"{source}: row {i + 1}"
@@ -65,9 +91,9 @@ def validate_rows(rows: Iterable[dict], source: str = "data") -> Dataset:
             a = str(a)
         if not isinstance(a, str) or not a.strip():
             raise ValueError(f"{where}: 'answer' must be a non-empty string or a number, got {a!r}")
-        has_image = bool(row.get("image") or row.get("images"))
-        images += has_image
-        examples.append(Example(q, a, has_image))
+        paths = _row_images(row, where, base)
+        images += bool(paths)
+        examples.append(Example(q, a, bool(paths), paths))
     if not examples:
         raise ValueError(f"{source}: the dataset is empty (no rows with 'question' and 'answer')")
     return Dataset(examples, source, images)
@@ -89,12 +115,16 @@ def load_jsonl(path: Union[str, Path], limit: Optional[int] = None) -> Dataset:
                 raise ValueError(f"data={str(path)!r}: line {lineno} is not valid JSON ({e.msg})") from None
             if limit is not None and len(rows) >= limit:
                 break
-    return validate_rows(rows, source=f"data={str(path)!r}")
+    return validate_rows(rows, source=f"data={str(path)!r}", base_dir=p.parent)
 
 
-def draft_messages(question: str, system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT) -> list[dict]:
-    """Chat messages for the draft: an optional system instruction and the question."""
+def draft_messages(question: str, system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT,
+                   n_images: int = 0) -> list[dict]:
+    """Chat messages for the draft: an optional system instruction and the question (after ``n_images``
+    image parts ``{"type": "image"}``, for a vision-language draft's processor)."""
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if n_images:
+        return msgs + [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}]
     return msgs + [{"role": "user", "content": question}]
 
 

@@ -7,7 +7,7 @@ given the question and the previous steps). Reported: step acceptance rate at al
 all steps), mean cpn, mean steps and tokens per problem, and answer accuracy (:func:`answers_match`).
 
     python training/eval_sapo.py --draft smollm2-135m-instruct --target gemma-3-270m \\
-        --data ../shared/data/gsm8k/test_dev.jsonl --n 30 --max-new-tokens 192
+        --data ../shared/data/gsm8k/test_dev.jsonl --n 30 --max-new-tokens 192 --alpha 0.7 0.85 0.9
 """
 
 from __future__ import annotations
@@ -59,7 +59,9 @@ def greedy_completions(model, tokenizer, questions, *, max_new_tokens=192, syste
 
 
 def evaluate(draft_model, draft_tokenizer, verifier, rows, *, alpha=0.7, max_new_tokens=192,
-             system_prompt=DEFAULT_SYSTEM_PROMPT, delimiter="\n\n", batch_size=8) -> dict:
+             system_prompt=DEFAULT_SYSTEM_PROMPT, delimiter="\n\n", batch_size=8, alphas=()) -> dict:
+    """Greedy reasoning of the draft on ``rows``, scored by ``verifier``. ``acceptance`` is at ``alpha``;
+    ``acceptance_by_alpha`` adds each of ``alphas`` (the cpns do not depend on alpha: one pass)."""
     comps = greedy_completions(draft_model, draft_tokenizer, [r.question for r in rows], max_new_tokens=max_new_tokens,
                                system_prompt=system_prompt, batch_size=batch_size)
     n_steps = n_acc = 0
@@ -77,7 +79,9 @@ def evaluate(draft_model, draft_tokenizer, verifier, rows, *, alpha=0.7, max_new
         per.append({"steps": len(steps), "accepted": acc, "cpns": cpns, "tokens": ntok, "correct": ok,
                     "pred": extract_answer(text), "text": text})
     n = len(rows)
-    return {"problems": n, "alpha": alpha, "acceptance": n_acc / max(n_steps, 1),
+    by_alpha = {f"{a:g}": sum(1 for q in per for c in q["cpns"] if not math.isnan(c) and c > a) / max(n_steps, 1)
+                for a in sorted({float(alpha), *map(float, alphas)})}
+    return {"problems": n, "alpha": alpha, "acceptance": n_acc / max(n_steps, 1), "acceptance_by_alpha": by_alpha,
             "mean_cpn": cpn_sum / max(n_steps, 1), "mean_steps": n_steps / n, "mean_tokens": tokens / n,
             "accuracy": correct / n, "per_problem": per}
 
@@ -88,7 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="gemma-3-270m")
     p.add_argument("--data", required=True)
     p.add_argument("--n", type=int, default=30)
-    p.add_argument("--alpha", type=float, default=0.7)
+    p.add_argument("--alpha", type=float, nargs="+", default=[0.7],
+                   help="acceptance threshold(s); several are measured in one pass (the first is 'acceptance')")
     p.add_argument("--max-new-tokens", type=int, default=192)
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
@@ -101,9 +106,9 @@ def main(argv=None) -> int:
     rows = load_jsonl(a.data, a.n).examples
     d = load(a.draft, dtype="float32", progress=False)
     t = load(a.target, dtype="float32", progress=False)
-    verifier = StepVerifier(t.model, t.tokenizer, alpha=a.alpha)
-    res = evaluate(d.model, d.tokenizer, verifier, rows, alpha=a.alpha, max_new_tokens=a.max_new_tokens,
-                   system_prompt=a.system_prompt or None, batch_size=a.batch_size)
+    verifier = StepVerifier(t.model, t.tokenizer, alpha=a.alpha[0])
+    res = evaluate(d.model, d.tokenizer, verifier, rows, alpha=a.alpha[0], max_new_tokens=a.max_new_tokens,
+                   system_prompt=a.system_prompt or None, batch_size=a.batch_size, alphas=a.alpha[1:])
     res["draft"], res["seconds"] = str(a.draft), time.perf_counter() - t0
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

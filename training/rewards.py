@@ -270,9 +270,11 @@ class DraftReward:
         self.target_prompt = target_prompt or (lambda q: f"Question: {q}\nAnswer:")
         self.last_cpns: list[list[float]] = []  # per completion, the cpn of each step (for logging)
 
-    def scores(self, prompt: str, steps: list[str]) -> list[float]:
+    def scores(self, prompt: str, steps: list[str], images=None) -> list[float]:
         if not steps:
             return []
+        if images:  # the row's images, for a target that sees them (StepVerifier.score_steps(images=...))
+            return list(self.verifier.score_steps(prompt, steps, images=images))
         if hasattr(self.verifier, "score"):
             return list(self.verifier.score(prompt, steps))
         return list(self.verifier.score_steps(prompt, steps))
@@ -284,12 +286,14 @@ class DraftReward:
             return sum(1.0 for c in cpns if not math.isnan(c) and c > self.alpha) / len(cpns)
         return sum(0.0 if math.isnan(c) else c for c in cpns) / len(cpns)
 
-    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+    def __call__(self, prompts, completions, images=None, **kwargs) -> list[float]:
+        """``images``: optional, per completion None or the images the target sees with the prompt."""
         prompts = _check_len("prompts", prompts, len(completions))
+        images = [None] * len(completions) if images is None else _check_len("images", images, len(completions))
         out, self.last_cpns = [], []
-        for p, c in zip(prompts, completions):
+        for p, c, imgs in zip(prompts, completions, images):
             steps = split_steps(completion_text(c), self.delimiter)
-            cpns = self.scores(self.target_prompt(prompt_text(p)), steps)
+            cpns = self.scores(self.target_prompt(prompt_text(p)), steps, imgs)
             self.last_cpns.append(cpns)
             out.append(self.reduce(cpns))
         return out

@@ -5,6 +5,7 @@
         --data ../shared/data/gsm8k/train.jsonl --out runs/sapo --steps 50 --group-size 4
 
     torchrun --nproc_per_node 2 training/train_sapo.py ...     # data parallel (DDP; gloo on CPU)
+    torchrun --nproc_per_node 2 training/train_sapo.py ... --fsdp   # sharded data parallel (FSDP2)
 
 ``--resume`` continues from the latest ``checkpoint-*`` in ``--out`` (or a given checkpoint folder) to
 the identical state. The output folder loads with ``dreamr.models.load(out)`` and
@@ -75,7 +76,10 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--device", default=None, help="default: cuda:<local rank> if available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    p.add_argument("--fsdp", action="store_true", help="not implemented yet (raises); use DDP or --lora-r")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the draft (and the KL reference) over the processes with FSDP2 "
+                        "instead of DDP, for drafts whose weights + gradients + AdamW state do not fit one device; "
+                        "not with --lora-r")
     return p.parse_args(argv)
 
 
@@ -89,14 +93,12 @@ def config_from_args(a) -> SAPOConfig:
         alpha=a.alpha, draft_reward_mode=a.draft_reward_mode, length_max_steps=a.length_max_steps,
         length_max_tokens=a.length_max_tokens, dtype=a.dtype, rollout_dtype=a.rollout_dtype, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
         lora_dropout=a.lora_dropout, system_prompt=a.system_prompt or None, seed=a.seed, shuffle=not a.no_shuffle,
-        save_every=a.save_every, log_every=a.log_every,
+        save_every=a.save_every, log_every=a.log_every, fsdp=a.fsdp,
     )
 
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    if a.fsdp:
-        raise NotImplementedError("--fsdp: FSDP is not implemented yet; use DDP (torchrun) or LoRA (--lora-r)")
     if a.threads:
         torch.set_num_threads(a.threads)
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -118,12 +120,15 @@ def main(argv=None) -> int:
         target = load(a.target, dtype=a.target_dtype or ("bfloat16" if a.dtype == "bfloat16" else "float32"),
                       device=device,
                       progress=False)
-    trainer = SAPOTrainer(draft.model, draft.tokenizer, target.model if target else None,
-                          target.tokenizer if target else None, data=data, config=config, out_dir=a.out)
+    trainer = SAPOTrainer(draft.model, draft.processor or draft.tokenizer, target.model if target else None,
+                          (target.processor or target.tokenizer) if target else None, data=data, config=config,
+                          out_dir=a.out)
     if trainer.rank == 0:
         print(f"SAPO: {len(data)} prompts from {a.data}, G={config.group_size}, {config.batch_prompts} prompts/step, "
-              f"{world} process(es), device {device}" + (f"; {data.ignored_images} rows' images ignored "
-                                                        "(text-only for now)" if data.ignored_images else ""),
+              f"{world} process(es){' (FSDP)' if trainer.fsdp else ''}, device {device}"
+              + (" (--fsdp has no effect in one process)" if a.fsdp and not trainer.fsdp else "")
+              + (f"; {trainer.vision.unseen_image_rows} rows' images ignored (neither model sees images)"
+                 if trainer.vision.unseen_image_rows else ""),
               flush=True)
     if a.resume:
         trainer.load_checkpoint(a.out if a.resume == "auto" else a.resume)
@@ -133,6 +138,9 @@ def main(argv=None) -> int:
     if trainer.rank == 0:
         print(f"saved the trained draft to {a.out}", flush=True)
     if dist.is_initialized():
+        # Leave together: a rank that tears gloo down while another still has work queued aborts
+        # ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from training import grpo
 from training.data import DEFAULT_SYSTEM_PROMPT, Dataset, draft_messages, global_indices, validate_rows
 from training.rewards import DraftReward, LengthReward, OutcomeReward, SAPOReward, check_weights, split_steps
+from training.vision import VisionData, split_processor
 
 __all__ = ["SAPOConfig", "Rollout", "SAPOTrainer", "check_text_exchange"]
 
@@ -75,6 +76,9 @@ class SAPOConfig:
     system_prompt : the draft's system instruction (None: no system message).
     seed, shuffle : data order and sampling seeds.
     save_every : checkpoint every N steps (0: only at the end); log_every : console log cadence.
+    fsdp : with several processes, shard the policy (and the KL reference) with FSDP2 (``fully_shard``
+        per decoder layer and at the root) instead of replicating it with DDP; no effect in one process.
+        Not with LoRA (the adapters are small: use DDP).
     """
 
     group_size: int = 4
@@ -113,6 +117,7 @@ class SAPOConfig:
     shuffle: bool = True
     save_every: int = 0
     log_every: int = 1
+    fsdp: bool = False
 
     def validate(self, world_size: int = 1) -> None:
         def integer(name, lo):
@@ -157,6 +162,9 @@ class SAPOConfig:
         self.weights = check_weights(self.weights)
         if not isinstance(self.delimiter, str) or not self.delimiter:
             raise ValueError(f"delimiter must be a non-empty string, got {self.delimiter!r}")
+        if self.fsdp and self.lora_r > 0:
+            raise ValueError("fsdp with LoRA (lora_r > 0) is not supported: the adapters are small and the frozen "
+                             "base needs no optimizer state, so use DDP (drop fsdp), or train all weights with fsdp")
 
 
 @dataclass
@@ -169,6 +177,7 @@ class Rollout:
     components: dict[str, list[float]] = field(default_factory=dict)
     cpns: list[list[float]] = field(default_factory=list)  # per completion, per step
     texts: list[str] = field(default_factory=list)
+    vision_inputs: Optional[dict] = None  # a vision-language draft's processor inputs for an image row
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,6 +226,26 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _fully_shard(model, mesh) -> None:
+    """FSDP2: one shard group per decoder layer (the classes in ``_no_split_modules``), then the root
+    (embeddings, final norm, LM head; a tied head shares the root's group)."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+    if not layers:  # fall back to the decoder's layer list
+        dec = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+        layers = list(getattr(dec, "layers", []) or [])
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _full_tensor(t):
+    """A DTensor (FSDP2) as a plain tensor; other tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 # --------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------
@@ -250,6 +279,9 @@ class SAPOTrainer:
                                                                          source="data")
         if draft is None or not hasattr(draft, "parameters"):
             raise ValueError("draft must be a transformers causal LM (the policy to train)")
+        # a vision-language model's processor (training.vision): text goes through its tokenizer
+        draft_processor, draft_tokenizer = split_processor(draft_tokenizer)
+        target_processor, target_tokenizer = split_processor(target_tokenizer)
         if config.weights[1] > 0 and reward is None:
             if verifier is None:
                 if target is None:
@@ -258,7 +290,8 @@ class SAPOTrainer:
                 check_text_exchange(draft_tokenizer, target_tokenizer)
                 from dreamr.verify import StepVerifier
 
-                verifier = StepVerifier(target, target_tokenizer, alpha=config.alpha, delimiter=config.delimiter)
+                verifier = StepVerifier(target, target_tokenizer, alpha=config.alpha, delimiter=config.delimiter,
+                                        processor=target_processor)
             else:
                 check_text_exchange(draft_tokenizer, getattr(verifier, "tokenizer", draft_tokenizer))
         elif not callable(getattr(draft_tokenizer, "decode", None)):
@@ -267,6 +300,8 @@ class SAPOTrainer:
         self.verifier = verifier
         self.tokenizer = draft_tokenizer
         self.target_prompt = target_prompt
+        self.vision = VisionData(self.data, draft, draft_processor, getattr(verifier, "model", target),
+                                 target_processor or getattr(verifier, "processor", None))
         self.reward = reward or SAPOReward(
             OutcomeReward(),
             DraftReward(verifier, alpha=config.alpha, mode=config.draft_reward_mode, target_prompt=target_prompt,
@@ -306,7 +341,21 @@ class SAPOTrainer:
                 p.requires_grad_(False)
 
         self.ddp_model = self.model
-        if self.world_size > 1:
+        # FSDP2: the policy and the reference are sharded over the processes (each keeps 1/world of the
+        # weights, gradients and AdamW state); forwards all-gather one layer at a time. A bf16 rollout
+        # copy (rollout_dtype) is a full replica on each process, refreshed from the gathered weights.
+        self.fsdp = bool(config.fsdp) and self.world_size > 1
+        self._rollout_skeleton = None
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
+            if config.rollout_dtype == "bfloat16":
+                self._rollout_skeleton = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+            _fully_shard(self.model, mesh)
+            if self.ref_model is not None:
+                _fully_shard(self.ref_model, mesh)
+        elif self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp_model = DDP(self.model, device_ids=None if self.device.type == "cpu" else [self.device])
@@ -345,17 +394,22 @@ class SAPOTrainer:
     # -- rollouts ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, prompt_ids: list[int], seed: int) -> list[list[int]]:
-        """G completions of one prompt (token ids, cut after the first EOS, which is kept)."""
+    def sample(self, prompt_ids: list[int], seed: int, vision_inputs: Optional[dict] = None) -> list[list[int]]:
+        """G completions of one prompt (token ids, cut after the first EOS, which is kept); ``vision_inputs``:
+        a vision-language draft's processor inputs for an image prompt (training.vision)."""
         cfg = self.config
         torch.manual_seed(seed)
         x = torch.tensor([prompt_ids] * cfg.group_size, dtype=torch.long, device=self.device)
         model = self._rollout_model if self._rollout_model is not None else self.model
+        # A sharded policy all-gathers in every forward: all processes must run as many forwards as the
+        # longest generation (synced_gpus; a finished process samples nothing more, so no RNG drifts).
+        synced = {"synced_gpus": True} if self.fsdp and model is self.model else {}
         with self._autocast():
             out = model.generate(
                 input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=cfg.temperature,
                 top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_id,
-                eos_token_id=sorted(self.eos_ids) or None,
+                eos_token_id=sorted(self.eos_ids) or None, **synced,
+                **VisionData.generate_kwargs(vision_inputs, cfg.group_size, self.device),
             )
         completions = []
         for row in out[:, len(prompt_ids):].tolist():
@@ -363,20 +417,25 @@ class SAPOTrainer:
             completions.append(row[:cut])
         return completions
 
-    def score(self, question: str, answer: str, completion_ids: list[list[int]]) -> Rollout:
+    def score(self, question: str, answer: str, completion_ids: list[list[int]], images=None) -> Rollout:
         texts = [self.tokenizer.decode(c, skip_special_tokens=True) for c in completion_ids]
         prompts = [question] * len(texts)
-        comps = self.reward.components(prompts, texts, answer=[answer] * len(texts), completion_ids=completion_ids)
+        seen = {"images": [images] * len(texts)} if images else {}  # what the target's verification sees
+        comps = self.reward.components(prompts, texts, answer=[answer] * len(texts), completion_ids=completion_ids,
+                                       **seen)
         rewards = self.reward.combine(comps)
         cpns = list(self.reward.draft.last_cpns) if self.reward.draft is not None and self.config.weights[1] > 0 \
             else [[] for _ in texts]
         return Rollout([], completion_ids, rewards, comps, cpns, texts)
 
     def rollout(self, example, step: int, index: int) -> Rollout:
-        pids = self.prompt_ids(example.question)
-        completions = self.sample(pids, self.sample_seed(step, index))
-        r = self.score(example.question, example.answer, completions)
-        r.prompt_ids = pids
+        # an image row: a vision-language draft reads its processor's inputs, a text-only one the question
+        mm = self.vision.draft_inputs(example, draft_messages(example.question, self.config.system_prompt,
+                                                              len(example.images)))
+        pids = self.prompt_ids(example.question) if mm is None else mm["input_ids"][0].tolist()
+        completions = self.sample(pids, self.sample_seed(step, index), mm)
+        r = self.score(example.question, example.answer, completions, self.vision.target_images(example))
+        r.prompt_ids, r.vision_inputs = pids, mm
         return r
 
     # -- the update -------------------------------------------------------------------------------
@@ -404,12 +463,16 @@ class SAPOTrainer:
             mask[i, :n] = 1
             gather_pos[i, :n] = torch.arange(s - 1, s - 1 + n)
         dev = self.device
-        return ids.to(dev), attn.to(dev), targets.to(dev), mask.to(dev), gather_pos.to(dev)
+        # image rows of a vision-language draft: pixel values and per-token inputs, in row order
+        vision = VisionData.batch_kwargs([(r.vision_inputs, len(r.completion_ids), len(r.prompt_ids))
+                                          for r in rollouts], width, dev)
+        return ids.to(dev), attn.to(dev), targets.to(dev), mask.to(dev), gather_pos.to(dev), vision
 
     def _logps(self, model, batch) -> torch.Tensor:
-        ids, attn, targets, mask, pos = batch
+        ids, attn, targets, mask, pos = batch[:5]
+        vision = batch[5] if len(batch) > 5 else {}
         with self._autocast():
-            logits = model(input_ids=ids, attention_mask=attn, use_cache=False).logits
+            logits = model(input_ids=ids, attention_mask=attn, use_cache=False, **vision).logits
         idx = pos.unsqueeze(-1).expand(-1, -1, logits.size(-1))
         sel = logits.gather(1, idx)
         return grpo.token_logprobs(sel, targets) * mask.to(torch.float64 if sel.dtype == torch.float64 else torch.float32)
@@ -455,7 +518,11 @@ class SAPOTrainer:
             self.optimizer.zero_grad(set_to_none=True)
             for k, (b, adv, old, ref) in enumerate(zip(batches, advs, olds, refs)):
                 last = k == len(batches) - 1
-                sync = contextlib.nullcontext() if (last or self.world_size == 1) else self.ddp_model.no_sync()
+                if self.fsdp:  # accumulate unsharded gradients locally; reduce-scatter on the last one
+                    self.model.set_requires_gradient_sync(last)
+                    sync = contextlib.nullcontext()
+                else:
+                    sync = contextlib.nullcontext() if (last or self.world_size == 1) else self.ddp_model.no_sync()
                 with sync:
                     logp = self._logps(self.ddp_model, b)
                     old_k = logp.detach() if old is None else old
@@ -474,12 +541,14 @@ class SAPOTrainer:
                     sums["loss"] += float(loss.detach())
                     for key in ("kl_sum", "clipped_sum", "ratio_sum", "tokens"):
                         sums[key] += float(st[key])
-            if cfg.max_grad_norm > 0:
+            if cfg.max_grad_norm > 0:  # sharded (DTensor) gradients: the norm is global, a replicated DTensor
                 norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+            elif self.fsdp:
+                norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
             else:
                 norm = torch.sqrt(sum((p.grad.detach().double() ** 2).sum() for p in self.params if p.grad is not None))
             self.optimizer.step()
-            sums["grad_norm"] = float(norm)
+            sums["grad_norm"] = float(_full_tensor(norm))
         self.optimizer.zero_grad(set_to_none=True)
         keys = ["loss", "kl_sum", "clipped_sum", "ratio_sum", "tokens"]
         red = self._all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
@@ -508,7 +577,14 @@ class SAPOTrainer:
     def _refresh_rollout_model(self) -> None:
         self._rollout_model = None
         if self.config.rollout_dtype == "bfloat16":
-            self._rollout_model = copy.deepcopy(self.model).to(torch.bfloat16).eval()
+            if self.fsdp:  # gather the full weights on every process into the bf16 replica
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+                full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True))
+                self._rollout_skeleton.load_state_dict(full, strict=False)
+                self._rollout_model = self._rollout_skeleton
+            else:
+                self._rollout_model = copy.deepcopy(self.model).to(torch.bfloat16).eval()
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
@@ -602,7 +678,46 @@ class SAPOTrainer:
     # -- saving -----------------------------------------------------------------------------------
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        """The trainable tensors by name, on the CPU. With FSDP a collective (every process must call it):
+        the full tensors are gathered to rank 0, the other ranks get ``{}``."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.fsdp:
+            full = self._full_model_state()
+            return {n: full[n].contiguous() for n in names} if self.rank == 0 else {}
+        named = dict(self.model.named_parameters())
+        return {n: named[n].detach().cpu().contiguous() for n in names}
+
+    def _full_model_state(self) -> dict[str, torch.Tensor]:
+        """FSDP: the full state dict on rank 0's CPU (collective; empty on the other ranks)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state dict: as ``torch.optim`` keys it (parameter indices), or with FSDP the full
+        state keyed by parameter name, gathered to rank 0 (collective; empty on the other ranks)."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.model, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def _load_optimizer_state(self, opt: dict) -> None:
+        """Load either form of :meth:`optimizer_state` (a checkpoint from DDP/one process resumes under
+        FSDP and the other way round)."""
+        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        by_name = any(isinstance(k, str) for k in opt.get("state", {})) or any(
+            isinstance(k, str) for g in opt.get("param_groups", []) for k in g.get("params", []))
+        if not self.fsdp and not by_name:
+            self.optimizer.load_state_dict(opt)
+            return
+        if not by_name:  # parameter indices -> names (the optimizer holds the trainable parameters in order)
+            opt = {"state": {names[i]: v for i, v in opt["state"].items()},
+                   "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt["param_groups"]]}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(self.model, self.optimizer, opt, options=StateDictOptions(full_state_dict=True))
 
     def save_checkpoint(self, path=None) -> Optional[Path]:
         """Write ``out_dir/checkpoint-<step>/``: trainable weights (safetensors), optimizer, RNG, step."""
@@ -611,16 +726,17 @@ class SAPOTrainer:
                 return None
             path = self.out_dir / f"checkpoint-{self.step:06d}"
         path = Path(path)
+        weights, opt = self.trainable_state(), self.optimizer_state()  # FSDP: gathered to rank 0 (collective)
         if self.rank == 0:
             from safetensors.torch import save_file
 
             tmp = path.with_name(path.name + ".tmp")
             tmp.mkdir(parents=True, exist_ok=True)
-            save_file(self.trainable_state(), str(tmp / "weights.safetensors"))
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            save_file(weights, str(tmp / "weights.safetensors"))
+            torch.save(opt, tmp / "optimizer.pt")
             torch.save({"torch": torch.get_rng_state(), "python": random.getstate()}, tmp / "rng.pt")
             state = {"step": self.step, "config": _jsonable(dataclasses.asdict(self.config)),
-                     "world_size": self.world_size}
+                     "world_size": self.world_size, "fsdp": self.fsdp}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             if path.exists():
                 import shutil
@@ -644,11 +760,17 @@ class SAPOTrainer:
         if missing:
             raise ValueError(f"resume={str(path)!r}: checkpoint lacks {len(missing)} trainable tensors "
                              f"(first: {missing[0]}); was it written with the same draft and LoRA settings?")
-        with torch.no_grad():
-            for n, t in weights.items():
-                named[n].copy_(t.to(named[n].device))
+        if self.fsdp:  # every process reads the full tensors and keeps its shard
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(self.model, {n: t.to(named[n].dtype) for n, t in weights.items() if n in named},
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+        else:
+            with torch.no_grad():
+                for n, t in weights.items():
+                    named[n].copy_(t.to(named[n].device))
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(opt)
+        self._load_optimizer_state(opt)
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
@@ -656,7 +778,9 @@ class SAPOTrainer:
 
     def save_model(self, out_dir) -> None:
         """Save the trained draft (merged LoRA) and its tokenizer with ``save_pretrained``: the folder
-        loads with ``dreamr.models.load(out_dir)`` and ``SpeculativeReasoner.from_pretrained(draft=out_dir)``."""
+        loads with ``dreamr.models.load(out_dir)`` and ``SpeculativeReasoner.from_pretrained(draft=out_dir)``.
+        With FSDP a collective: the full weights are gathered to rank 0, which writes them."""
+        full = self._full_model_state() if self.fsdp else None
         if self.rank != 0:
             return
         out_dir = Path(out_dir)
@@ -664,8 +788,13 @@ class SAPOTrainer:
         model = self.model
         if self.lora:
             model = copy.deepcopy(self.model).merge_and_unload()
-        model.save_pretrained(str(out_dir))
+        if full is not None:
+            model.save_pretrained(str(out_dir), state_dict=full)
+        else:
+            model.save_pretrained(str(out_dir))
         self.tokenizer.save_pretrained(str(out_dir))
+        if self.vision.draft_processor is not None:  # a vision-language draft loads with its processor
+            self.vision.draft_processor.save_pretrained(str(out_dir))
 
 
 def latest_checkpoint(path) -> Path:
