@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import DynamicCache
 
+from dreamr.multimodal import is_vision_language
+
 __all__ = ["new_cache", "cache_tensors", "cache_length", "rollback", "cache_kwarg", "CachedSequence"]
 
 
@@ -113,9 +115,14 @@ class CachedSequence:
     and the rest is pending (fed at the next forward). Truncating ``ids`` rolls the cache back;
     extending ``ids`` costs nothing until the next forward. ``forward_passes`` counts the model's
     forward calls made through this object.
+
+    ``prefix`` (a :class:`dreamr.multimodal.ImagePrefix`, whose ids start ``ids``) hands over the cache
+    of a prompt with images, encoded once: the sequence then never rolls back into it, and feeds its
+    text with explicit ``position_ids [1, n]`` (index + the prefix's position offset), as it does for
+    any vision-language model.
     """
 
-    def __init__(self, model, ids: Sequence[int], *, device: Optional[torch.device] = None):
+    def __init__(self, model, ids: Sequence[int], *, device: Optional[torch.device] = None, prefix=None):
         self.model = model
         self.ids: list[int] = list(ids)
         self.cache = new_cache()
@@ -123,6 +130,17 @@ class CachedSequence:
         self.forward_passes = 0
         self._cache_kw = cache_kwarg(model)
         self._logits_to_keep = accepts_kwarg(model, "logits_to_keep")
+        # Vision-language models get explicit positions (text index + offset; see dreamr.multimodal).
+        self._explicit_positions = is_vision_language(model)
+        self.position_offset = 0
+        self.min_cached = 0  # the image prefix is never rolled back
+        if prefix is not None:  # a dreamr.multimodal.ImagePrefix: its cache becomes this sequence's
+            if list(self.ids[:len(prefix.ids)]) != prefix.ids:
+                raise ValueError("CachedSequence: ids must start with the image prefix's ids")
+            self.cache = prefix.cache
+            self.position_offset = int(prefix.position_offset)
+            self.min_cached = prefix.cached
+            self._explicit_positions = True
 
     @property
     def cached(self) -> int:
@@ -133,16 +151,26 @@ class CachedSequence:
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` tokens; the cache is rolled back past them."""
-        if not 0 <= length <= len(self.ids):
-            raise ValueError(f"truncate: length={length} outside [0, {len(self.ids)}]")
+        if not max(self.min_cached, 0) <= length <= len(self.ids):
+            raise ValueError(f"truncate: length={length} outside [{self.min_cached}, {len(self.ids)}]"
+                             + (" (the image prefix stays)" if self.min_cached else ""))
         del self.ids[length:]
         if self.cached > length:
             rollback(self.cache, length)
 
     def uncache_to(self, length: int) -> None:
         """Roll the cache back to ``length`` positions without changing ``ids`` (they become pending)."""
+        if length < self.min_cached:
+            raise ValueError(f"uncache_to: length={length} would drop the image prefix ({self.min_cached} positions)")
         if self.cached > length:
             rollback(self.cache, length)
+
+    def _positions(self, x: torch.Tensor, kwargs: dict) -> None:
+        """Explicit ``position_ids [1, n]`` for the fed tokens ``x [1, n]`` (vision-language models only)."""
+        if self._explicit_positions:
+            start = self.cached
+            kwargs["position_ids"] = (torch.arange(start, start + x.shape[1], device=self.device)
+                                      + self.position_offset).unsqueeze(0)
 
     def _input(self, extra: Sequence[int] = ()) -> torch.Tensor:
         if self.cached == len(self.ids) and not extra:
@@ -159,7 +187,9 @@ class CachedSequence:
         kwargs = {self._cache_kw: self.cache, "use_cache": True}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = 1
-        out = self.model(input_ids=self._input(), **kwargs)
+        x = self._input()
+        self._positions(x, kwargs)
+        out = self.model(input_ids=x, **kwargs)
         self.forward_passes += 1
         return out.logits[0, -1]
 
@@ -173,6 +203,7 @@ class CachedSequence:
         base = getattr(self.model, "base_model", None)
         kwargs = {"use_cache": True}
         x = self._input(extra)
+        self._positions(x, kwargs)
         if base is not None and base is not self.model:
             kwargs[cache_kwarg(base)] = self.cache
             hidden = base(input_ids=x, **kwargs).last_hidden_state

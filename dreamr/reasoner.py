@@ -5,8 +5,15 @@
     result = reasoner.generate("Natalia sold clips to 48 of her friends ...")
     for step in result.steps: print(step.source, step.cpn, step.text)
 
-The mode picks the engine ("target", "draft", "speculative"); all modes take the same requests and
-return the same :class:`dreamr.result.Result`, so they can be compared side by side.
+The mode picks the engine ("target", "draft", "speculative", "fpsr"); all modes take the same requests
+and return the same :class:`dreamr.result.Result`, so they can be compared side by side.
+
+Vision-language models (Qwen2-VL / Qwen2.5-VL, LLaVA, ... loaded through the Auto classes, each with
+its processor) take images: ``generate(prompt, images=[...])`` (PIL images, paths or tensors) or chat
+messages with image parts. Each model's processor builds its inputs; the image prefix is encoded once
+per model per request and stays in that model's KV cache (see :mod:`dreamr.multimodal`). A text-only
+draft beside a vision-language target drafts from the text alone; the target, which sees the image,
+verifies its steps.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 
 from dreamr.cache import CachedSequence
 from dreamr.engines import ENGINES, LM, Request
+from dreamr.multimodal import prepare_prompt, processor_inputs, split_processor
 from dreamr.result import Result, Step
 from dreamr.verify import DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE, StepVerifier, check_alpha
 
@@ -107,20 +115,23 @@ class StepStream:
 
 
 def _unwrap(obj, tokenizer, role: str):
-    """Accept a model, or an object with .model and .tokenizer (what dreamr.models.load returns)."""
+    """Accept a model, or an object with .model and .tokenizer (what dreamr.models.load returns).
+
+    Returns ``(model, tokenizer, processor)``; the processor is None unless one was given (a
+    vision-language model's processor, as ``<role>_tokenizer`` or the loaded object's ``.processor``)."""
     if hasattr(obj, "model") and hasattr(obj, "tokenizer") and not isinstance(obj, torch.nn.Module):
-        model, tok = obj.model, obj.tokenizer if tokenizer is None else tokenizer
+        model = obj.model
+        tok = (getattr(obj, "processor", None) or obj.tokenizer) if tokenizer is None else tokenizer
     else:
         model, tok = obj, tokenizer
     if not isinstance(model, torch.nn.Module) or not callable(model):
         raise ValueError(f"{role}: expected a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
     if tok is None:
         raise ValueError(f"{role}_tokenizer: a tokenizer (or processor) is required for the {role} model")
-    if not hasattr(tok, "encode") and hasattr(tok, "tokenizer"):
-        tok = tok.tokenizer  # a processor: text goes through its tokenizer
+    processor, tok = split_processor(tok)  # a processor: text goes through its tokenizer
     if next(model.parameters(), None) is None:
         raise ValueError(f"{role}: the model has no parameters")
-    return model, tok
+    return model, tok, processor
 
 
 def _check_kv_cache(lm: LM) -> None:
@@ -148,8 +159,21 @@ def _same_tokenizer(a, b) -> bool:
     return ba is not None and bb is not None and ba.to_str() == bb.to_str()
 
 
-def _is_multimodal(model) -> bool:
-    return getattr(model.config, "vision_config", None) is not None
+def _has_content(content) -> bool:
+    """A message's content is not empty: non-blank text, or a list with a non-blank text part or an image."""
+    if isinstance(content, str):
+        return bool(content.strip())
+    if isinstance(content, Sequence):
+        return any(isinstance(p, dict) and (p.get("type") == "image" or
+                                            (isinstance(p.get("text"), str) and p["text"].strip()))
+                   for p in content)
+    return False
+
+
+def _joined_text(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
 
 
 class SpeculativeReasoner:
@@ -180,8 +204,8 @@ class SpeculativeReasoner:
         dtype: Optional[torch.dtype] = None,
         **overrides,
     ):
-        t_model, t_tok = _unwrap(target, target_tokenizer, "target")
-        d_model, d_tok = _unwrap(draft, draft_tokenizer, "draft")
+        t_model, t_tok, t_proc = _unwrap(target, target_tokenizer, "target")
+        d_model, d_tok, d_proc = _unwrap(draft, draft_tokenizer, "draft")
         if device is not None or dtype is not None:
             for m in (t_model, d_model):
                 m.to(device=device, dtype=dtype)
@@ -194,7 +218,7 @@ class SpeculativeReasoner:
                              "dtype for both")
         t_model.eval()
         d_model.eval()
-        self.target, self.draft = LM(t_model, t_tok, "target"), LM(d_model, d_tok, "draft")
+        self.target, self.draft = LM(t_model, t_tok, "target", t_proc), LM(d_model, d_tok, "draft", d_proc)
         _check_kv_cache(self.target)
         _check_kv_cache(self.draft)
         self.same_tokenizer = _same_tokenizer(t_tok, d_tok)
@@ -272,7 +296,8 @@ class SpeculativeReasoner:
             self.verifier_for(config)  # verdict words checked before any work
         return config
 
-    def _request(self, prompt: Prompt, images, config: ReasonerConfig, name: str = "prompt") -> Request:
+    def _request(self, prompt: Prompt, images, config: ReasonerConfig, name: str = "prompt",
+                 images_name: str = "images") -> Request:
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise ValueError(f"{name} is empty")
@@ -282,29 +307,64 @@ class SpeculativeReasoner:
             for i, msg in enumerate(prompt):
                 if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
                     raise ValueError(f"{name}[{i}] must be a dict with 'role' and 'content', got {msg!r}")
-            if not any(isinstance(m["content"], str) and m["content"].strip() for m in prompt):
+            if not any(_has_content(m["content"]) for m in prompt):
                 raise ValueError(f"{name} is empty (every message's content is empty)")
         else:
             raise ValueError(f"{name} must be a string or a list of chat messages, got {type(prompt).__name__}")
-        if images is not None and len(images) > 0:
-            for lm in self._used(config.mode):
-                if not _is_multimodal(lm.model):
-                    raise ValueError(f"images: {len(images)} image(s) given but the {lm.name} model "
-                                     f"({type(lm.model).__name__}) is text-only")
-            raise NotImplementedError("images: vision-language models are not wired into the step engines yet")
-        request = Request(prompt=prompt, config=config, images=images)
+        mm = prepare_prompt(prompt, images, name=name, images_name=images_name)
+        if mm is not None:
+            self._check_can_see(mm, config.mode, images_name)
+        elif not isinstance(prompt, str) and any(not isinstance(m["content"], str) for m in prompt):
+            prompt = [{**m, "content": _joined_text(m["content"])} for m in prompt]  # text parts only
+        request = Request(prompt=prompt, config=config, images=None if mm is None else mm.images)
         for lm in self._used(config.mode):
-            ids = lm.encode_prompt(prompt)
+            inputs = None
+            if mm is None:
+                ids = lm.encode_prompt(prompt)
+            elif lm.vision:  # the model's own processor places and encodes the images
+                inputs = processor_inputs(lm.processor, mm, lm.name, name)
+                ids = [int(t) for t in inputs["input_ids"][0].tolist()]
+            else:  # a text-only model reads the prompt without its images (the other model sees them): chat
+                # messages as without images (no chat template: the same ValueError); a string prompt becomes
+                # one user message through its chat template where it has one, else stays the string
+                as_text = isinstance(prompt, str) and not getattr(lm.tokenizer, "chat_template", None)
+                ids = lm.encode_prompt(prompt if as_text else mm.text_messages)
             if not ids:
                 raise ValueError(f"{name} is empty after tokenization for the {lm.name} model")
             if len(ids) >= lm.context_length:
                 raise ValueError(f"{name} is {len(ids)} tokens for the {lm.name} model, longer than its context "
                                  f"of {lm.context_length} tokens (no room to generate)")
             if lm is self.target:
-                request.target_ids = ids
+                request.target_ids, request.target_inputs = ids, inputs
             else:
-                request.draft_ids = ids
+                request.draft_ids, request.draft_inputs = ids, inputs
         return request
+
+    def _check_can_see(self, mm, mode: str, images_name: str) -> None:
+        """Raise ValueError unless a model that ``mode`` runs can see the images (a vision-language model),
+        and every vision-language model it runs has its processor.
+
+        Modes "speculative" and "fpsr" run both models: a vision-language target is enough (a text-only
+        draft drafts from the text alone). Modes "target" and "draft" run one model, which must see them."""
+        n = len(mm.images)
+        used = self._used(mode)
+        if not any(lm.vision for lm in used):
+            if mode in ("target", "draft"):
+                lm = used[0]
+                raise ValueError(f"{images_name}: {n} image(s) given but the {lm.name} model "
+                                 f"({type(lm.model).__name__}) is text-only and cannot see them, and mode={mode!r} "
+                                 f"runs it alone; use a vision-language {lm.name} (e.g. Qwen2-VL, LLaVA), another "
+                                 "mode, or drop the images")
+            raise ValueError(f"{images_name}: {n} image(s) given but the target model "
+                             f"({type(self.target.model).__name__}) is text-only and cannot see them, nor can the "
+                             f"draft ({type(self.draft.model).__name__}), in mode={mode!r}; use a vision-language "
+                             "target (e.g. Qwen2-VL, LLaVA) or drop the images")
+        for lm in used:
+            if lm.vision and lm.processor is None:
+                raise ValueError(f"{lm.name}_tokenizer: the {lm.name} model ({type(lm.model).__name__}) is a "
+                                 f"vision-language model but was given a tokenizer ({type(lm.tokenizer).__name__}), "
+                                 f"not its processor; pass {lm.name}_tokenizer=AutoProcessor.from_pretrained(...) "
+                                 "to give it images")
 
     def _used(self, mode: str) -> list[LM]:
         return {"target": [self.target], "draft": [self.draft]}.get(mode, [self.target, self.draft])
@@ -312,22 +372,36 @@ class SpeculativeReasoner:
     # -- public API ---------------------------------------------------------------------------------
 
     def generate(self, prompt: Prompt, *, images=None, **overrides) -> Result:
-        """Run one request (a string, or chat messages) and return its :class:`Result`."""
+        """Run one request (a string, or chat messages) and return its :class:`Result`.
+
+        ``images``: None, one image or a list (PIL images, image file paths, tensors ``[C, H, W]``).
+        With a string prompt they come first in one user message, before the text; with chat messages
+        they fill, in order, the ``{"type": "image"}`` parts that hold no image of their own. A model the mode
+        runs must see them (a vision-language model given with its processor): the target in mode
+        "target", the draft in mode "draft", either in "speculative" and "fpsr"; a text-only model beside
+        it reads the text alone.
+        """
         config = self._config(overrides)
         request = self._request(prompt, images, config)
         return self.engine(config.mode).generate(request)
 
     def generate_batch(self, prompts: Sequence[Prompt], *, images=None, progress: bool = False,
                        **overrides) -> list[Result]:
-        """Run several requests; the results equal running each one alone with :meth:`generate`."""
+        """Run several requests; the results equal running each one alone with :meth:`generate`.
+
+        ``images``, when given, holds one entry per prompt (None, one image, or a list of images)."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise ValueError("prompts must be a list of prompts (use generate() for one prompt)")
         if not prompts:
             raise ValueError("prompts is empty")
-        if images is not None and len(images) != len(prompts):
-            raise ValueError(f"images must hold one entry per prompt ({len(prompts)}), got {len(images)}")
+        if images is not None and (isinstance(images, (str, bytes)) or not isinstance(images, Sequence)
+                                   or len(images) != len(prompts)):
+            got = len(images) if isinstance(images, Sequence) else type(images).__name__
+            raise ValueError(f"images must be a list with one entry per prompt ({len(prompts)}; each None, an image or "
+                             f"a list of images), got {got}")
         config = self._config(overrides)
-        requests = [self._request(p, None if images is None else images[i], config, name=f"prompts[{i}]")
+        requests = [self._request(p, None if images is None else images[i], config, name=f"prompts[{i}]",
+                                  images_name=f"images[{i}]")
                     for i, p in enumerate(prompts)]
         return self.engine(config.mode).run(requests, progress=progress)
 

@@ -41,7 +41,8 @@ class Step:
         return d
 
 
-PHASE_TIME_FIELDS = ("draft_time_s", "verify_time_s", "target_time_s", "rollback_time_s", "scheduler_time_s")
+PHASE_TIME_FIELDS = ("draft_time_s", "verify_time_s", "target_time_s", "rollback_time_s", "scheduler_time_s",
+                     "image_prompt_time_s")
 
 
 @dataclass
@@ -83,6 +84,9 @@ class Metrics:
     target_time_s: float = 0.0
     rollback_time_s: float = 0.0
     scheduler_time_s: float = 0.0
+    # Vision-language requests: each model's one forward over the image prompt (vision encoder and the
+    # prompt's prefill), once per model per request; not in the draft/target phases above.
+    image_prompt_time_s: float = 0.0
 
     def finalize(self) -> "Metrics":
         """Fill the derived fields (acceptance rate, throughput) from the counters."""

@@ -11,6 +11,8 @@ committed context).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from numbers import Real
 from typing import Optional, Sequence
@@ -18,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 
 from dreamr.cache import CachedSequence
+from dreamr.multimodal import (ImagePrefix, encode_prefix, is_vision_language, prepare_prompt, processor_inputs,
+                               split_processor)
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -109,6 +113,12 @@ class StepVerifier:
         Default acceptance threshold in [0, 1].
     delimiter : str
         The step delimiter (default a blank line).
+    processor : transformers processor, optional
+        A vision-language target's processor, for :meth:`score_steps` with images (a processor given as
+        ``tokenizer`` is taken as both).
+
+    :meth:`score_steps` keeps the image prefix of its last call with images: consecutive calls on the
+    same prompt and images (a SAPO row's completions, scored one call each) encode the images once.
     """
 
     def __init__(
@@ -121,9 +131,13 @@ class StepVerifier:
         negative_words: Optional[Sequence[str]] = None,
         alpha: float = 0.7,
         delimiter: str = "\n\n",
+        processor=None,
     ):
+        inner_processor, tokenizer = split_processor(tokenizer)
+        processor = inner_processor if processor is None else processor
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor
         self.alpha = check_alpha(alpha)
         self.template = DEFAULT_TEMPLATE if template is None else template
         if not isinstance(self.template, str) or not self.template.strip():
@@ -143,6 +157,7 @@ class StepVerifier:
             True: tokenizer.encode(self.template, add_special_tokens=False),
             False: tokenizer.encode(delimiter + self.template, add_special_tokens=False),
         }
+        self._kept_prefix: Optional[tuple[dict, tuple, ImagePrefix]] = None  # (inputs, weights' state, prefix)
 
     def suffix_ids(self, step_text: str) -> list[int]:
         """Token ids of the verdict prompt that follows ``step_text``."""
@@ -195,20 +210,70 @@ class StepVerifier:
     verify = torch.no_grad()(verify)
 
     @torch.no_grad()
-    def score_steps(self, prompt: str, steps: Sequence[str]) -> list[float]:
+    def score_steps(self, prompt: str, steps: Sequence[str], images=None) -> list[float]:
         """cpn of each step ``i`` given ``prompt + steps[:i]``, reusing one KV cache across the steps.
 
         Steps are concatenated as given (include their separators, e.g. a trailing blank line). One
-        forward pass per step; NaN where a verdict was not finite.
+        forward pass per step; NaN where a verdict was not finite. With ``images`` (one or a list: PIL
+        images, paths, tensors ``[C, H, W]``; a vision-language target with its processor), the prompt
+        becomes one user message, the images then the text, through the processor's chat template;
+        the images are encoded once and the steps follow the generation prompt; the next call on the
+        same prompt and images reuses that encoding (a copy of its cache; see :meth:`clear_prefix_cache`).
         """
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError("prompt must be a non-empty string")
         if isinstance(steps, str):
             raise ValueError("steps must be a sequence of step strings, not one string")
-        seq = CachedSequence(self.model, self.tokenizer.encode(prompt, add_special_tokens=True))
+        mm = prepare_prompt(prompt, images)
+        if mm is None:
+            seq = CachedSequence(self.model, self.tokenizer.encode(prompt, add_special_tokens=True))
+        else:
+            if not is_vision_language(self.model):
+                raise ValueError(f"images: {len(mm.images)} image(s) given but the target model "
+                                 f"({type(self.model).__name__}) is text-only and cannot see them")
+            if self.processor is None:
+                raise ValueError("images: the target is a vision-language model but the verifier has no processor; "
+                                 "pass processor=AutoProcessor.from_pretrained(...) (or the processor as tokenizer)")
+            prefix = self._image_prefix(processor_inputs(self.processor, mm, "target"))
+            seq = CachedSequence(self.model, prefix.ids, prefix=prefix)
         scores = []
         for step in steps:
             ids = self.tokenizer.encode(step, add_special_tokens=False)
             cpn, _ = self.verify(seq, ids, step, commit=True)
             scores.append(cpn)
         return scores
+
+    def _weights_state(self) -> tuple:
+        """Changes whenever the target's parameters are replaced, moved or updated in place."""
+        return tuple((id(p), p.device, p.dtype, p._version) for p in self.model.parameters())
+
+    def _image_prefix(self, inputs: dict) -> ImagePrefix:
+        """The image prefix of ``inputs`` (a copy of its cache: scoring extends it), encoded once for
+        consecutive calls with equal inputs while the target's weights stay as they were."""
+        state = self._weights_state()
+        kept = self._kept_prefix
+        if kept is None or kept[1] != state or not _same_inputs(kept[0], inputs):
+            self._kept_prefix = None  # free the old prefix before encoding the new one
+            kept = self._kept_prefix = (inputs, state, encode_prefix(self.model, inputs))
+        prefix = kept[2]
+        return dataclasses.replace(prefix, cache=copy.deepcopy(prefix.cache))
+
+    def clear_prefix_cache(self) -> None:
+        """Drop the kept image prefix (its KV cache); needed only where the target's weights were changed
+        without autograd seeing it (through ``.data``), which the reuse check cannot detect."""
+        self._kept_prefix = None
+
+
+def _same_inputs(a: dict, b: dict) -> bool:
+    """Two processor outputs hold the same keys and equal values (tensors compared element-wise)."""
+    if a.keys() != b.keys():
+        return False
+    for k, v in a.items():
+        w = b[k]
+        if isinstance(v, torch.Tensor) or isinstance(w, torch.Tensor):
+            if not (isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) and v.shape == w.shape
+                    and v.dtype == w.dtype and torch.equal(v, w)):
+                return False
+        elif v != w:
+            return False
+    return True

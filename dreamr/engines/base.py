@@ -16,6 +16,7 @@ from typing import Any, Generator, Iterator, Optional, Sequence, Union
 import torch
 
 from dreamr.cache import CachedSequence
+from dreamr.multimodal import is_vision_language
 from dreamr.result import Metrics, Result, Step
 from dreamr.steps import StepWriter, has_answer
 
@@ -30,16 +31,22 @@ class Request:
     config: Any  # dreamr.reasoner.ReasonerConfig, already validated
     target_ids: list[int] = field(default_factory=list)  # the prompt in the target's tokens
     draft_ids: list[int] = field(default_factory=list)  # the prompt in the draft's tokens
-    images: Optional[Sequence[Any]] = None
+    images: Optional[Sequence[Any]] = None  # the request's images (RGB PIL images), None without any
+    # A vision-language model's processor inputs for the prompt (input_ids [1, P], pixel_values, ...), or
+    # None where that model reads text only; its image prefix is encoded once when the request starts.
+    target_inputs: Optional[dict] = None
+    draft_inputs: Optional[dict] = None
 
 
 class LM:
     """A causal LM with its tokenizer, and what the engines need to know about the pair."""
 
-    def __init__(self, model, tokenizer, name: str):
+    def __init__(self, model, tokenizer, name: str, processor=None):
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor  # a vision-language model's processor (None for a text model)
         self.name = name
+        self.vision = is_vision_language(model)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -94,6 +101,15 @@ class Sampler:
         return int(torch.multinomial(probs, 1, generator=self._generator))
 
 
+def sample_rows(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]:
+    """One token per row of ``logits`` ``[N, V]``, row i drawn by ``samplers[i]``. When every row is greedy
+    this is one batched argmax and one device-to-host copy (a loop over rows would wait on the device N
+    times); ties go to the lowest id either way."""
+    if all(s.temperature <= 0.0 for s in samplers):
+        return [int(t) for t in logits.argmax(dim=-1).tolist()]
+    return [s(row) for s, row in zip(samplers, logits)]
+
+
 @dataclass
 class RequestState:
     """Bookkeeping of one request while an engine runs it."""
@@ -130,6 +146,23 @@ class RequestState:
             finish_reason=self.finish_reason or "length",
             mode=mode,
         )
+
+
+def image_prefix(lm: LM, inputs: Optional[dict], metrics: Optional[Metrics] = None):
+    """``lm``'s image prefix for a request (a :class:`dreamr.multimodal.ImagePrefix`), encoded now, once,
+    and timed into ``metrics.image_prompt_time_s``; None where ``inputs`` is None (no image for this model)."""
+    if inputs is None:
+        return None
+    from dreamr.multimodal import encode_prefix
+
+    with timed("image_prompt_time_s", *([metrics] if metrics is not None else [])):
+        return encode_prefix(lm.model, inputs)
+
+
+def open_sequence(lm: LM, ids: Sequence[int], inputs: Optional[dict], metrics: Optional[Metrics] = None
+                  ) -> CachedSequence:
+    """A model's sequence for a request: its prompt ``ids`` on top of its image prefix, if it has one."""
+    return CachedSequence(lm.model, ids, prefix=image_prefix(lm, inputs, metrics))
 
 
 def step_cap(state: RequestState, *seqs_and_lms: tuple[CachedSequence, LM], reserve: int = 0) -> int:
@@ -220,7 +253,8 @@ class SingleModelEngine(Engine):
         state = RequestState(cfg)
         is_target = self.source == "target"
         lm = self.target if is_target else self.draft
-        seq = CachedSequence(lm.model, request.target_ids if is_target else request.draft_ids)
+        seq = open_sequence(lm, request.target_ids if is_target else request.draft_ids,
+                            request.target_inputs if is_target else request.draft_inputs, state.metrics)
         sampler = self.sampler(cfg, 0 if is_target else 1)
         while state.finish_reason is None:
             cap = step_cap(state, (seq, lm))

@@ -17,8 +17,7 @@ from __future__ import annotations
 import math
 from typing import Generator
 
-from dreamr.cache import CachedSequence
-from dreamr.engines.base import Engine, Request, RequestState, step_cap, timed, write_step
+from dreamr.engines.base import Engine, Request, RequestState, open_sequence, step_cap, timed, write_step
 from dreamr.result import Result, Step
 
 
@@ -31,8 +30,8 @@ class SpeculativeEngine(Engine):
         m = state.metrics
         target, draft = self.target, self.draft
         verifier = self.verifier_for(cfg)
-        t_seq = CachedSequence(target.model, request.target_ids)
-        d_seq = CachedSequence(draft.model, request.draft_ids)
+        t_seq = open_sequence(target, request.target_ids, request.target_inputs, m)
+        d_seq = open_sequence(draft, request.draft_ids, request.draft_inputs, m)
         t_sampler, d_sampler = self.sampler(cfg, 0), self.sampler(cfg, 1)
         reserve = max(len(verifier.suffix_ids("")), len(verifier.suffix_ids(cfg.step_delimiter)))
         try:
