@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -135,23 +136,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, out):
+@contextlib.contextmanager
+def _gloo_process(rank, world, port):
+    """One process of a CPU process group; yields the test tokenizers. Both ranks leave together: a rank
+    that tears gloo down while the other still has work queued aborts ("terminate called without an
+    active exception")."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        toks = (build_tokenizer(400), build_tokenizer(330, reverse=True, bos=False))
+        yield build_tokenizer(400), build_tokenizer(330, reverse=True, bos=False)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_worker(rank, world, port, out):
+    with _gloo_process(rank, world, port) as toks:
         tr = make(toks, batch_prompts=2, micro_batch_prompts=1, total_steps=2, beta=0.05)
         tr.train()
         if rank == 0:
             torch.save({n: p.detach() for n, p in tr.model.named_parameters()}, out)
-        # Both ranks leave together: a rank that tears gloo down while the other still has work queued
-        # aborts ("terminate called without an active exception").
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_process_gloo_equals_one_process(toks, tmp_path):
@@ -180,13 +187,7 @@ def make_fsdp(toks, out_dir=None, **overrides):
 
 
 def _fsdp_worker(rank, world, port, tmp):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        toks = (build_tokenizer(400), build_tokenizer(330, reverse=True, bos=False))
+    with _gloo_process(rank, world, port) as toks:
         # 2 prompts per process, 2 accumulation steps each; sharded policy and reference; checkpoints.
         tr = make_fsdp(toks, os.path.join(tmp, "fsdp"), fsdp=True)
         assert tr.fsdp and type(next(tr.model.parameters())).__name__ == "DTensor"
@@ -204,9 +205,6 @@ def _fsdp_worker(rank, world, port, tmp):
         if rank == 0:
             torch.save({"full": full, "resumed": resumed, "bf16": bf_state, "history": tr.history,
                         "bf16_history": bf.history}, os.path.join(tmp, "fsdp.pt"))
-        dist.barrier()  # leave together (see _ddp_worker)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_process_fsdp_equals_one_process(toks, tmp_path):
