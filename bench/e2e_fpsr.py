@@ -41,6 +41,10 @@ row), bf16, alpha 0.7, W 4, 2026-11-28:
         a = 0.5 (0.38): 1.09, 1.17, 0.81; bound 1.09
         a = 0.7 (0.62): 1.43, 1.27, 0.81; bound 1.39
         a = 0.9 (1.00): 2.40, 2.39, 0.90; bound 1.93 (2.39 at a = 1)
+    after the move to in-place ragged storage (dreamr/engines/ragged.py), a quieter machine, same settings:
+        target 62.3 s, speculative 45.0 s (1.38x), fpsr 43.0 s (1.45x; 1.05x speculative), fpsr with
+        the bucketed decode path (cuda_graphs=on, eager on a CPU) 44.2 s (1.41x); fpsr text ==
+        speculative 10/10; bound 1/(0.67 + 1/20.6) = 1.39
 
 Both print a table and can write JSON (``--json``). Threads: ``torch.get_num_threads()`` (set
 OMP_NUM_THREADS). Nothing here runs in the tests; they only need the modules to import.
