@@ -20,7 +20,7 @@ bucketed static-buffer forward runs eagerly: that is how the tests check this pa
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -56,7 +56,6 @@ class _Bucket:
     forward: Optional[Callable[[], torch.Tensor]] = None  # runs the model on the static inputs
     graph: Optional["torch.cuda.CUDAGraph"] = None
     hidden: Optional[torch.Tensor] = None  # [rows, 1, H]: the captured output
-    replays: int = field(default=0)
 
 
 class DecodeGraphs:
@@ -142,7 +141,6 @@ class DecodeGraphs:
                 return None
             self._buckets[key] = b
         b.graph.replay()
-        b.replays += 1
         self.stats["bucketed_forwards"] += 1
         self.stats["graph_replays"] += 1
         # a copy: the graph's output is overwritten by the next replay of any bucket (one memory pool)
