@@ -184,6 +184,14 @@ class MultimodalPrompt:
     text_messages: list[dict]
 
 
+def text_of(content) -> str:
+    """A message content as a string: itself, or its text parts joined (image parts dropped)."""
+    if isinstance(content, str):
+        return content
+    return "".join(p["text"] for p in content if isinstance(p, dict) and p.get("type") == "text"
+                   and isinstance(p.get("text"), str))
+
+
 def prepare_prompt(prompt: Union[str, Sequence[dict]], images: Any, name: str = "prompt",
                    images_name: str = "images") -> Optional[MultimodalPrompt]:
     """Gather a prompt's images (from ``images`` and from image parts of its messages).
@@ -213,7 +221,7 @@ def prepare_prompt(prompt: Union[str, Sequence[dict]], images: Any, name: str = 
             continue
         if not isinstance(content, Sequence):
             raise ValueError(f"{name}[{i}]['content'] must be a string or a list of parts, got {type(content).__name__}")
-        parts, texts = [], []
+        parts = []
         for j, part in enumerate(content):
             where = f"{name}[{i}]['content'][{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
@@ -222,7 +230,6 @@ def prepare_prompt(prompt: Union[str, Sequence[dict]], images: Any, name: str = 
                 if not isinstance(text, str):
                     raise ValueError(f"{where}: a text part needs a string 'text', got {part!r}")
                 parts.append({"type": "text", "text": text})
-                texts.append(text)
             elif kind == "image":
                 source = next((part[k] for k in _IMAGE_SOURCE_KEYS if part.get(k) is not None), None)
                 if source is not None:
@@ -238,7 +245,7 @@ def prepare_prompt(prompt: Union[str, Sequence[dict]], images: Any, name: str = 
                 raise ValueError(f"{where}: parts must be {{'type': 'text', 'text': ...}} or {{'type': 'image', ...}}, "
                                  f"got {part!r}")
         out.append({**msg, "content": parts})
-        text_out.append({**msg, "content": "".join(texts)})
+        text_out.append({**msg, "content": text_of(content)})
     if places < len(given):
         raise ValueError(f"{images_name}: {len(given)} image(s) given but the {name}'s messages have "
                          f"{places} image part(s) without an image to put them in; add one {{'type': 'image'}} "

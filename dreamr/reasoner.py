@@ -28,7 +28,7 @@ import torch
 
 from dreamr.cache import CachedSequence
 from dreamr.engines import ENGINES, LM, Request
-from dreamr.multimodal import prepare_prompt, processor_inputs, split_processor
+from dreamr.multimodal import prepare_prompt, processor_inputs, split_processor, text_of
 from dreamr.result import Result, Step
 from dreamr.verify import DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE, StepVerifier, check_alpha
 
@@ -170,12 +170,6 @@ def _has_content(content) -> bool:
     return False
 
 
-def _joined_text(content) -> str:
-    if isinstance(content, str):
-        return content
-    return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-
-
 class SpeculativeReasoner:
     """Step-level speculative reasoning (DREAM-R) over a target and a draft causal LM.
 
@@ -315,7 +309,7 @@ class SpeculativeReasoner:
         if mm is not None:
             self._check_can_see(mm, config.mode, images_name)
         elif not isinstance(prompt, str) and any(not isinstance(m["content"], str) for m in prompt):
-            prompt = [{**m, "content": _joined_text(m["content"])} for m in prompt]  # text parts only
+            prompt = [{**m, "content": text_of(m["content"])} for m in prompt]  # text parts only
         request = Request(prompt=prompt, config=config, images=None if mm is None else mm.images)
         for lm in self._used(config.mode):
             inputs = None

@@ -20,9 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from dreamr.multimodal import is_vision_language, load_image, prepare_prompt, processor_inputs, split_processor
+from dreamr.multimodal import is_vision_language, load_image, prepare_prompt, processor_inputs
 
-__all__ = ["split_processor", "VisionData"]  # split_processor: dreamr.multimodal's, re-exported for the trainer
+__all__ = ["VisionData"]
 
 
 class VisionData:
