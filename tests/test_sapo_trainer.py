@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -130,22 +129,16 @@ def test_save_then_resume_is_bit_identical(toks, tmp_path):
                                  "update_s": full.history[2 + i]["update_s"]} for i, h in enumerate(resumed.history)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def _gloo_process(rank, world, port):
+def _gloo_process(rank, world, rendezvous):
     """One process of a CPU process group; yields the test tokenizers. Both ranks leave together: a rank
     that tears gloo down while the other still has work queued aborts ("terminate called without an
     active exception")."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to pick, so no race with other processes for it
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         yield build_tokenizer(400), build_tokenizer(330, reverse=True, bos=False)
         dist.barrier()
@@ -153,8 +146,8 @@ def _gloo_process(rank, world, port):
         dist.destroy_process_group()
 
 
-def _ddp_worker(rank, world, port, out):
-    with _gloo_process(rank, world, port) as toks:
+def _ddp_worker(rank, world, rendezvous, out):
+    with _gloo_process(rank, world, rendezvous) as toks:
         tr = make(toks, batch_prompts=2, micro_batch_prompts=1, total_steps=2, beta=0.05)
         tr.train()
         if rank == 0:
@@ -165,7 +158,7 @@ def test_two_process_gloo_equals_one_process(toks, tmp_path):
     import torch.multiprocessing as mp
 
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     single = make(toks, batch_prompts=2, micro_batch_prompts=1, total_steps=2, beta=0.05)  # 2 accumulation steps
     single.train()
     ddp = torch.load(out)
@@ -186,8 +179,8 @@ def make_fsdp(toks, out_dir=None, **overrides):
     return tr
 
 
-def _fsdp_worker(rank, world, port, tmp):
-    with _gloo_process(rank, world, port) as toks:
+def _fsdp_worker(rank, world, rendezvous, tmp):
+    with _gloo_process(rank, world, rendezvous) as toks:
         # 2 prompts per process, 2 accumulation steps each; sharded policy and reference; checkpoints.
         tr = make_fsdp(toks, os.path.join(tmp, "fsdp"), fsdp=True)
         assert tr.fsdp and type(next(tr.model.parameters())).__name__ == "DTensor"
@@ -210,7 +203,7 @@ def _fsdp_worker(rank, world, port, tmp):
 def test_two_process_fsdp_equals_one_process(toks, tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "fsdp.pt")
     single = make_fsdp(toks, tmp_path / "single")  # 4 accumulation steps in one process
     single.train()
