@@ -33,6 +33,21 @@ with_cuda = _extension.cuda_build_possible()  # DREAMR_NO_CUDA=1 builds the CPU 
 sources = [os.path.relpath(s, ROOT) for s in _extension.sources(with_cuda)]
 Extension = CUDAExtension if with_cuda else CppExtension
 
+
+class BuildExtensionWithInfo(BuildExtension):
+    """Also records, next to the built core, the torch version it was built for (_C_build_info.txt).
+
+    dreamr/_extension.py reads that record before loading the core, so a core built for another torch is
+    rebuilt instead of loaded (loading it would register the op namespace that the rebuilt core needs).
+    """
+
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            _extension.write_build_info(Path(self.get_ext_fullpath(ext.name)).parent)
+        if getattr(self, "editable_mode", False) or self.inplace:  # the core is (also) copied into dreamr/
+            _extension.write_build_info(ROOT / "dreamr")
+
 setup(
     name="dreamr",
     version="0.1.0",
@@ -63,7 +78,7 @@ setup(
             extra_compile_args=_extension.compile_flags(with_cuda),
         )
     ],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": BuildExtensionWithInfo},
     entry_points={"console_scripts": ["dreamr=dreamr.__main__:main"]},
     zip_safe=False,
 )

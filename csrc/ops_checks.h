@@ -2,6 +2,7 @@
 // message names the op, the argument and what was wrong (the shape, dtype, device or value seen).
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
@@ -146,6 +147,12 @@ inline RollbackShape check_rollback_inputs(at::TensorList cache, const at::Tenso
                  "got strides ", t.strides(), "; call .contiguous() first");
     DREAMR_CHECK(t.strides() == first.strides(), op, ": ", name, " has strides ", t.strides(), " but cache[0] has ",
                  first.strides(), "; all layers must share one layout");
+    // Rows, heads or positions sharing memory (an expanded view, stride 0) would make one row's writes
+    // land in another's: refuse them.
+    DREAMR_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+                 " has elements that share memory (shape ", t.sizes(), ", strides ", t.strides(),
+                 "), e.g. an expanded view; it is written in place, so pass a tensor that owns each element "
+                 "(.contiguous() or .clone())");
   }
   const int64_t batch = first.size(0);
   auto check_row_vector = [&](const char* name, const at::Tensor& t) {

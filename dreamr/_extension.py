@@ -1,7 +1,10 @@
 """Find or build the compiled core, ``dreamr._C``.
 
-``pip install -e .`` builds ``dreamr/_C*.so`` against the installed torch. If that file is missing, or
-was built for another torch (a torch upgrade after the install), the first import builds the same
+``pip install -e .`` builds ``dreamr/_C*.so`` against the installed torch and records that torch's
+version next to it, in ``_C_build_info.txt``. The record is read *before* the library is loaded:
+loading a core built for another torch registers the ``dreamr`` op namespace, and a rebuilt core
+registering it a second time would abort the process. If the library is missing, or its record is
+missing or names another torch (a torch upgrade after the install), the first import builds the same
 sources with ``torch.utils.cpp_extension.load`` into a cache folder keyed by the torch version and says
 so on stderr. There is deliberately no pure-Python fallback: a missing core is an error, not a slow path.
 """
@@ -10,14 +13,18 @@ from __future__ import annotations
 
 import glob
 import importlib
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 _SOURCE_ROOT = _PACKAGE_DIR.parent / "csrc"
+#: Written next to the compiled core by setup.py and the JIT build: the torch version it was built for.
+BUILD_INFO_NAME = "_C_build_info.txt"
 _loaded: bool = False
 
 
@@ -57,17 +64,63 @@ def compile_flags(with_cuda: bool) -> dict[str, list[str]]:
     return {"cxx": cxx, "nvcc": nvcc}
 
 
-def _prebuilt_matches() -> bool:
+def write_build_info(directory: os.PathLike) -> Path:
+    """Record, in ``directory``, the torch version the core next to it was built for."""
+    path = Path(directory) / BUILD_INFO_NAME
+    path.write_text(f"torch_version={torch.__version__}\n")
+    return path
+
+
+def read_build_info(directory: os.PathLike) -> Optional[str]:
+    """The torch version recorded in ``directory`` by :func:`write_build_info`, or None if there is none."""
     try:
-        module = importlib.import_module("dreamr._C")
-    except ImportError:  # missing, or linked against another torch's symbols
-        return False
-    if getattr(module, "__torch_version__", None) != torch.__version__:
-        return False
-    return hasattr(torch.ops.dreamr, "cpn_verify")
+        text = (Path(directory) / BUILD_INFO_NAME).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "torch_version":
+            return value.strip()
+    return None
 
 
-def _jit_build() -> None:
+def prebuilt_status() -> tuple[bool, str]:
+    """Whether the prebuilt ``dreamr._C`` may be loaded, decided without loading it, and why not.
+
+    Only the file's location and its build record are read: importing a core built for another torch
+    would register the ``dreamr`` op namespace, after which the JIT-built core could not be loaded.
+    """
+    try:
+        spec = importlib.util.find_spec("dreamr._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        return False, "dreamr._C is not built"
+    recorded = read_build_info(Path(spec.origin).parent)
+    if recorded is None:
+        return False, f"{spec.origin} has no build record ({BUILD_INFO_NAME}) saying which torch it was built for"
+    if recorded != torch.__version__:
+        return False, f"{spec.origin} was built for torch {recorded}"
+    return True, ""
+
+
+def _core_registered() -> bool:
+    """True when some dreamr core has already registered its ops in this process."""
+    return hasattr(torch.ops.dreamr, "built_with_cuda")
+
+
+def _load_prebuilt() -> None:
+    module = importlib.import_module("dreamr._C")
+    built_for = getattr(module, "__torch_version__", None)
+    if built_for != torch.__version__:  # the record lied; the namespace is taken now, so no rebuild here
+        raise ImportError(
+            f"dreamr: {module.__file__} was built for torch {built_for} but its build record says "
+            f"{torch.__version__}; rebuild it with `pip install --no-build-isolation -e .` (or delete it to have "
+            "it rebuilt at import)"
+        )
+
+
+def _jit_build(reason: str) -> None:
     from torch.utils import cpp_extension
 
     with_cuda = cuda_build_possible()
@@ -77,10 +130,10 @@ def _jit_build() -> None:
     build_dir = cache_dir() / "build" / tag
     build_dir.mkdir(parents=True, exist_ok=True)
     name = f"dreamr_C_{tag}"
-    if not (build_dir / f"{name}.so").exists():
+    if not (build_dir / f"{name}.so").exists() or read_build_info(build_dir) != torch.__version__:
         print(
-            f"dreamr: no compiled core for torch {torch.__version__} found; building it once into {build_dir} "
-            "(about a minute; `pip install --no-build-isolation -e .` builds it ahead of time)",
+            f"dreamr: no compiled core for torch {torch.__version__} found ({reason}); building it once into "
+            f"{build_dir} (about a minute; `pip install --no-build-isolation -e .` builds it ahead of time)",
             file=sys.stderr,
         )
     flags = compile_flags(with_cuda)
@@ -95,6 +148,7 @@ def _jit_build() -> None:
         is_python_module=False,
         verbose=False,
     )
+    write_build_info(build_dir)
 
 
 def load_extension() -> None:
@@ -102,14 +156,29 @@ def load_extension() -> None:
     global _loaded
     if _loaded:
         return
-    if not _prebuilt_matches():
+    usable, reason = prebuilt_status()
+    if usable:
+        try:
+            _load_prebuilt()
+        except ImportError as error:  # e.g. undefined symbols: nothing was registered, so a rebuild can load
+            if _core_registered() or not _SOURCE_ROOT.exists():
+                raise
+            usable, reason = False, f"importing it failed: {error}"
+    if not usable:
         if not _SOURCE_ROOT.exists():
             raise ImportError(
-                f"dreamr: the compiled core dreamr._C is missing or built for another torch than "
-                f"{torch.__version__}, and the C++ sources to rebuild it are not at {_SOURCE_ROOT}; "
-                "reinstall dreamr with `pip install --no-build-isolation .`"
+                f"dreamr: the compiled core dreamr._C cannot be used with torch {torch.__version__} ({reason}), "
+                f"and the C++ sources to rebuild it are not at {_SOURCE_ROOT}; reinstall dreamr with "
+                "`pip install --no-build-isolation .`"
             )
-        _jit_build()
+        if _core_registered():
+            # Loading a second core would register the dreamr namespace twice and abort the process.
+            raise ImportError(
+                f"dreamr: the compiled core dreamr._C cannot be used with torch {torch.__version__} ({reason}), "
+                "but a dreamr core is already loaded in this process, so a rebuilt one cannot be loaded next to "
+                "it; restart Python after `pip install --no-build-isolation -e .`"
+            )
+        _jit_build(reason)
     _loaded = True
 
 

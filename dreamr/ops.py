@@ -2,14 +2,21 @@
 
 Each op is a ``torch.ops.dreamr.*`` operator registered from ``csrc/bindings.cpp`` with a CPU kernel and,
 where torch was built with CUDA, a CUDA kernel. The functions here are typed wrappers that turn Python
-conveniences (lists, seeds, generators) into the operator's arguments; all input checking happens in the
-C++ launchers, which raise ``ValueError`` naming the argument. Each op also has a fake (meta)
+conveniences (lists, seeds, generators) into the operator's arguments. Checking is split in two, and
+every failure is a ``ValueError`` naming the argument: the wrappers check the Python arguments (types of
+scalars and id lists, and that all tensors share one device, so that a ``meta`` tensor next to a real
+one cannot silently reach the fake implementation), the C++ launchers check shapes, dtypes, layouts
+and, on the CPU, values. Values held in CUDA tensors (token ids, uniforms, rollback plans) are *not*
+checked: reading them would synchronise with the host; each op's docstring says what then happens.
+Calling ``torch.ops.dreamr.*`` directly skips the wrapper checks. Each op also has a fake (meta)
 implementation, so it traces under ``torch.compile``; the CUDA paths never synchronise with the host,
 so they can be captured in CUDA graphs. :mod:`dreamr.reference` holds the plain PyTorch definitions.
 """
 
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Optional, Sequence, Union
 
 import torch
@@ -37,6 +44,68 @@ MAX_CACHE_TENSORS = 256
 MAX_VERDICT_IDS = 64
 
 
+# Argument checks on the Python side. They read types, shapes, dtypes and devices only, never the values
+# of a device tensor, so they add no host synchronisation.
+def _check_tensors(op: str, named: Sequence[tuple[str, Optional[torch.Tensor]]]) -> Optional[torch.device]:
+    """Every given argument is a Tensor and all are on one device (which is returned)."""
+    first_name, device = None, None
+    for name, t in named:
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if device is None:
+            first_name, device = name, t.device
+        elif t.device != device:
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but the other inputs are on {device} ({first_name} is); all "
+                f"tensors must be on one device: move it with .to({str(device)!r})"
+            )
+    return device
+
+
+def _real(op: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{op}: {name} must be a real number (a Python float), got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _index(op: str, name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{op}: {name} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
+def _int_list(op: str, name: str, values: object) -> list[int]:
+    """A sequence of ints (or a 1-D integer CPU tensor) as a list; floats, bools and nesting are refused."""
+    if isinstance(values, torch.Tensor):
+        if values.device.type != "cpu":
+            raise ValueError(
+                f"{op}: {name} is a tensor on {values.device}; pass a list of ints or a CPU tensor (reading a "
+                "device tensor's values would synchronise with the host)"
+            )
+        if values.dim() != 1 or values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise ValueError(
+                f"{op}: {name} must be a 1-D integer tensor or a sequence of ints, got a tensor of shape "
+                f"{tuple(values.shape)} and dtype {values.dtype}"
+            )
+        return values.tolist()
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{op}: {name} must be a sequence of ints, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+            raise ValueError(f"{op}: {name}[{i}] must be an int, got bool {v!r}")
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise ValueError(f"{op}: {name}[{i}] must be an int, got {type(v).__name__} {v!r}") from None
+    return out
+
+
 def cpn_verify(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -60,9 +129,10 @@ def cpn_verify(
         bfloat16 or float16, contiguous.
     lm_head_weight : Tensor, shape ``[V, H]``
         The target's output embedding, same dtype and device as ``hidden``, contiguous.
-    positive_ids, negative_ids : sequence of int
+    positive_ids, negative_ids : sequence of int, or 1-D integer CPU tensor
         Token ids of positive ("Yes", " Yes", ...) and negative verdicts: non-empty, in ``[0, V)``, without
-        repeats, disjoint; at most 64 each.
+        repeats, disjoint; at most 64 each. They travel to the kernel as arguments, so a device tensor is
+        refused (reading it would synchronise).
     alpha : float
         Acceptance threshold in ``[0, 1]``: accept iff ``cpn > alpha``. alpha = 0 accepts every step with a
         finite verdict, alpha = 1 rejects every step.
@@ -78,14 +148,16 @@ def cpn_verify(
     accept : Tensor, shape ``[B]``, bool
         ``cpn > alpha``; always False where cpn is NaN: a broken verdict never accepts a step.
     """
+    op = "cpn_verify"
+    _check_tensors(op, [("hidden", hidden), ("lm_head_weight", lm_head_weight), ("lm_head_bias", lm_head_bias)])
     return torch.ops.dreamr.cpn_verify(
         hidden,
         lm_head_weight,
         lm_head_bias,
-        [int(t) for t in positive_ids],
-        [int(t) for t in negative_ids],
-        float(alpha),
-        float(logit_softcap),
+        _int_list(op, "positive_ids", positive_ids),
+        _int_list(op, "negative_ids", negative_ids),
+        _real(op, "alpha", alpha),
+        _real(op, "logit_softcap", logit_softcap),
     )
 
 
@@ -110,7 +182,9 @@ def cpn_window_accept(
     accept : Tensor, shape ``[R, W]``, bool
         Per-slot ``valid & cpn > alpha``.
     """
-    return torch.ops.dreamr.cpn_window_accept(cpn, valid, float(alpha))
+    op = "cpn_window_accept"
+    _check_tensors(op, [("cpn", cpn), ("valid", valid)])
+    return torch.ops.dreamr.cpn_window_accept(cpn, valid, _real(op, "alpha", alpha))
 
 
 def kv_rollback(
@@ -138,11 +212,13 @@ def kv_rollback(
     Parameters
     ----------
     cache : sequence of Tensor, each shape ``[B, H_kv, T, D]``
-        Keys and values of all layers, in transformers' cache layout; same shape, dtype and device,
-        contiguous. At most 256 tensors (128 layers) per call.
-    lengths : Tensor ``[B]`` int64, or sequence of int
+        Keys and values of all layers, in transformers' cache layout; same shape, strides, dtype and
+        device. Rows, heads and positions may be strided (views of a cropped cache are fine), the head
+        dimension must be dense (stride 1) and no two elements may share memory (an expanded view, stride
+        0, is refused: it is written in place). At most 256 tensors (128 layers) per call.
+    lengths : Tensor ``[B]`` int64 on the cache's device, or sequence of int
         Committed length of each row, in ``[0, T]``.
-    copy_src_row, copy_src_start, copy_length : Tensor ``[B]`` int64, or sequence of int, optional
+    copy_src_row, copy_src_start, copy_length : Tensor ``[B]`` int64 on the cache's device, or sequence of int, optional
         Given together or not at all; ``copy_src_row[b] = -1`` copies nothing into row b.
 
     Returns
@@ -153,8 +229,13 @@ def kv_rollback(
     Notes
     -----
     On the CPU every value is checked. On CUDA the values live on the device and are not read back (no
-    host synchronisation): pass Python ints to have them checked on the host first, as
-    :class:`dreamr.cache` does; device tensors with out-of-range values are clamped into ``[0, T]``.
+    host synchronisation): pass Python ints for all of them to have them checked on the host first, as
+    :class:`dreamr.cache` does (they are then moved to the device in one non-blocking copy). Where at
+    least one of them is a CUDA tensor nothing is read back and nothing is checked; instead the kernel
+    clamps lengths and spans into ``[0, T]``, clips a source span to what its row keeps, and treats an
+    invalid copy plan (a row copying from itself, or from a row that also receives a copy) as no copy for
+    that row, so the result is still race-free and in bounds. The CPU raises ``ValueError`` for all of
+    these instead.
     """
     copies = (copy_src_row, copy_src_start, copy_length)
     if any(c is not None for c in copies) and not all(c is not None for c in copies):
@@ -163,30 +244,36 @@ def kv_rollback(
             + ", ".join(f"{n}={'None' if c is None else 'given'}" for n, c in
                         zip(("copy_src_row", "copy_src_start", "copy_length"), copies))
         )
+    op = "kv_rollback"
+    if isinstance(cache, torch.Tensor) or not hasattr(cache, "__len__"):
+        raise ValueError(f"{op}: cache must be a list of tensors (keys and values of every layer), got "
+                         f"{type(cache).__name__}")
+    cache = list(cache)
     if len(cache) == 0:
         raise ValueError("kv_rollback: cache is empty; pass the keys and values of every layer")
+    named = [("lengths", lengths), ("copy_src_row", copy_src_row), ("copy_src_start", copy_src_start),
+             ("copy_length", copy_length)]
+    device = _check_tensors(op, [(f"cache[{i}]", t) for i, t in enumerate(cache)]
+                            + [(n, v) for n, v in named if isinstance(v, torch.Tensor)])
+    # Python sequences become int lists here (floats and bools refused); tensors go to the op as they are.
+    host = {n: _int_list(op, n, v) for n, v in named if v is not None and not isinstance(v, torch.Tensor)}
+    if not host:
+        return torch.ops.dreamr.kv_rollback_(cache, lengths, copy_src_row, copy_src_start, copy_length)
     has_copies = copy_src_row is not None
-    if not all(isinstance(v, torch.Tensor) for v in (lengths, *copies) if v is not None):
-        # Host values: check them on the host (the same C++ checks the CPU kernel runs).
+    all_host = len(host) == sum(v is not None for _, v in named)
+    if device.type != "cpu" and all_host and cache[0].dim() == 4:  # (a wrong shape is reported by the op)
+        # Only host values: check them on the host (the same C++ checks the CPU kernel runs on its tensors).
         torch.ops.dreamr.kv_rollback_check(
-            _host_ints(lengths),
-            *(_host_ints(c) if has_copies else [] for c in copies),
-            int(cache[0].shape[2]),
+            host["lengths"], *(host[n] if has_copies else [] for n, _ in named[1:]), int(cache[0].shape[2])
         )
-    device = cache[0].device
-
-    def as_tensor(values: Optional[_IntsOrTensor]) -> Optional[torch.Tensor]:
-        if values is None or isinstance(values, torch.Tensor):
-            return values
-        return torch.as_tensor(_host_ints(values), dtype=torch.long).to(device, non_blocking=True)
-
-    return torch.ops.dreamr.kv_rollback_(list(cache), as_tensor(lengths), *(as_tensor(c) for c in copies))
-
-
-def _host_ints(values: _IntsOrTensor) -> list[int]:
-    if isinstance(values, torch.Tensor):
-        return values.tolist()
-    return [int(v) for v in values]
+    # One host tensor for all host values, moved to the device in one copy (from pinned memory on CUDA).
+    sizes = [len(v) for v in host.values()]
+    packed = torch.tensor([x for v in host.values() for x in v], dtype=torch.long)
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    moved = dict(zip(host, packed.to(device, non_blocking=True).split(sizes)))
+    args = [moved.get(n, v) for n, v in named]
+    return torch.ops.dreamr.kv_rollback_(cache, *args)
 
 
 def speculative_sample(
@@ -209,15 +296,23 @@ def speculative_sample(
     draft_probs : Tensor, shape ``[B, K, V]``
         Draft distributions ``q`` at each drafted position; float32, float16 or bfloat16.
     draft_ids : Tensor, shape ``[B, K]``, int64
-        The drafted tokens, in ``[0, V)``.
+        The drafted tokens, in ``[0, V)``. Checked on the CPU (ValueError); on CUDA they are not read
+        back (no host synchronisation) and an out-of-range id counts as a rejection: the chain stops
+        there and the extra token is drawn from that position's residual as at any rejection.
     target_probs : Tensor, shape ``[B, K + 1, V]``
         Target distributions ``p`` at each drafted position and one past the last; same dtype as
         ``draft_probs``.
-    generator, seed : optional
-        Source of randomness (at most one). A seed gives the same tokens on every run and device.
+    generator : torch.Generator, optional
+        Source of randomness, on the inputs' device.
+    seed : int, optional
+        Seeds a fresh generator on the inputs' device: the same seed gives the same tokens on every run
+        for a given device (CPU and CUDA generators produce different streams).
     uniforms : Tensor, shape ``[B, K + 1]``, float32, optional
         Explicit uniforms in ``[0, 1)`` instead of a generator: ``[:, :K]`` for the acceptance tests,
-        ``[:, K]`` for the inverse-CDF draw of the extra token.
+        ``[:, K]`` for the inverse-CDF draw of the extra token. Checked to lie in ``[0, 1)`` on the CPU
+        only; on CUDA they are not read back.
+
+    At most one of generator, seed and uniforms may be given.
 
     Returns
     -------
@@ -226,14 +321,28 @@ def speculative_sample(
     num_accepted : Tensor, shape ``[B]``, int64
         Accepted draft tokens per row, in ``[0, K]``; each row emits ``num_accepted + 1`` tokens.
     """
+    op = "speculative_sample"
     given = sum(x is not None for x in (generator, seed, uniforms))
     if given > 1:
         raise ValueError("speculative_sample: give at most one of generator, seed and uniforms")
+    device = _check_tensors(op, [("draft_probs", draft_probs), ("draft_ids", draft_ids),
+                                 ("target_probs", target_probs), ("uniforms", uniforms)])
     if uniforms is None:
         if draft_ids.dim() != 2:
             raise ValueError(f"speculative_sample: draft_ids must be [B, K], got shape {tuple(draft_ids.shape)}")
+        if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise ValueError(f"{op}: generator must be a torch.Generator, got {type(generator).__name__}")
+            gen_device = torch.device(generator.device)
+            if gen_device.type != device.type or (
+                gen_device.index is not None and device.index is not None and gen_device.index != device.index
+            ):
+                raise ValueError(
+                    f"{op}: generator is on {gen_device} but the inputs are on {device}; create it with "
+                    f"torch.Generator(device={str(device)!r})"
+                )
         if seed is not None:
-            generator = torch.Generator(device=draft_ids.device).manual_seed(int(seed))
+            generator = torch.Generator(device=draft_ids.device).manual_seed(_index(op, "seed", seed))
         batch, k = draft_ids.shape
         uniforms = torch.rand(batch, k + 1, generator=generator, device=draft_ids.device, dtype=torch.float32)
     return torch.ops.dreamr.speculative_sample(draft_probs, draft_ids, target_probs, uniforms)
@@ -245,8 +354,12 @@ def greedy_verify(draft_ids: torch.Tensor, target_logits: torch.Tensor) -> tuple
     Parameters
     ----------
     draft_ids : Tensor, shape ``[B, K]``, int64
+        The drafted tokens, in ``[0, V)``. Checked on the CPU (ValueError); on CUDA they are not read
+        back (no host synchronisation) and an out-of-range id simply never equals the argmax: it counts
+        as a rejection at that position.
     target_logits : Tensor, shape ``[B, K + 1, V]``
-        Target logits (or probabilities) at each drafted position and one past; any float dtype.
+        Target logits (or probabilities) at each drafted position and one past; any float dtype, on
+        ``draft_ids``'s device.
 
     Returns
     -------
@@ -255,6 +368,7 @@ def greedy_verify(draft_ids: torch.Tensor, target_logits: torch.Tensor) -> tuple
         padded with -1.
     num_accepted : Tensor, shape ``[B]``, int64
     """
+    _check_tensors("greedy_verify", [("draft_ids", draft_ids), ("target_logits", target_logits)])
     return torch.ops.dreamr.greedy_verify(draft_ids, target_logits)
 
 

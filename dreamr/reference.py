@@ -39,16 +39,17 @@ def cpn_verify(
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     h = hidden.to(acc)
 
-    def verdict_logits(ids: torch.Tensor) -> torch.Tensor:
+    def verdict_logits(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = h @ lm_head_weight[ids].to(acc).T  # [B, len(ids)]
         if lm_head_bias is not None:
             logits = logits + lm_head_bias[ids].to(acc)
+        finite = torch.isfinite(logits).all(dim=1)  # before capping: tanh maps +-inf to +-cap
         if logit_softcap > 0.0:
             logits = torch.tanh(logits / logit_softcap) * logit_softcap
-        return logits
+        return logits, finite
 
-    lp, ln = verdict_logits(pos), verdict_logits(neg)
-    finite = torch.isfinite(lp).all(dim=1) & torch.isfinite(ln).all(dim=1)
+    (lp, finite_p), (ln, finite_n) = verdict_logits(pos), verdict_logits(neg)
+    finite = finite_p & finite_n
     cpn = torch.sigmoid(torch.logsumexp(lp, dim=1) - torch.logsumexp(ln, dim=1)).float()
     cpn = torch.where(finite, cpn, torch.full_like(cpn, float("nan")))
     return cpn, accepts(cpn, alpha)

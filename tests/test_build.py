@@ -29,7 +29,7 @@ def test_there_are_cuda_kernels():
 def test_cuda_kernel_compiles_for_sm90(cu_file, tmp_path):
     # The half-type conversion switches torch's extension build passes, so code that compiles here also
     # compiles there.
-    cmd = [find_nvcc(), "-std=c++17", "-O3", "-gencode", "arch=compute_90a,code=sm_90a",
+    cmd = [find_nvcc(), "-std=c++17", "-O3", "-gencode", "arch=compute_90,code=sm_90",
            "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
            f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}", "-c", str(cu_file),
            "-o", str(tmp_path / (cu_file.stem + ".o"))]
@@ -37,10 +37,65 @@ def test_cuda_kernel_compiles_for_sm90(cu_file, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-def test_missing_core_is_built_once_at_import(tmp_path):
-    """Without a prebuilt dreamr._C, the first import JIT-builds the core and says so; the next reuses it."""
-    shutil.copytree(ROOT / "dreamr", tmp_path / "dreamr", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+def test_stale_build_record_is_decided_before_loading(monkeypatch):
+    """A core recorded for another torch is refused from its record alone: it is never imported, since
+    loading it would register the dreamr namespace that the rebuilt core needs (a second registration
+    aborts the process)."""
+    import importlib
+
+    import dreamr.ops  # noqa: F401 - a core is loaded in this process, as in any session that imported dreamr
+    from dreamr import _extension
+
+    real_import = importlib.import_module
+
+    def guarded_import(name, *args, **kwargs):
+        assert name != "dreamr._C", "the stale core must not be imported"
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", guarded_import)
+    monkeypatch.setattr(_extension, "read_build_info", lambda directory: "0.0.0+stale")
+    usable, reason = _extension.prebuilt_status()
+    assert not usable and "built for torch 0.0.0+stale" in reason
+    monkeypatch.setattr(_extension, "read_build_info", lambda directory: None)
+    usable, reason = _extension.prebuilt_status()
+    assert not usable and "no build record" in reason
+    # In this process a core is already loaded: asking for a rebuild must raise, not load a second core.
+    monkeypatch.setattr(_extension, "_loaded", False)
+    monkeypatch.setattr(_extension, "_jit_build", lambda reason: pytest.fail("would load a second core"))
+    with pytest.raises(ImportError, match="already loaded in this process"):
+        _extension.load_extension()
+    monkeypatch.setattr(_extension, "read_build_info", lambda directory: torch_version())
+    assert _extension.prebuilt_status() == (True, "")
+
+
+def torch_version():
+    import torch
+
+    return torch.__version__
+
+
+def test_build_record_round_trip(tmp_path):
+    from dreamr import _extension
+
+    assert _extension.read_build_info(tmp_path) is None
+    path = _extension.write_build_info(tmp_path)
+    assert path.name == _extension.BUILD_INFO_NAME and _extension.read_build_info(tmp_path) == torch_version()
+    # setup.py writes the record next to the in-place core (dreamr/_C*.so, built by build_ext --inplace).
+    if list((ROOT / "dreamr").glob("_C*.so")):
+        assert _extension.read_build_info(ROOT / "dreamr") == torch_version()
+
+
+def test_missing_or_stale_core_is_built_once_at_import(tmp_path):
+    """A prebuilt dreamr._C recorded for another torch is not loaded (that would abort the process once
+    the rebuilt core registers the same ops): the first import JIT-builds the core and says so; the next
+    reuses it, also once the stale file is gone."""
+    shutil.copytree(ROOT / "dreamr", tmp_path / "dreamr", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    stale = list((tmp_path / "dreamr").glob("_C*.so"))
+    if not stale:  # no prebuilt core: a file in its place, which must never be loaded
+        stale = [tmp_path / "dreamr" / "_C.abi3.so"]
+        stale[0].write_bytes(b"not a library")
+    (tmp_path / "dreamr" / "_C_build_info.txt").write_text("torch_version=0.0.0+stale\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path), DREAMR_CACHE=str(tmp_path / "cache"), DREAMR_NO_CUDA="1")
     # Drop the editable-install finder, which would still find the prebuilt dreamr._C in the checkout.
     script = ("import sys; sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
@@ -48,8 +103,10 @@ def test_missing_core_is_built_once_at_import(tmp_path):
               "print(o.__file__, round(c.item(), 4), bool(a.item()))")
     first = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr
-    assert "building it once" in first.stderr
+    assert "building it once" in first.stderr and "built for torch 0.0.0+stale" in first.stderr
     assert str(tmp_path) in first.stdout and "0.5 False" in first.stdout
+    for path in stale:
+        path.unlink()
     second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert second.returncode == 0, second.stderr
     assert "0.5 False" in second.stdout and "building" not in second.stderr

@@ -59,14 +59,49 @@ def test_alpha_ends_are_exact():
     assert accept.tolist() == [False, False]  # alpha = 1 rejects every step
 
 
+@pytest.mark.parametrize("softcap", [0.0, 30.0, 1.0])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_nonfinite_hidden_is_rejected(bad):
+def test_nonfinite_hidden_is_rejected(bad, softcap):
+    # With soft-capping, tanh would turn an infinite logit into +-cap: finiteness is judged before it.
     h, w, _, pos, neg = random_case(3, 16, 50, 2, 2, torch.float32, seed=2)
     h[1, 5] = bad
     for alpha in (0.0, 0.5):
-        cpn, accept = ops.cpn_verify(h, w, pos, neg, alpha)
-        assert math.isnan(cpn[1].item()) and not accept[1].item()
-        assert not torch.isnan(cpn[[0, 2]]).any()
+        for cpn, accept in (ops.cpn_verify(h, w, pos, neg, alpha, logit_softcap=softcap),
+                            reference.cpn_verify(h, w, None, pos, neg, alpha, softcap)):
+            assert math.isnan(cpn[1].item()) and not accept[1].item()
+            assert not torch.isnan(cpn[[0, 2]]).any()
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_infinite_bias_is_rejected(softcap):
+    # An infinite verdict logit in only one set, through the bias, on the positive and the negative side.
+    h, w, b, pos, neg = random_case(2, 8, 20, 2, 2, torch.float32, seed=5, bias=True)
+    for token, value in ((pos[0], float("inf")), (neg[1], -float("inf"))):
+        bias = b.clone()
+        bias[token] = value
+        cpn, accept = ops.cpn_verify(h, w, pos, neg, 0.0, lm_head_bias=bias, logit_softcap=softcap)
+        ref_cpn, ref_accept = reference.cpn_verify(h, w, bias, pos, neg, 0.0, softcap)
+        assert torch.isnan(cpn).all() and not accept.any()
+        assert torch.isnan(ref_cpn).all() and not ref_accept.any()
+
+
+def test_cpn_verify_random_shapes_match_reference():
+    """Seeded random B, H, V, |P|, |N|, dtype, bias and soft-cap, beyond the fixed grid above."""
+    rng = torch.Generator().manual_seed(2024)
+    for case in range(12):
+        pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=rng))  # noqa: E731
+        batch, hidden, vocab = pick(0, 9), pick(1, 70), pick(2, 400)
+        n_pos = pick(1, min(8, vocab - 1))
+        n_neg = pick(1, min(8, vocab - n_pos))
+        dtype = DTYPES[pick(0, 3)]
+        softcap = (0.0, 0.5, 20.0)[pick(0, 2)]
+        h, w, b, pos, neg = random_case(batch, hidden, vocab, n_pos, n_neg, dtype, seed=case, bias=bool(pick(0, 1)))
+        alpha = float(torch.rand(1, generator=rng))
+        cpn, accept = ops.cpn_verify(h, w, pos, neg, alpha, lm_head_bias=b, logit_softcap=softcap)
+        ref_cpn, _ = reference.cpn_verify(h, w, b, pos, neg, alpha, softcap)
+        assert cpn.shape == (batch,)
+        torch.testing.assert_close(cpn, ref_cpn, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+        assert torch.equal(accept, reference.accepts(cpn, alpha))
 
 
 def test_window_accept_matches_reference():
@@ -124,6 +159,47 @@ def test_cpn_verify_rejects_bad_input(mutate, message):
         ops.cpn_verify(**args)
 
 
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda a: a.update(alpha=None), "alpha must be a real number"),
+        (lambda a: a.update(alpha="0.5"), "alpha must be a real number"),
+        (lambda a: a.update(alpha=True), "alpha must be a real number"),
+        (lambda a: a.update(logit_softcap=None), "logit_softcap must be a real number"),
+        (lambda a: a.update(positive_ids=[1.7]), r"positive_ids\[0\] must be an int, got float"),
+        (lambda a: a.update(negative_ids=[True]), r"negative_ids\[0\] must be an int, got bool"),
+        (lambda a: a.update(positive_ids=torch.tensor([[1, 2]])), "positive_ids must be a 1-D integer tensor"),
+        (lambda a: a.update(positive_ids=torch.tensor([1.0])), "positive_ids must be a 1-D integer tensor"),
+        (lambda a: a.update(positive_ids=[[1, 2]]), r"positive_ids\[0\] must be an int, got list"),
+        (lambda a: a.update(negative_ids=5), "negative_ids must be a sequence of ints"),
+        (lambda a: a.update(positive_ids=torch.tensor([1], device="meta")),
+         "positive_ids is a tensor on meta; pass a list of ints or a CPU tensor"),
+        (lambda a: a.update(lm_head_weight=a["lm_head_weight"].to("meta")),
+         "lm_head_weight is on meta but the other inputs are on cpu"),
+        (lambda a: a.update(hidden=a["hidden"].to("meta")), "lm_head_weight is on cpu but the other inputs are on meta"),
+        (lambda a: a.update(lm_head_bias=torch.zeros(20, device="meta")),
+         "lm_head_bias is on meta but the other inputs are on cpu"),
+        (lambda a: a.update(hidden=a["hidden"].tolist()), "hidden must be a torch.Tensor, got list"),
+    ],
+)
+def test_cpn_verify_rejects_bad_python_arguments(mutate, message):
+    h, w, _, pos, neg = _case()
+    args = dict(hidden=h, lm_head_weight=w, positive_ids=pos, negative_ids=neg, alpha=0.5)
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        ops.cpn_verify(**args)
+
+
+def test_cpn_verify_takes_integer_ids_of_any_kind():
+    h, w, _, pos, neg = _case()
+    cpn, _ = ops.cpn_verify(h, w, pos, neg, 0.5)
+    cpn_t, _ = ops.cpn_verify(h, w, torch.tensor(pos), tuple(torch.tensor(neg).int().tolist()), 0.5)
+    assert torch.equal(cpn, cpn_t)
+    # All-meta inputs (shape propagation) still reach the fake implementation.
+    meta_cpn, meta_accept = ops.cpn_verify(h.to("meta"), w.to("meta"), pos, neg, 0.5)
+    assert meta_cpn.device.type == "meta" and meta_cpn.shape == (2,) and meta_accept.dtype == torch.bool
+
+
 def test_window_accept_rejects_bad_input():
     with pytest.raises(ValueError, match="valid must have cpn's shape"):
         ops.cpn_window_accept(torch.rand(2, 3), torch.ones(2, 4, dtype=torch.bool), 0.5)
@@ -133,6 +209,10 @@ def test_window_accept_rejects_bad_input():
         ops.cpn_window_accept(torch.rand(2, 3), torch.ones(2, 3), 0.5)
     with pytest.raises(ValueError, match="alpha"):
         ops.cpn_window_accept(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool), -0.1)
+    with pytest.raises(ValueError, match="alpha must be a real number"):
+        ops.cpn_window_accept(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool), None)
+    with pytest.raises(ValueError, match="valid is on meta but the other inputs are on cpu"):
+        ops.cpn_window_accept(torch.rand(2, 3), torch.ones(2, 3, dtype=torch.bool, device="meta"), 0.5)
 
 
 def test_cpn_verify_compiles_with_torch_compile():
@@ -144,6 +224,20 @@ def test_cpn_verify_compiles_with_torch_compile():
 
     cpn, accept = verify(h, w)
     ref_cpn, ref_accept = reference.cpn_verify(h, w, None, pos, neg, 0.5)
+    torch.testing.assert_close(cpn, ref_cpn)
+    assert torch.equal(accept, ref_accept)
+
+
+def test_python_wrapper_traces_with_fullgraph():
+    """The wrappers' argument checks read only types, shapes and devices: dynamo traces them whole."""
+    h, w, _, pos, neg = _case()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def verify(hidden, weight):
+        return ops.cpn_verify(hidden * 1.0, weight, pos, neg, 0.5, logit_softcap=5.0)
+
+    cpn, accept = verify(h, w)
+    ref_cpn, ref_accept = reference.cpn_verify(h, w, None, pos, neg, 0.5, 5.0)
     torch.testing.assert_close(cpn, ref_cpn)
     assert torch.equal(accept, ref_accept)
 

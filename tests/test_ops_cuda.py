@@ -96,3 +96,55 @@ def test_ops_capture_in_a_cuda_graph():
     ref_cpn, _ = reference.cpn_verify(h, w, None, [1, 2], [3], 0.5)
     torch.testing.assert_close(cpn, ref_cpn)
     assert new_lengths.tolist() == [3, 5, 7, 9]
+
+
+@pytest.mark.parametrize("softcap", [0.0, 30.0])
+def test_cpn_verify_cuda_rejects_infinite_hidden_with_softcap(softcap):
+    h, w = torch.randn(3, 16), torch.randn(50, 16)
+    h[1, 5] = float("inf")
+    cpn, accept = ops.cpn_verify(h.cuda(), w.cuda(), [0, 1], [2, 3], 0.0, logit_softcap=softcap)
+    assert torch.isnan(cpn[1]).item() and not accept[1].item()
+    assert not torch.isnan(cpn[[0, 2]]).any().item()
+
+
+def test_greedy_verify_cuda_out_of_range_ids_are_rejections():
+    logits = torch.zeros(2, 3, 5)
+    logits[:, :, 1] = 1.0  # argmax 1 everywhere
+    draft = torch.tensor([[1, 7], [-3, 1]])  # not checked on CUDA (no host read): they never match
+    tokens, n = ops.greedy_verify(draft.cuda(), logits.cuda())
+    assert n.tolist() == [1, 0] and tokens.tolist() == [[1, 1, -1], [1, -1, -1]]
+
+
+@pytest.mark.parametrize("src_row,valid_src_row", [([1, 2, -1], [-1, 2, -1]), ([0, -1, -1], [-1, -1, -1])])
+def test_kv_rollback_cuda_invalid_device_plans_copy_nothing(src_row, valid_src_row):
+    """Device-held plans are not checked; a self-copy or a source that also receives copies nothing."""
+    cache = [torch.randn(3, 2, 6, 4) for _ in range(2)]
+    lengths = torch.tensor([2, 4, 3])
+    start, length = torch.tensor([0, 0, 0]), torch.tensor([1, 2, 0])
+    expected = [t.clone() for t in cache]
+    valid = torch.tensor(valid_src_row)
+    ref_lengths = reference.kv_rollback(expected, lengths, valid, start, torch.where(valid >= 0, length, 0))
+    gpu = [t.cuda() for t in cache]
+    new_lengths = ops.kv_rollback(gpu, lengths.cuda(), copy_src_row=torch.tensor(src_row).cuda(),
+                                  copy_src_start=start.cuda(), copy_length=length.cuda())
+    assert torch.equal(new_lengths.cpu(), ref_lengths)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, expected))
+
+
+def test_kv_rollback_cuda_device_lengths_with_list_plan():
+    cache = [torch.randn(3, 2, 6, 4) for _ in range(2)]
+    expected = [t.clone() for t in cache]
+    plan = ([2, -1, -1], [0, 0, 0], [2, 0, 0])
+    ref_lengths = reference.kv_rollback(expected, torch.tensor([2, 4, 3]), *(torch.tensor(v) for v in plan))
+    gpu = [t.cuda() for t in cache]
+    new_lengths = ops.kv_rollback(gpu, torch.tensor([2, 4, 3], device="cuda"), copy_src_row=plan[0],
+                                  copy_src_start=plan[1], copy_length=plan[2])
+    assert torch.equal(new_lengths.cpu(), ref_lengths)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, expected))
+
+
+def test_speculative_sample_cuda_rejects_a_cpu_generator():
+    q = torch.full((1, 1, 4), 0.25, device="cuda")
+    with pytest.raises(ValueError, match="generator is on cpu but the inputs are on cuda"):
+        ops.speculative_sample(q, torch.zeros(1, 1, dtype=torch.long, device="cuda"),
+                               torch.full((1, 2, 4), 0.25, device="cuda"), generator=torch.Generator())

@@ -154,3 +154,89 @@ def test_strided_views_like_a_cropped_cache(with_copy):
         assert torch.equal(got, want)
     for t, tail in zip(storage, tails):
         assert torch.equal(t[:, :, 13:], tail)  # storage past the view is never touched
+
+
+def test_random_shapes_and_plans_match_reference():
+    """Seeded random layers, B, H_kv, T, D, dtypes, ragged lengths (including 0) and copy plans."""
+    rng = torch.Generator().manual_seed(31)
+    for case in range(12):
+        pick = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=rng))  # noqa: E731
+        layers, batch, heads, time, dim = pick(1, 3), pick(1, 7), pick(1, 3), pick(1, 20), pick(1, 9)
+        dtype = (torch.float32, torch.bfloat16, torch.float16, torch.float64)[pick(0, 3)]
+        cache = random_cache(layers, batch, heads, time, dim, dtype, seed=case)
+        lengths = torch.randint(0, time + 1, (batch,), generator=rng)
+        lengths[pick(0, batch - 1)] = 0
+        src_row = torch.full((batch,), -1, dtype=torch.long)
+        src_start = torch.zeros(batch, dtype=torch.long)
+        copy_length = torch.zeros(batch, dtype=torch.long)
+        rows = torch.randperm(batch, generator=rng).tolist()
+        sources, receivers = rows[: batch // 2], rows[batch // 2:]
+        for b in receivers:  # a valid plan: sources never receive, spans lie inside what the source keeps
+            if not sources or pick(0, 3) == 0:
+                continue
+            s = sources[pick(0, len(sources) - 1)]
+            start = pick(0, int(lengths[s]))
+            n = min(pick(0, int(lengths[s]) - start), time - int(lengths[b]))
+            src_row[b], src_start[b], copy_length[b] = s, start, n
+        copies = (src_row, src_start, copy_length) if pick(0, 1) else ()
+        expected = clone(cache)
+        expected_lengths = reference.kv_rollback(expected, lengths, *copies)
+        as_lists = bool(pick(0, 1))  # host lists go through kv_rollback_check, tensors through the kernel
+        args = [v.tolist() if as_lists else v for v in (lengths, *copies)]
+        kwargs = dict(zip(("copy_src_row", "copy_src_start", "copy_length"), args[1:]))
+        new_lengths = ops.kv_rollback(cache, args[0], **kwargs)
+        assert torch.equal(new_lengths, expected_lengths), case
+        for got, want in zip(cache, expected):
+            assert torch.equal(got, want), case
+
+
+def test_rollback_rejects_overlapping_cache():
+    """An expanded view (stride 0 over the batch) would let one row's writes land in another's."""
+    base = torch.randn(1, 2, 6, 4)
+    with pytest.raises(ValueError, match=r"cache\[0\] has elements that share memory"):
+        ops.kv_rollback([base.expand(3, 2, 6, 4)], [1, 2, 3])
+    heads = torch.randn(3, 1, 6, 4)  # the heads share memory
+    with pytest.raises(ValueError, match=r"cache\[0\] has elements that share memory"):
+        ops.kv_rollback([heads.expand(3, 2, 6, 4)], torch.tensor([1, 2, 3]))
+    assert torch.count_nonzero(base) == base.numel() and torch.count_nonzero(heads) == heads.numel()  # unwritten
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(lengths=[1.7, 2]), r"lengths\[0\] must be an int, got float"),
+        (dict(lengths=[True, 2]), r"lengths\[0\] must be an int, got bool"),
+        (dict(lengths=[[1, 2]]), r"lengths\[0\] must be an int, got list"),
+        (dict(lengths=[1, 2], copy_src_row=[1, -1], copy_src_start=[0.5, 0], copy_length=[1, 0]),
+         r"copy_src_start\[0\] must be an int, got float"),
+        (dict(lengths=torch.tensor([1, 2], device="meta")), "lengths is on meta but the other inputs are on cpu"),
+        (dict(lengths=[1, 2], copy_src_row=torch.tensor([1, -1], device="meta"), copy_src_start=[0, 0],
+              copy_length=[1, 0]), "copy_src_row is on meta but the other inputs are on cpu"),
+        (dict(lengths=torch.tensor([1.0, 2.0])), "lengths must be torch.int64"),
+    ],
+)
+def test_rollback_rejects_bad_python_arguments(kwargs, message):
+    cache = random_cache(1, 2, 1, 6, 2)
+    with pytest.raises(ValueError, match=message):
+        ops.kv_rollback(cache, **kwargs)
+
+
+def test_rollback_wrong_device_cache():
+    cache = random_cache(2, 2, 1, 6, 2)
+    with pytest.raises(ValueError, match=r"cache\[1\] is on meta but the other inputs are on cpu"):
+        ops.kv_rollback([cache[0], cache[1].to("meta")], [1, 1])
+    with pytest.raises(ValueError, match=r"lengths is on cpu but the other inputs are on meta"):
+        ops.kv_rollback([t.to("meta") for t in cache], torch.tensor([1, 1]))
+
+
+def test_device_lengths_with_host_copy_plan_read_nothing_back(monkeypatch):
+    """A device tensor next to Python lists: the lists move to the device, no device value is read.
+
+    Meta stands in for CUDA here: reading a meta tensor's values fails, just as reading a CUDA tensor's
+    values would synchronise.
+    """
+    cache = [t.to("meta") for t in random_cache(1, 2, 1, 6, 2)]
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("tolist() on a device tensor"))
+    new_lengths = ops.kv_rollback(cache, torch.tensor([1, 2], device="meta"), copy_src_row=[1, -1],
+                                  copy_src_start=[0, 0], copy_length=[1, 0])
+    assert new_lengths.device.type == "meta" and new_lengths.shape == (2,)

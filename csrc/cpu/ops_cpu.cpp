@@ -117,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draf
 
 std::tuple<at::Tensor, at::Tensor> greedy_verify_cpu(const at::Tensor& draft_ids, const at::Tensor& target_logits) {
   const SamplingShape s = check_greedy_inputs(draft_ids, target_logits);
+  check_token_ids("greedy_verify", draft_ids.data_ptr<int64_t>(), draft_ids.numel(), s.vocab);
   at::Tensor tokens = at::empty({s.batch, s.draft_len + 1}, draft_ids.options());
   at::Tensor num_accepted = at::empty({s.batch}, draft_ids.options());
   int64_t* tok = tokens.data_ptr<int64_t>();

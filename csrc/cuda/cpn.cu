@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(kThreads)
     sum = warp_sum(sum);
     if (lane == 0) {
       if (bias != nullptr) sum += to_acc<acc_t>(bias[token]);
-      logits[k] = cap_logit<acc_t>(sum, softcap);
+      logits[k] = cap_logit<acc_t>(sum, softcap);  // NaN for a non-finite raw logit, capped or not
     }
   }
   __syncthreads();

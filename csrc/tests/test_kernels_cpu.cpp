@@ -90,6 +90,38 @@ static void test_rollback_truncate_and_copy() {
   EXPECT(cache[12 + 4 * 2] == 0.f && cache[12 + 5 * 2] == float(12 + 5 * 2 + 1));
 }
 
+static void test_infinite_logit_is_rejected_with_softcap() {
+  // tanh would map an infinite raw logit to +-cap; the epilogue must still give NaN and reject.
+  dreamr::VerdictIds ids{};
+  ids.positive[0] = 0;
+  ids.negative[0] = 1;
+  ids.num_positive = ids.num_negative = 1;
+  for (const float softcap : {0.f, 30.f}) {
+    for (const float bad : {INFINITY, -INFINITY, NAN}) {
+      float logits[2] = {bad, 0.f};
+      float cpn = 0.f;
+      bool accept = true;
+      dreamr::cpn_epilogue_row<float>(logits, ids, 0.f, softcap, &cpn, &accept);
+      EXPECT(std::isnan(cpn) && !accept);
+    }
+  }
+}
+
+static void test_rollback_invalid_device_plans_copy_nothing() {
+  // What a device-held plan gets where the host check would refuse it: no copy instead of a race.
+  const dreamr::RollbackShape shape{3, 1, 6, 2, 12, 12, 2};
+  const int64_t lengths[3] = {2, 4, 3};
+  const int64_t self_copy[3] = {0, -1, -1}, starts[3] = {0, 0, 0}, lens[3] = {2, 0, 0};
+  EXPECT(dreamr::plan_row(0, shape, lengths, self_copy, starts, lens).copied == 0);
+  const int64_t chained[3] = {1, 2, -1};  // row 1 is row 0's source and also receives a copy
+  const dreamr::RowPlan p0 = dreamr::plan_row(0, shape, lengths, chained, starts, lens);
+  EXPECT(p0.src_row == -1 && p0.copied == 0);
+  // A span past what the source keeps is clipped to it (those positions are being zeroed).
+  const int64_t src[3] = {1, -1, -1}, start[3] = {3, 0, 0}, n[3] = {3, 0, 0};
+  const dreamr::RowPlan clipped = dreamr::plan_row(0, shape, lengths, src, start, n);
+  EXPECT(clipped.src_row == 1 && clipped.src_start == 3 && clipped.copied == 1);
+}
+
 static void test_extra_token_is_drawn_from_residual() {
   const float p[4] = {0.0f, 0.5f, 0.5f, 0.0f}, q[4] = {0.25f, 0.25f, 0.25f, 0.25f};
   // Residual max(0, p - q) = {0, .25, .25, 0}: u < 0.5 gives token 1, else token 2.
@@ -105,6 +137,8 @@ int main() {
   test_window_leading_run();
   test_rollback_truncate_and_copy();
   test_extra_token_is_drawn_from_residual();
+  test_infinite_logit_is_rejected_with_softcap();
+  test_rollback_invalid_device_plans_copy_nothing();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

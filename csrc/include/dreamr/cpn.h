@@ -23,9 +23,11 @@ struct VerdictIds {
   int32_t num_negative;
 };
 
-// One verdict logit: soft-capping as in Gemma 2 (cap * tanh(l / cap)) where cap > 0.
+// One verdict logit: soft-capping as in Gemma 2 (cap * tanh(l / cap)) where cap > 0. A non-finite raw
+// logit stays NaN: tanh would turn +-inf into +-cap and hide a broken hidden state from cpn_from_logits.
 template <typename acc_t>
 DREAMR_HOST_DEVICE acc_t cap_logit(acc_t logit, float softcap) {
+  if (!isfinite(logit)) return static_cast<acc_t>(NAN);
   if (softcap > 0.f) return static_cast<acc_t>(softcap) * tanh(logit / static_cast<acc_t>(softcap));
   return logit;
 }
@@ -67,7 +69,8 @@ inline acc_t dot_row(const scalar_t* a, const scalar_t* b, int64_t n) {
 }
 
 // The epilogue for one row, from its raw verdict logits (W h + b, positives first): soft-capping, the
-// two log-sum-exps, the sigmoid and the threshold. `logits` is overwritten with the capped values.
+// two log-sum-exps, the sigmoid and the threshold. `logits` is overwritten with the capped values (NaN
+// where the raw logit was not finite, so an infinite hidden state is rejected even with soft-capping).
 template <typename acc_t>
 inline void cpn_epilogue_row(acc_t* logits, const VerdictIds& ids, float alpha, float softcap, float* cpn,
                              bool* accept) {

@@ -6,8 +6,8 @@
 // new length up to the longest new length in the batch are zeroed, so the dead span holds no leftover
 // step (deterministic contents; attention must still mask it); positions past the longest new length are
 // left alone, since the caller crops the time axis there (DynamicCache.crop) and zeroing them would be
-// wasted memory traffic. Sources are never written by the same call (checked on the host), so the result
-// does not depend on the order in which rows are processed.
+// wasted memory traffic. Sources are never written by the same call (checked on the host; see plan_row
+// for device-held values), so the result does not depend on the order in which rows are processed.
 #pragma once
 
 #include <cstring>
@@ -24,7 +24,11 @@ struct RollbackShape {
 };
 
 // What row b of every tensor becomes. Values are clamped into range so that a device-side caller that
-// skips the host check can never write out of bounds.
+// skips the host check can never write out of bounds, and plans the host check refuses are made
+// race-free: a row copying from itself, or from a row whose own copy_src_row names a row of the batch
+// (a source that also receives a copy), copies nothing; a source span is clipped to what its row keeps
+// ([0, lengths[src])), which no block writes. The CPU launcher raises on all of these instead (it can
+// read the values), so only device-held plans on CUDA ever take these paths.
 struct RowPlan {
   int64_t keep;       // positions [0, keep) stay
   int64_t src_row;    // -1: no copy
@@ -37,12 +41,15 @@ DREAMR_HOST_DEVICE int64_t clamp_index(int64_t x, int64_t lo, int64_t hi) { retu
 DREAMR_HOST_DEVICE RowPlan plan_row(int64_t b, const RollbackShape& s, const int64_t* lengths, const int64_t* src_row,
                                     const int64_t* src_start, const int64_t* copy_length) {
   RowPlan p{clamp_index(lengths[b], 0, s.time), -1, 0, 0};
-  if (src_row != nullptr && src_row[b] >= 0 && src_row[b] < s.batch) {
-    p.src_row = src_row[b];
-    p.src_start = clamp_index(src_start[b], 0, s.time);
-    int64_t n = clamp_index(copy_length[b], 0, s.time - p.src_start);
-    p.copied = clamp_index(n, 0, s.time - p.keep);
-  }
+  if (src_row == nullptr || src_row[b] < 0 || src_row[b] >= s.batch) return p;
+  const int64_t src = src_row[b];
+  const bool source_receives = src_row[src] >= 0 && src_row[src] < s.batch;
+  if (src == b || source_receives) return p;  // invalid plan: no copy rather than a read racing a write
+  const int64_t src_keep = clamp_index(lengths[src], 0, s.time);
+  p.src_row = src;
+  p.src_start = clamp_index(src_start[b], 0, src_keep);
+  const int64_t n = clamp_index(copy_length[b], 0, src_keep - p.src_start);
+  p.copied = clamp_index(n, 0, s.time - p.keep);
   return p;
 }
 
