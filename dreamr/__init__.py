@@ -6,11 +6,27 @@ writes a step itself only where the draft's falls short.
 
 __version__ = "0.1.0"
 
+# The public names, each imported from its module on first access, so that `import dreamr.ops` does not
+# pull in transformers; dir(dreamr) lists them all the same.
+_LAZY = {
+    "SpeculativeReasoner": "dreamr.reasoner",
+    "ReasonerConfig": "dreamr.reasoner",
+    "StepStream": "dreamr.reasoner",
+    "Result": "dreamr.result",
+    "Step": "dreamr.result",
+    "Metrics": "dreamr.result",
+}
+
+__all__ = list(_LAZY)
+
 
 def __getattr__(name):
-    # Imported lazily so that `import dreamr.ops` does not pull in transformers.
-    if name in ("SpeculativeReasoner", "ReasonerConfig"):
-        from dreamr import reasoner
+    if name in _LAZY:
+        import importlib
 
-        return getattr(reasoner, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'dreamr' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

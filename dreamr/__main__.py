@@ -98,19 +98,24 @@ def _print_result(result, reference: str | None) -> None:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     question, reference = _question(args)
     from dreamr.reasoner import SpeculativeReasoner
 
-    reasoner = SpeculativeReasoner.from_pretrained(
-        target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
-        mode=args.mode, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
-        max_step_tokens=args.max_step_tokens, answer_marker=args.answer_marker or None,
-        temperature=args.temperature, top_p=args.top_p, seed=args.seed, window=args.window,
-    )
     prompt = question if args.no_chat else [{"role": "system", "content": SYSTEM_PROMPT},
                                             {"role": "user", "content": question}]
-    result = reasoner.generate(prompt)
+    try:  # bad input (a setting, dtype, device, model name, the question) is a usage error: exit 2, no traceback
+        # settings, dtype and device are checked before the models load
+        reasoner = SpeculativeReasoner.from_pretrained(
+            target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
+            mode=args.mode, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
+            max_step_tokens=args.max_step_tokens, answer_marker=args.answer_marker or None,
+            temperature=args.temperature, top_p=args.top_p, seed=args.seed, window=args.window,
+        )
+        result = reasoner.generate(prompt)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.json:
         out = result.to_dict()
         out.update(question=question, reference_answer=reference, note=WEAK_JUDGE_NOTE)

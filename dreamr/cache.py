@@ -200,17 +200,33 @@ class CachedSequence:
         Returns the final hidden state (after the last norm) at the last position, shape ``[1, H]``; no
         LM head is applied. The cache then holds ``extra`` too: the caller rolls it back.
         """
-        base = getattr(self.model, "base_model", None)
+        base = decoder_of(self.model)
         kwargs = {"use_cache": True}
         x = self._input(extra)
         self._positions(x, kwargs)
-        if base is not None and base is not self.model:
-            kwargs[cache_kwarg(base)] = self.cache
-            hidden = base(input_ids=x, **kwargs).last_hidden_state
-        else:  # no separate base model: ask the full model for its hidden states
-            kwargs[self._cache_kw] = self.cache
-            if self._logits_to_keep:
-                kwargs["logits_to_keep"] = 1
-            hidden = self.model(input_ids=x, output_hidden_states=True, **kwargs).hidden_states[-1]
+        kwargs[cache_kwarg(base)] = self.cache
+        hidden = base(input_ids=x, **kwargs).last_hidden_state
         self.forward_passes += 1
         return hidden[:, -1, :].contiguous()
+
+
+def decoder_of(model) -> torch.nn.Module:
+    """The module of ``model`` that returns its final hidden states without the LM head (so no ``[n, V]``
+    logits are formed): its ``base_model``, else ``get_decoder()``, else ``model.model``.
+
+    Raises ValueError naming the model's class where it has none of them."""
+    def getters():
+        yield lambda: getattr(model, "base_model", None)
+        yield lambda: model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+        yield lambda: getattr(model, "model", None)
+
+    for get in getters():
+        try:
+            found = get()
+        except (AttributeError, NotImplementedError, TypeError, ValueError):
+            found = None
+        if isinstance(found, torch.nn.Module) and found is not model:
+            return found
+    raise ValueError(f"{type(model).__name__}: no decoder module without the LM head was found (none of base_model, "
+                     "get_decoder(), .model); dreamr needs a transformers causal LM whose decoder returns "
+                     "last_hidden_state")

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from dreamr.cache import CachedSequence
+from dreamr.cache import CachedSequence, decoder_of
 from dreamr.engines import ENGINES, LM, Request
 from dreamr.multimodal import prepare_prompt, processor_inputs, split_processor, text_of
 from dreamr.result import Result, Step
@@ -104,13 +104,25 @@ class ReasonerConfig:
 
 
 class StepStream:
-    """Iterate to receive each :class:`Step` as it is committed; ``result`` is set once it ends."""
+    """Iterate to receive each :class:`Step` as it is committed; ``result`` is set once it ends.
+
+    A stream runs its request once, so it can be iterated once: a second ``iter()`` raises RuntimeError
+    (the steps are generated, not stored; after the run they are in ``result.steps``, and a new
+    ``reasoner.stream(...)`` call runs the request again)."""
 
     def __init__(self, gen):
         self._gen = gen
+        self._started = False
         self.result: Optional[Result] = None
 
     def __iter__(self) -> Iterator[Step]:
+        if self._started:
+            raise RuntimeError("StepStream: this stream has already been iterated (a stream runs its request once); "
+                               "read stream.result.steps after it ends, or call reasoner.stream(...) again")
+        self._started = True
+        return self._run()
+
+    def _run(self) -> Iterator[Step]:
         self.result = yield from self._gen
 
 
@@ -129,9 +141,47 @@ def _unwrap(obj, tokenizer, role: str):
     if tok is None:
         raise ValueError(f"{role}_tokenizer: a tokenizer (or processor) is required for the {role} model")
     processor, tok = split_processor(tok)  # a processor: text goes through its tokenizer
+    if not (callable(getattr(tok, "encode", None)) and callable(getattr(tok, "decode", None))):
+        raise ValueError(f"{role}_tokenizer: expected a tokenizer (or a processor holding one) with encode() and "
+                         f"decode(), got {type(tok).__name__} {tok!r:.80}; pass e.g. "
+                         "AutoTokenizer.from_pretrained(...) of the model")
     if next(model.parameters(), None) is None:
         raise ValueError(f"{role}: the model has no parameters")
+    _check_vocabulary(model, tok, role)
     return model, tok, processor
+
+
+def _check_vocabulary(model, tok, role: str) -> None:
+    """Raise ValueError where the tokenizer has ids past the model's input embedding (e.g. the target's and
+    the draft's tokenizers swapped), which would fail deep inside the embedding at the first forward.
+    An embedding larger than the tokenizer (padded vocabularies) is fine."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    try:
+        rows = getattr(get_embeddings(), "num_embeddings", None) if callable(get_embeddings) else None
+        size = len(tok)
+    except (TypeError, NotImplementedError, AttributeError):
+        return  # a model or tokenizer that cannot tell its size: nothing to compare
+    if rows is not None and size > int(rows):
+        raise ValueError(f"{role}_tokenizer: the tokenizer has {size} tokens but the {role} model "
+                         f"({type(model).__name__}) embeds only {int(rows)}; pass the {role} model's own tokenizer "
+                         "(are the target's and the draft's tokenizers swapped?)")
+
+
+def _settings(config, overrides: dict) -> "ReasonerConfig":
+    """``config`` (a ReasonerConfig or None: the defaults) with ``overrides`` replacing single fields.
+
+    Raises ValueError for a config of another type, a setting ReasonerConfig does not have (listing
+    the valid names) or a bad value."""
+    if config is None:
+        config = ReasonerConfig()
+    elif not isinstance(config, ReasonerConfig):
+        raise ValueError(f"config must be a dreamr.ReasonerConfig or None, got {type(config).__name__}; build one "
+                         "with ReasonerConfig(alpha=..., ...) or pass the settings as keyword arguments")
+    names = [f.name for f in dataclasses.fields(ReasonerConfig)]
+    unknown = set(overrides) - set(names)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}; ReasonerConfig has {names}")
+    return dataclasses.replace(config, **overrides) if overrides else config
 
 
 def _check_kv_cache(lm: LM) -> None:
@@ -180,10 +230,15 @@ class SpeculativeReasoner:
     target_tokenizer, draft_tokenizer : tokenizer or processor, optional
         Required where a bare model is given.
     config : ReasonerConfig, optional
-        Defaults; ``**overrides`` replace single fields (``alpha=0.5, mode="target"``).
+        Defaults; ``**overrides`` replace single fields (``alpha=0.5, mode="target"``). A misspelled
+        setting raises ValueError listing the valid names.
     device, dtype : optional
         Where the models differ in device or dtype, one must be chosen explicitly: both models are then
-        moved / cast to it. Without a choice, mismatched models raise ValueError.
+        moved / cast to it. Without a choice, mismatched models raise ValueError. ``dtype`` is a floating
+        torch dtype or its name ("float32", "bfloat16", ...); ``device`` a torch device or its name.
+
+    Bad arguments raise ValueError naming them before any model runs: settings, dtype, device, a
+    tokenizer that is not one (no ``encode``/``decode``), or one with more tokens than its model embeds.
     """
 
     def __init__(
@@ -198,6 +253,11 @@ class SpeculativeReasoner:
         dtype: Optional[torch.dtype] = None,
         **overrides,
     ):
+        from dreamr.models import _resolve_device, _resolve_dtype
+
+        config = _settings(config, overrides)  # bad settings fail before any model work
+        dtype = _resolve_dtype(dtype)
+        device = None if device is None else _resolve_device(device)
         t_model, t_tok, t_proc = _unwrap(target, target_tokenizer, "target")
         d_model, d_tok, d_proc = _unwrap(draft, draft_tokenizer, "draft")
         if device is not None or dtype is not None:
@@ -216,9 +276,10 @@ class SpeculativeReasoner:
         _check_kv_cache(self.target)
         _check_kv_cache(self.draft)
         self.same_tokenizer = _same_tokenizer(t_tok, d_tok)
-        self.config = dataclasses.replace(config or ReasonerConfig(), **overrides)
+        self.config = config
         self._verifiers: dict[tuple, StepVerifier] = {}
         self._engines = {}
+        decoder_of(t_model)  # the judge's hidden states come from its decoder (ValueError now if it has none)
         self.verifier_for(self.config)  # verdict words are checked now, not at the first request
 
     @classmethod
@@ -242,6 +303,11 @@ class SpeculativeReasoner:
         """
         from dreamr import models
 
+        # settings, dtype and device are checked before any model is loaded (loading takes a while)
+        _settings(kwargs.get("config"), {k: v for k, v in kwargs.items()
+                                         if k not in ("config", "target_tokenizer", "draft_tokenizer")})
+        models._resolve_dtype(dtype)
+        models._resolve_device(device)
         draft = models.DEFAULT_DRAFT if draft is None else draft
         if isinstance(draft, str) and (draft == "self" or draft.startswith("self:")):
             # the second default pair: SmolLM2-135M-Instruct judged by itself, drafted by its first layers
@@ -281,11 +347,7 @@ class SpeculativeReasoner:
         return engine
 
     def _config(self, overrides: dict) -> ReasonerConfig:
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(ReasonerConfig)}
-        if unknown:
-            raise ValueError(f"unknown setting(s) {sorted(unknown)}; ReasonerConfig has "
-                             f"{[f.name for f in dataclasses.fields(ReasonerConfig)]}")
-        config = dataclasses.replace(self.config, **overrides) if overrides else self.config
+        config = _settings(self.config, overrides)
         if config.mode in ("speculative", "fpsr"):
             self.verifier_for(config)  # verdict words checked before any work
         return config

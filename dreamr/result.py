@@ -25,6 +25,9 @@ class Step:
     drafted step the target accepted, False for a step the target wrote after rejecting the draft's
     (its ``cpn`` is the rejected draft's), None where nothing was verified. ``num_tokens`` counts the
     tokens the writing model generated for this step, in that model's tokenizer (EOS included).
+    ``rejected_text`` and ``rejected_num_tokens`` are the draft's step the target rejected before writing
+    this one (its text as the draft decoded it, and its draft tokens, EOS included); None unless
+    ``accepted`` is False.
     """
 
     text: str
@@ -32,6 +35,8 @@ class Step:
     cpn: Optional[float]
     accepted: Optional[bool]
     num_tokens: int
+    rejected_text: Optional[str] = None
+    rejected_num_tokens: Optional[int] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)

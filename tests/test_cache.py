@@ -29,7 +29,11 @@ def assert_same_cache(a, b, atol=1e-10):
 
 def assert_matches_prefill(seq: CachedSequence):
     """The sequence's cache equals a fresh prefill of its cached prefix, and its next-token logits equal a
-    fresh prefill of all its ids (checked on a copy, so ``seq`` is left as it was)."""
+    fresh prefill of all its ids (checked on a copy, so ``seq`` is left as it was).
+
+    The committed token ids are the truth (the text is their decode): the engines re-tokenize the other
+    model's steps one at a time, so ``seq.ids`` can differ from a re-tokenization of the joined text, and
+    "the cache equals a fresh prefill of the committed text" means a prefill of these ids."""
     fresh, _ = prefill(seq.model, seq.ids[: seq.cached])
     assert cache_length(seq.cache) == seq.cached
     if seq.cached:
@@ -121,3 +125,23 @@ def test_last_hidden_matches_full_model_hidden_states(target_model):
                            output_hidden_states=True).hidden_states[-1][:, -1]
     torch.testing.assert_close(h, ref, atol=1e-10, rtol=0)
     assert seq.cached == 9  # the extra tokens are in the cache until the caller rolls them back
+
+
+def test_last_hidden_needs_a_decoder_and_never_forms_full_logits(target_model):
+    from dreamr.cache import decoder_of
+
+    assert decoder_of(target_model) is target_model.base_model
+
+    class HeadOnly(torch.nn.Module):  # a causal LM with no decoder module apart from itself
+        def forward(self, input_ids, **kwargs):
+            raise AssertionError("the full model must not run for hidden states")
+
+    with pytest.raises(ValueError, match="HeadOnly: no decoder module"):
+        decoder_of(HeadOnly())
+
+    class Wrapped(torch.nn.Module):  # no base_model / get_decoder: found as .model
+        def __init__(self):
+            super().__init__()
+            self.model = target_model.model
+
+    assert decoder_of(Wrapped()) is target_model.model

@@ -45,3 +45,19 @@ def test_public_import():
     import dreamr
 
     assert dreamr.SpeculativeReasoner.__name__ == "SpeculativeReasoner" and dreamr.ReasonerConfig
+    assert {"SpeculativeReasoner", "ReasonerConfig", "StepStream", "Result", "Step"} <= set(dir(dreamr))
+    assert set(dreamr.__all__) <= set(dir(dreamr))
+
+
+@pytest.mark.parametrize("args,match", [(["--alpha", "2"], "alpha"), (["--mode", "fpsr", "--window", "0"], "window"),
+                                        (["--dtype", "int8"], "dtype")])
+def test_cli_bad_settings_are_usage_errors_before_loading(capsys, monkeypatch, args, match):
+    from dreamr import models
+    from dreamr.__main__ import main
+
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["Natalia sold clips.", *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and match in err and "Traceback" not in err

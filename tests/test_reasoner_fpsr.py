@@ -21,7 +21,8 @@ from test_reasoner_memory import live_objects
 
 
 def key(result):
-    return [(s.text, s.source, s.accepted, s.num_tokens) for s in result.steps]
+    return [(s.text, s.source, s.accepted, s.num_tokens, s.rejected_text, s.rejected_num_tokens)
+            for s in result.steps]
 
 
 def assert_same(fpsr, spec):

@@ -1,7 +1,9 @@
 """SpeculativeReasoner on tiny random models: the modes' defining properties.
 
 - alpha = 1 reproduces target-only output, alpha = 0 draft-only output, step structure included;
-- every cache equals a fresh prefill of the committed text after each committed step;
+- every cache equals a fresh prefill of the committed text after each committed step: of the committed
+  token ids (``seq.ids``), which are the truth; the text is their decode. Steps are re-tokenized one at a
+  time, so the ids are not always a re-tokenization of the joined text (a token may span two steps there);
 - a batch gives the single-request results; streaming yields the same steps;
 - metrics are consistent with the steps.
 """
@@ -71,6 +73,8 @@ def test_target_only_matches_transformers_generate(reasoner, tok_a, target_model
 
 
 def test_caches_match_fresh_prefill_after_every_step(pair, content_judge):
+    # "fresh prefill of the committed text" = a prefill of each model's committed ids (prompt + each step's
+    # tokens, a step taken from the other model re-tokenized on its own), not of the joined text re-encoded
     content_judge(pair)
     checked = []
 
@@ -129,6 +133,28 @@ def test_stream_yields_the_committed_steps(reasoner, content_judge):
     streamed = [(s.text, s.source, s.cpn, s.accepted, s.num_tokens) for s in stream]
     assert stream.result is not None
     assert streamed == steps_of(stream.result) == steps_of(reasoner.generate(prompt, alpha=alpha))
+    with pytest.raises(RuntimeError, match="already been iterated"):  # a stream runs its request once
+        iter(stream)
+
+
+def test_rejected_steps_keep_the_drafts_text(reasoner, content_judge):
+    content_judge(reasoner)
+    prompt = PROMPTS[0]
+    result = reasoner.generate(prompt, alpha=MIXED)
+    assert {s.source for s in result.steps} == {"draft", "target"}
+    drafted = reasoner.generate(prompt, mode="draft")
+    for i, step in enumerate(result.steps):
+        if step.accepted:
+            assert step.rejected_text is None and step.rejected_num_tokens is None
+        else:
+            assert step.rejected_text and step.rejected_num_tokens >= 1
+            if i == 0:  # the first rejected draft is the draft-only run's first step
+                assert (step.rejected_text, step.rejected_num_tokens) == (drafted.steps[0].text,
+                                                                          drafted.steps[0].num_tokens)
+        d = step.to_dict()
+        assert (d["rejected_text"], d["rejected_num_tokens"]) == (step.rejected_text, step.rejected_num_tokens)
+    for step in drafted.steps:
+        assert step.rejected_text is None and step.rejected_num_tokens is None
 
 
 def test_sampling_is_seeded_and_keeps_the_alpha_ends(reasoner):

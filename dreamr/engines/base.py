@@ -173,6 +173,16 @@ def step_cap(state: RequestState, *seqs_and_lms: tuple[CachedSequence, LM], rese
     return cap
 
 
+def verdict_fits(target: LM, prefix_len: int, step_ids: Sequence[int], suffix_ids: Sequence[int]) -> bool:
+    """Whether the target can verify a drafted step: its prefix, the step in the target's tokens and the
+    verdict prompt fit in the target's context.
+
+    :func:`step_cap` reserves the verdict prompt's room in the draft's tokens; re-tokenized for the target
+    a step can come out longer. An engine that finds a step that does not fit ends the request there
+    ("length": the target's context is used up), without committing the step."""
+    return prefix_len + len(step_ids) + len(suffix_ids) <= target.context_length
+
+
 def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, max_tokens: int) -> StepWriter:
     """Let ``lm`` write one step onto ``seq`` (greedy or sampled) until the delimiter, EOS or the cap.
 
@@ -219,7 +229,9 @@ class Engine:
         # True when both models tokenize alike: steps then pass between them as token ids, not text.
         self.same_tokenizer = same_tokenizer
         # Debug hook: called as observer(target_seq, draft_seq) after each committed step (either may be
-        # None). Tests use it to hold the caches to a fresh prefill of the committed text.
+        # None). Tests use it to hold the caches to a fresh prefill of the committed text, that is of the committed
+        # token ids (the truth; the text is their decode: steps are re-tokenized one at a time, so the ids need
+        # not equal a re-tokenization of the joined text).
         self.observer = None
 
     def run(self, requests: Sequence[Request], progress: bool = False) -> list[Result]:

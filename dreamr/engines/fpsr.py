@@ -50,7 +50,8 @@ from dataclasses import dataclass, field
 from typing import Generator, Optional, Sequence
 
 import torch
-from dreamr.engines.base import LM, Engine, Request, RequestState, drain, image_prefix, sample_rows, timed
+from dreamr.engines.base import (LM, Engine, Request, RequestState, drain, image_prefix, sample_rows, timed,
+                                 verdict_fits)
 from dreamr.engines.decode_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, check_batch_sizes
 from dreamr.engines.ragged import RaggedBatch, Row
 from dreamr.result import Result, Step
@@ -102,6 +103,9 @@ class _Req:
     verify_queue: list = field(default_factory=list)
     draft_epoch: Optional[int] = None
     committed_branch: Optional[tuple] = None  # (epoch, row) of a committed target branch (continuation)
+    # a drafted step too long for the target's context once re-tokenized (see base.verdict_fits): the request
+    # ends ("length") once every earlier open step is committed, unless a rejection cancels it first
+    overflow_epoch: Optional[int] = None
     done: bool = False
     result: Optional[Result] = None
     t_forwards: int = 0
@@ -402,6 +406,8 @@ class FpsrEngine(Engine):
         e = req.epochs.get(a.epoch)
         if e is None:
             return
+        if a.epoch == req.overflow_epoch and a.aux & WORK_DRAFT:
+            req.overflow_epoch = None  # an earlier step was rejected: the overflowing step is dropped
         if a.aux & (WORK_DRAFT | WORK_VERIFY):
             if a.epoch in req.verify_queue:
                 req.verify_queue.remove(a.epoch)
@@ -443,7 +449,8 @@ class FpsrEngine(Engine):
         else:
             w = e.t_writer
             assert e.t_done and e.accepted is False
-            step = Step(w.text, "target", e.cpn, False, len(w.ids))
+            step = Step(w.text, "target", e.cpn, False, len(w.ids), rejected_text=e.d_writer.text,
+                        rejected_num_tokens=len(e.d_writer.ids))
             end = w.end
             row = e.branch
             e.branch = None
@@ -464,7 +471,20 @@ class FpsrEngine(Engine):
         req.epochs.pop(a.epoch, None)
         if self.observer is not None:  # debug hook: the target chain and the draft row (Row objects)
             self.observer(req.chain, req.d_row)
+        if state.finish_reason is None:
+            self._end_at_overflow(req)
         return step
+
+    def _end_at_overflow(self, req: _Req) -> None:
+        """End the request ("length", as mode "speculative" does) at its overflowing drafted step once no
+        earlier step is open: the step would then be the next one verified, and cannot be."""
+        e = req.epochs.get(req.overflow_epoch) if req.overflow_epoch is not None else None
+        if e is None or any(o.step < e.step for o in req.epochs.values()):
+            return
+        req.overflow_epoch = None
+        req.state.finish_reason = "length"
+        self.sched.abort(req.index)
+        self._events = True
 
     def _finish(self, req: _Req, a) -> None:
         state = req.state
@@ -480,6 +500,7 @@ class FpsrEngine(Engine):
         req.epochs.clear()
         req.verify_queue.clear()
         req.draft_epoch = None
+        req.overflow_epoch = None
         self.chains.release(req.chain)
         self.drafts.release(req.d_row)
         state.metrics.target_forward_passes = req.t_forwards
@@ -633,6 +654,10 @@ class FpsrEngine(Engine):
             req.draft_epoch = None
             e.t_step_ids = w.content_ids if self.same_tokenizer else self.target.encode_text(w.text)
             assert len(req.t_view) == e.t_prefix
+            if not verdict_fits(self.target, e.t_prefix, e.t_step_ids, self.verifier.suffix_ids(w.text)):
+                req.overflow_epoch = epoch  # never verified: the request ends here (or a rejection drops it)
+                self._end_at_overflow(req)
+                continue
             req.t_view.extend(e.t_step_ids)
             self._events = True
             self.sched.on_draft_step(req.index, e.slot, epoch, len(w.ids), self._step_end(w))

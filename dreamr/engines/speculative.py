@@ -8,6 +8,9 @@
                          t = target writes the step on the committed prefix; commit t
                          the draft catches up on t (re-tokenized unless the tokenizers are the same)
 
+A drafted step that, re-tokenized for the target, no longer fits in the target's context with the verdict
+prompt ends the request ("length"; the step is not committed).
+
 At alpha = 1 nothing is accepted and the committed text is exactly the target-only text; at alpha = 0
 every finite verdict accepts and it is exactly the draft-only text.
 """
@@ -17,7 +20,8 @@ from __future__ import annotations
 import math
 from typing import Generator
 
-from dreamr.engines.base import Engine, Request, RequestState, open_sequence, step_cap, timed, write_step
+from dreamr.engines.base import (Engine, Request, RequestState, open_sequence, step_cap, timed, verdict_fits,
+                                 write_step)
 from dreamr.result import Result, Step
 
 
@@ -45,6 +49,11 @@ class SpeculativeEngine(Engine):
                     dw = write_step(d_seq, draft, d_sampler, cfg.step_delimiter, cap)
                 m.draft_tokens += len(dw.ids)
                 step_ids = dw.content_ids if self.same_tokenizer else target.encode_text(dw.text)
+                if not verdict_fits(target, len(t_seq.ids), step_ids, verifier.suffix_ids(dw.text)):
+                    # re-tokenized, the step and the verdict prompt overrun the target's context
+                    d_seq.truncate(d_committed)
+                    state.finish_reason = "length"
+                    break
                 with timed("verify_time_s", m):
                     cpn, accepted = verifier.verify(t_seq, step_ids, dw.text, alpha=cfg.alpha)
                 m.verified_steps += 1
@@ -60,7 +69,9 @@ class SpeculativeEngine(Engine):
                         tw = write_step(t_seq, target, t_sampler, cfg.step_delimiter, cap)
                     m.target_tokens += len(tw.ids)
                     d_seq.extend(tw.content_ids if self.same_tokenizer else draft.encode_text(tw.text))
-                    step, end = Step(tw.text, "target", cpn, False, len(tw.ids)), tw.end
+                    step = Step(tw.text, "target", cpn, False, len(tw.ids), rejected_text=dw.text,
+                                rejected_num_tokens=len(dw.ids))
+                    end = tw.end
                 state.commit(step, end)
                 if self.observer is not None:
                     self.observer(t_seq, d_seq)
