@@ -2,7 +2,7 @@
 
     python bench/e2e_latency.py                          # default pair, 2 GSM8K problems, every mode
     python bench/e2e_latency.py --problems 3 --json e2e.json
-    python bench/latency.py --e2e                        # the op microbenchmarks, then this section
+    python bench/latency.py                              # the op microbenchmarks, then this section
 
 Phases (seconds summed over a step, then averaged over the steps of the mode):
 
@@ -11,7 +11,9 @@ Phases (seconds summed over a step, then averaged over the steps of the mode):
     target        the target's full-model forward calls: the fallback steps it writes after a rejection
                   (speculative modes) or every step (target mode); its prefill is counted here too
     rollback      dreamr.cache.rollback (KV-cache rollback of rejected or verdict entries)
-    other         the rest of the step's wall time: sampling, tokenization, step bookkeeping, scheduler
+    scheduler     the engine's own scheduler time (Metrics.scheduler_time_s: FPSR's poll and actions);
+                  0 where the engine reports none
+    other         the rest of the step's wall time: sampling, tokenization, step bookkeeping
 
 The phases are measured from outside the engines, through the public surface only: forward hooks on
 the two models and a wrapper around ``dreamr.cache.rollback``; the step wall time is the time between two
@@ -20,7 +22,8 @@ itself costs a little time). Where an engine runs phases concurrently (FPSR: dra
 batched fallback), the phase times overlap and "other" can be negative; an engine-side breakdown is then
 the right source: where the engine's Metrics carry fields named ``<phase>_time_s``, each row also gives
 them per step as ``engine_phase_ms_per_step``. The forward hooks do not see an engine that runs the
-models' layers itself (the FPSR engine): its time then lands in "other".
+models' layers itself (the FPSR engine): for such modes (:data:`ENGINE_TIMED_MODES`) the phase breakdown
+is taken from the engine's own phase times instead (``phase_source`` says which: "hooks" or "engine").
 """
 
 from __future__ import annotations
@@ -36,6 +39,12 @@ from typing import Optional, Sequence
 import torch
 
 PHASES = ("drafting", "verification", "target", "rollback")
+# The engine's Metrics fields behind each phase (and the scheduler, which the hooks cannot see).
+ENGINE_PHASES = {"drafting": "draft_time_s", "verification": "verify_time_s", "target": "target_time_s",
+                 "rollback": "rollback_time_s", "scheduler": "scheduler_time_s"}
+# Modes whose engine runs the models' layers itself (the hooks see nothing): phases from the engine.
+ENGINE_TIMED_MODES = ("fpsr",)
+DEFAULT_MODES = ("target", "draft", "speculative", "fpsr")
 _ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -121,27 +130,37 @@ class PhaseTimer:
         return out
 
 
-def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = ("target", "draft", "speculative"),
+def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = DEFAULT_MODES,
                      *, alpha: float = 0.7, alphas: Optional[Sequence[float]] = None, warmup: bool = True,
-                     **settings) -> list[dict]:
+                     progress: bool = False, **settings) -> list[dict]:
     """Per-step latency and its phase breakdown for each mode, over ``prompts`` (modes interleaved).
 
     The baseline modes run once; every other mode once per alpha in ``alphas`` (default ``[alpha]``).
-    Returns one row per mode and alpha: ``mode``, ``alpha``, ``steps``, ``tokens``, ``step_ms_mean``, ``step_ms_median``, ``ms_per_token``,
-    ``phase_ms_per_step`` (drafting, verification, target, rollback, other) and ``phase_share`` (fractions
-    of the step time), ``wall_s`` and ``acceptance``.
+    Returns one row per mode and alpha: ``mode``, ``alpha``, ``steps``, ``tokens``, ``step_ms_mean``,
+    ``step_ms_median``, ``ms_per_token``, ``phase_ms_per_step`` (drafting, verification, target, rollback,
+    scheduler, other; they sum to ``step_ms_mean``), ``phase_source`` ("hooks", or "engine" for
+    :data:`ENGINE_TIMED_MODES`), ``phase_share`` (fractions of the step time), ``engine_phase_ms_per_step``
+    (the engine's own ``*_time_s`` per step, or None), ``wall_s`` and ``acceptance``. ``progress``: a tqdm
+    bar over the (prompt, mode) runs.
     """
     from dreamr.eval import make_variants
 
+    if not prompts:
+        raise ValueError("prompts is empty")
     variants = make_variants(list(modes), list(alphas) if alphas is not None else [alpha])
     if warmup:
         for v in variants:
             reasoner.generate(prompts[0], **v.overrides(), **{**settings, "max_new_tokens": 4})
-    per_mode = {v: {"step_s": [], "phases": {p: 0.0 for p in (*PHASES, "other")}, "tokens": 0, "wall": 0.0,
+    per_mode = {v: {"step_s": [], "phases": {p: 0.0 for p in PHASES}, "tokens": 0, "wall": 0.0,
                     "accepted": 0, "verified": 0} for v in variants}
-    with PhaseTimer(reasoner) as timer:
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts) * len(variants), desc="e2e latency", unit="run", disable=not progress,
+               dynamic_ncols=True)
+    with PhaseTimer(reasoner) as timer, bar:
         for prompt in prompts:
             for v in variants:
+                bar.set_postfix_str(v.name)
                 acc = per_mode[v]
                 stream = reasoner.stream(prompt, **v.overrides(), **settings)
                 timer.take()
@@ -152,7 +171,6 @@ def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = ("targe
                     acc["step_s"].append(now - last)
                     for p, s in phases.items():
                         acc["phases"][p] += s
-                    acc["phases"]["other"] += (now - last) - sum(phases.values())
                     acc["tokens"] += step.num_tokens
                     if step.accepted is not None:
                         acc["verified"] += 1
@@ -165,11 +183,17 @@ def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = ("targe
                 for name, value in (vars(metrics).items() if metrics is not None else ()):
                     if name.endswith("_time_s") and name != "wall_time_s" and isinstance(value, (int, float)):
                         acc.setdefault("engine", {})[name] = acc.get("engine", {}).get(name, 0.0) + float(value)
+                bar.update(1)
     rows = []
     for v in variants:
         acc = per_mode[v]
         n = len(acc["step_s"])
         total = sum(acc["step_s"])
+        engine = acc.get("engine") or {}
+        source = "engine" if v.mode in ENGINE_TIMED_MODES and engine else "hooks"
+        phases = {p: (engine.get(ENGINE_PHASES[p], 0.0) if source == "engine" else acc["phases"][p]) for p in PHASES}
+        phases["scheduler"] = engine.get(ENGINE_PHASES["scheduler"], 0.0)
+        phases["other"] = total - sum(phases.values())
         rows.append({
             "mode": v.mode,
             "alpha": v.alpha,
@@ -181,8 +205,9 @@ def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = ("targe
             "step_ms_median": 1e3 * statistics.median(acc["step_s"]) if n else None,
             "ms_per_token": 1e3 * total / acc["tokens"] if acc["tokens"] else None,
             "acceptance": acc["accepted"] / acc["verified"] if acc["verified"] else None,
-            "phase_ms_per_step": {p: 1e3 * s / n for p, s in acc["phases"].items()} if n else {},
-            "phase_share": {p: s / total for p, s in acc["phases"].items()} if total > 0 else {},
+            "phase_ms_per_step": {p: 1e3 * s / n for p, s in phases.items()} if n else {},
+            "phase_source": source,
+            "phase_share": {p: s / total for p, s in phases.items()} if total > 0 else {},
             # The engine's own per-phase seconds per step, where its Metrics report them (else None).
             "engine_phase_ms_per_step": ({k: 1e3 * v / n for k, v in acc["engine"].items()}
                                          if acc.get("engine") and n else None),
@@ -191,8 +216,13 @@ def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = ("targe
 
 
 def format_rows(rows: list[dict]) -> str:
-    cols = ("mode", "steps", "tokens", "step ms", "median", "ms/tok", "accept", "draft ms", "verify ms", "target ms",
-            "rollback ms", "other ms")
+    """The rows as a table: the measured phases (ms per step; "src" says hooks or engine), then, where an
+    engine reports its own phase times, those per step as the "eng ..." columns."""
+    engine_cols = any(r.get("engine_phase_ms_per_step") for r in rows)
+    cols = ["mode", "steps", "tokens", "step ms", "median", "ms/tok", "accept", "src", "draft ms", "verify ms",
+            "target ms", "rollback ms", "sched ms", "other ms"]
+    if engine_cols:
+        cols += ["eng draft", "eng verify", "eng target", "eng rollbk", "eng sched"]
     lines = [f"{cols[0]:<16}" + "".join(f"{c:>12}" for c in cols[1:])]
     lines.append("-" * len(lines[0]))
     for r in rows:
@@ -200,7 +230,11 @@ def format_rows(rows: list[dict]) -> str:
         f = lambda x, s=".1f": "-" if x is None else format(x, s)  # noqa: E731
         ph = r["phase_ms_per_step"]
         cells = [str(r["steps"]), str(r["tokens"]), f(r["step_ms_mean"]), f(r["step_ms_median"]), f(r["ms_per_token"]),
-                 f(r["acceptance"], ".2f"), *(f(ph.get(p)) for p in (*PHASES, "other"))]
+                 f(r["acceptance"], ".2f"), r.get("phase_source", "hooks"),
+                 *(f(ph.get(p)) for p in (*PHASES, "scheduler", "other"))]
+        if engine_cols:
+            eng = r.get("engine_phase_ms_per_step") or {}
+            cells += [f(eng.get(ENGINE_PHASES[p])) for p in (*PHASES, "scheduler")]
         lines.append(f"{name:<16}" + "".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)
 
@@ -209,7 +243,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(_ROOT / "examples" / "gsm8k_dev_sample.jsonl"))
     p.add_argument("--problems", type=int, default=2, help="how many problems (first lines of --data)")
-    p.add_argument("--modes", nargs="+", default=["target", "draft", "speculative"])
+    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES))
     p.add_argument("--alphas", nargs="+", type=float, default=[0.7, 0.9],
                    help="alphas of the verifying modes (0.9 shows the fallback path on the default pair)")
     p.add_argument("--target", default=None)
@@ -220,19 +254,27 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--max-step-tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="one problem, 32 tokens")
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if str(_ROOT) not in sys.path:
         sys.path.insert(0, str(_ROOT))
-    from dreamr.eval import EvalSettings, _prompt, load_problems
+    from dreamr.eval import EvalSettings, _prompt, check_variants, make_variants, select_problems
     from dreamr.reasoner import SpeculativeReasoner
 
     n, max_new = (1, 32) if args.quick else (args.problems, args.max_new_tokens)
-    problems = load_problems(args.data, limit=n)
-    prompts = [_prompt(pr, EvalSettings()) for pr in problems]
+    settings = EvalSettings(modes=tuple(args.modes), alphas=tuple(args.alphas), limit=n, max_new_tokens=max_new,
+                            max_step_tokens=args.max_step_tokens)
+    try:  # bad modes, alphas or data before loading models
+        check_variants(make_variants(settings.modes, settings.alphas), settings)
+        problems = select_problems(args.data, settings)
+    except ValueError as exc:
+        p.error(str(exc))
+    prompts = [_prompt(pr, settings) for pr in problems]
     reasoner = SpeculativeReasoner.from_pretrained(target=args.target, draft=args.draft, dtype=args.dtype,
                                                    device=args.device)
     rows = bench_end_to_end(reasoner, prompts, args.modes, alphas=args.alphas, max_new_tokens=max_new,
-                            max_step_tokens=args.max_step_tokens, answer_marker="The answer is")
+                            max_step_tokens=args.max_step_tokens, answer_marker="The answer is",
+                            progress=not args.no_progress)
     print(f"\nend-to-end per-step latency ({len(prompts)} problem(s), device {args.device}, "
           f"threads {torch.get_num_threads()}; phases in ms per step)")
     print(format_rows(rows))

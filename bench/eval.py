@@ -3,11 +3,15 @@
     python bench/eval.py --data ../shared/data/gsm8k/test_dev.jsonl --limit 20 \
         --modes target draft speculative --alphas 0.5 0.7 0.9 --out runs/gsm8k20
 
-Per mode (and per alpha): accuracy, accuracy difference to the target alone, wall time, speedup over the
-target alone (same run, modes interleaved per problem), tokens/s, step acceptance, accepted steps per
-window, target passes per token, token counts and the ideal bound 1/(c + 1/L). Writes OUT/records.jsonl
-(one line per problem and mode; an interrupted run resumes from it), OUT/results.json, OUT/sweep.json
-and OUT/sweep.png. ``python bench/eval.py --help`` lists the options; ``python -m dreamr.eval`` is the same.
+Per mode (and per alpha): accuracy (over finished problems) and accuracy_all (errors count as wrong),
+accuracy difference to the target alone, wall time, speedup over the target alone (same run, modes
+interleaved per problem), tokens/s, step acceptance, accepted steps per window, mean_accepted_length
+(committed steps per verification window), target passes per token, token counts and the ideal bound
+1/(c + 1/L); see dreamr/eval.py for the definitions. Bad arguments exit with status 2 before any model is
+loaded; the exit status is 1 when a variant finished no problem. Writes OUT/records.jsonl (one line per
+problem and mode; an interrupted run resumes from it; --retry-failed reruns failed ones), OUT/results.json,
+OUT/sweep.json and OUT/sweep.png. ``python bench/eval.py --help`` lists the options; ``python -m
+dreamr.eval`` is the same.
 """
 
 import sys

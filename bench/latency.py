@@ -1,27 +1,54 @@
-"""Microbenchmarks of dreamr's compiled ops against their PyTorch baselines.
+"""Microbenchmarks of dreamr's compiled ops against their PyTorch baselines, then end-to-end latency.
 
-    python bench/latency.py                 # all ops, realistic shapes, on CUDA if present else CPU
-    python bench/latency.py --json out.json # also write the records
-    python bench/latency.py --quick         # small shapes, a smoke run
+    python bench/latency.py                 # all ops, realistic shapes, on CUDA if present else CPU,
+                                            # then the end-to-end per-step breakdown (real models)
+    python bench/latency.py --json out.json # also write the records (ops and end-to-end rows)
+    python bench/latency.py --quick         # small shapes, a smoke run (end-to-end: one problem)
+    python bench/latency.py --no-e2e        # the op microbenchmarks only
+    python bench/latency.py --threads 4     # torch CPU threads (default: all cores; recorded)
 
 Each row times an op and its baseline side by side in the same process (interleaved repetitions, median
 of each), so machine noise hits both alike. Baselines: the plain PyTorch references in
 dreamr/reference.py; for CPN also the naive way (full LM head over the vocabulary, softmax, gather), and
-for rollback the per-layer loop a transformers user would write.
+for rollback the per-layer loop a transformers user would write. A WARNING row follows each op whose
+speedup is below its aim (:data:`AIMS`).
+
+The end-to-end section (bench/e2e_latency.py) runs by default: per-step latency of each mode (target,
+draft, speculative, fpsr) broken into phases. In --json its rows are records with ``op`` =
+``"e2e/<mode>[@alpha]"`` (the op rows keep their keys: op, baseline, device, shape, median_ms,
+baseline_median_ms, speedup, threads, aim, meets_aim).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
-import torch
+_BENCH = Path(__file__).resolve().parent
+if str(_BENCH.parent) not in sys.path:  # run as `python bench/latency.py` without the package installed
+    sys.path.insert(0, str(_BENCH.parent))
+if str(_BENCH) not in sys.path:  # e2e_latency beside this file
+    sys.path.append(str(_BENCH))
 
-from dreamr import ops, reference
+import torch  # noqa: E402
+
+from dreamr import ops, reference  # noqa: E402
+
+# The aims from the issue: (op name prefix, baseline, batch size B or None for any, minimum speedup).
+AIMS = (
+    ("cpn_verify", "naive full-vocab softmax", 64, 100.0),
+    ("cpn_verify", "reference", 64, 2.0),
+    ("kv_rollback", "per-layer PyTorch loop", None, 3.0),
+    ("speculative_sample", "reference", 32, 2.0),
+)
 
 
 @dataclass
@@ -33,6 +60,25 @@ class Record:
     median_ms: float
     baseline_median_ms: float
     speedup: float  # baseline_median_ms / median_ms
+    threads: int = 0  # torch.get_num_threads() during the run
+    aim: Optional[float] = None  # the speedup the issue aims for at this shape (None: no aim here)
+    meets_aim: Optional[bool] = None
+
+
+def aim_of(record: Record) -> Optional[float]:
+    """The issue's speedup aim for this op, baseline and batch size (None where it sets none)."""
+    m = re.search(r"\bB=(\d+)", record.shape)
+    batch = int(m.group(1)) if m else None
+    for op, baseline, b, aim in AIMS:
+        if record.op.startswith(op) and record.baseline == baseline and (b is None or b == batch):
+            return aim
+    return None
+
+
+def _end_to_end(argv: list) -> list:
+    from e2e_latency import main as end_to_end  # bench/ is on sys.path
+
+    return end_to_end(argv)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -144,12 +190,25 @@ def bench_sampling(device, batch, k, vocab, repeats):
 def main(argv=None) -> list[Record]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
+    parser.add_argument("--json", metavar="PATH", help="write the records (ops, then e2e rows) as a JSON list")
     parser.add_argument("--quick", action="store_true", help="small shapes and few repetitions")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions per op (default 20, quick 3)")
-    parser.add_argument("--e2e", action="store_true", help="also run the end-to-end per-step latency breakdown per mode (real models; bench/e2e_latency.py)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch CPU threads (default: all cores, %(default)s here); recorded in the output")
+    parser.add_argument("--no-e2e", action="store_true",
+                        help="skip the end-to-end per-step latency breakdown per mode (real models; "
+                             "bench/e2e_latency.py), which runs by default")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.repeats is not None and args.repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     repeats = args.repeats or (3 if args.quick else 20)
     if args.quick:
         hidden, vocab, batches, layers, time_len = 256, 4096, [1, 8], 4, 64
@@ -164,23 +223,46 @@ def main(argv=None) -> list[Record]:
         bench_rollback(device, dtype, layers, 8, 8, time_len, 128 if not args.quick else 16, repeats),
         bench_sampling(device, 32 if not args.quick else 4, 5, 32000 if not args.quick else 1000, repeats),
     ]
-    header = f"{'op':<24} {'baseline':<26} {'shape':<52} {'op ms':>9} {'base ms':>10} {'speedup':>8}"
+    header = f"{'op':<24} {'baseline':<26} {'shape':<52} {'op ms':>9} {'base ms':>10} {'speedup':>8} {'aim':>6}"
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"torch {torch.__version__}, threads {threads}")
     print(header)
     print("-" * len(header))
     for group in groups:
         for r in group:
+            r.threads = threads
+            r.aim = aim_of(r)
+            r.meets_aim = None if r.aim is None else r.speedup >= r.aim
             records.append(r)
+            aim = "-" if r.aim is None else f"{r.aim:g}x"
             print(f"{r.op:<24} {r.baseline:<26} {r.shape:<52} {r.median_ms:>9.3f} {r.baseline_median_ms:>10.3f} "
-                  f"{r.speedup:>7.1f}x", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in records], f, indent=2)
-    if args.e2e:
-        from e2e_latency import main as end_to_end  # bench/ is on sys.path when run as a script
+                  f"{r.speedup:>7.1f}x {aim:>6}", flush=True)
+            if r.meets_aim is False:
+                print(f"WARNING {r.op} vs {r.baseline}: {r.speedup:.2f}x is below the aim of {r.aim:g}x "
+                      f"({r.shape})", flush=True)
 
-        end_to_end(["--device", args.device] + (["--quick"] if args.quick else []))
+    e2e_rows: list = []
+    e2e_error = None
+    if not args.no_e2e:
+        try:
+            e2e_rows = _end_to_end(["--device", args.device] + (["--quick"] if args.quick else []))
+        except SystemExit as exc:  # its own argument errors
+            e2e_error = f"exit status {exc.code}"
+        except Exception as exc:  # noqa: BLE001 - the op records are still written; the exit status says so
+            e2e_error = f"{type(exc).__name__}: {exc}"
+        if e2e_error:
+            print(f"ERROR end-to-end section failed: {e2e_error} (--no-e2e skips it)", file=sys.stderr)
+    if args.json:
+        out = [asdict(r) for r in records]
+        for row in e2e_rows:
+            name = row["mode"] if row.get("alpha") is None else f"{row['mode']}@{row['alpha']:g}"
+            out.append({"op": f"e2e/{name}", "device": args.device, "threads": threads, **row})
+        if e2e_error:
+            out.append({"op": "e2e/error", "error": e2e_error, "threads": threads})
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    if e2e_error:
+        raise SystemExit(1)
     return records
 
 

@@ -27,21 +27,29 @@ Answers are extracted and compared by :func:`training.rewards.extract_answer` /
 
 Metric definitions (per variant; sums over the problems the variant finished without error)
 ----------------------------------------------------------------------------------------
-accuracy                 correct / finished problems.
+accuracy                 correct / finished problems (errors left out).
+accuracy_all             correct / selected problems (a problem that raised, or was not run, counts as wrong).
 accuracy_delta           accuracy - the target's accuracy, both over the problems both finished.
 wall_time_s              sum of end-to-end seconds of ``reasoner.generate`` calls (tokenization included).
-speedup                  sum(target wall) / sum(variant wall) over the problems both finished (same run).
+speedup                  sum(target wall) / sum(variant wall) over the problems both finished (same run);
+                         None without a "target" variant (a warning says so).
 speedup_median           the median over those problems of target wall / variant wall.
 tokens_per_second        committed tokens / wall_time_s.
 step_acceptance_rate     accepted drafted steps / verified drafted steps (None without verification).
-accepted_per_window      mean accepted drafted steps per verification window. A window ends at a
-                         rejected step (its target fallback step closes the window), after W accepted
-                         steps when the mode has a window of W steps (FPSR), or at the end of the request
-                         (a trailing run of >= 1 accepted steps). For sequential "speculative" (no
-                         window) this is the mean run length of consecutive accepted steps, runs of zero
-                         included: accepted / (rejections + trailing accepted runs). For a per-step
-                         acceptance probability a it tends to a / (1 - a). Where the engine reports a
-                         ``windows`` counter in its Metrics, accepted_steps / windows is used instead.
+windows                  verification windows, counted from the step records (``Step.accepted``): a
+                         window ends at a rejected step (its target fallback step closes the window),
+                         after W accepted steps when the mode has a window of W steps (FPSR), or at the
+                         end of the request (a trailing run of >= 1 accepted steps). For sequential
+                         "speculative" (no window) a window is a run of consecutive accepted steps ended
+                         by a rejection or by the end of the request.
+fallback_steps           steps the target wrote after rejecting a drafted step (``accepted`` False).
+accepted_per_window      accepted drafted steps / windows: the target's fallback step is NOT counted and
+                         windows with zero accepted steps are. For a per-step acceptance probability a
+                         (sequential) it tends to a / (1 - a).
+mean_accepted_length     committed steps per verification window, the vLLM-style "mean acceptance length"
+                         (tokens per verification round, the bonus token included) transposed to steps:
+                         (accepted steps + target fallback steps) / windows. A window of k accepted
+                         steps closed by a rejection commits k + 1 steps. Always >= accepted_per_window.
 target_passes_per_token  target forward passes / committed tokens.
 draft_tokens, target_tokens, committed_tokens
                          as in :class:`dreamr.result.Metrics` (each in its model's tokenizer).
@@ -50,11 +58,21 @@ mean_draft_step_tokens   draft tokens / drafted steps (verified steps; draft mod
 ideal_bound              1 / (c + 1/L): the step-level speedup if every drafted step were accepted,
                          c = (draft seconds per draft token in the draft-only run) / (target seconds per
                          target token in the target-only run), both over the problems both finished;
-                         L = the variant's mean drafted step length in tokens (mean_draft_step_tokens;
-                         for the top-level ``bound`` entry, the draft-only run's mean step length).
+                         without those runs, c falls back to the engines' phase times, (sum draft_time_s /
+                         sum draft_tokens) / (sum target_time_s / sum target_tokens) over every finished
+                         run (``bound.c_source`` says which). L = the variant's mean drafted step length
+                         (mean_draft_step_tokens; for the top-level ``bound`` entry the draft-only run's
+                         mean step length, else draft tokens / verified steps over the verifying variants,
+                         ``bound.L_source``).
 phase_time_s             sums of the engine's per-phase timings (Metrics fields named ``*_time_s``), where
-                         the engine reports them; None otherwise (bench/e2e_latency.py measures phases
-                         from outside meanwhile).
+                         the engine reports them; None otherwise.
+
+Tokenizers: committed_tokens, tokens_per_second, target_passes_per_token, mean_step_tokens, c and L count
+each step in the tokenizer of the model that wrote it. When the draft and the target have different
+tokenizers they mix two units; ``summary.notes`` in results.json says so.
+
+GPU readings (memory used, power) are sampled every 0.1 s in a background thread during generation
+(nvidia-ml-py); results.json says "no GPU" or "nvidia-ml-py not installed" where there are none.
 """
 
 from __future__ import annotations
@@ -69,7 +87,9 @@ import platform
 import statistics
 import sys
 import time
+import threading
 import traceback
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -81,7 +101,9 @@ __all__ = [
     "Variant",
     "Problem",
     "make_variants",
+    "check_variants",
     "load_problems",
+    "select_problems",
     "answer_functions",
     "accepted_per_window",
     "ideal_bound",
@@ -177,26 +199,63 @@ class Variant:
         return {"mode": self.mode} if self.alpha is None else {"mode": self.mode, "alpha": self.alpha}
 
 
-def make_variants(modes: Sequence[str], alphas: Sequence[float]) -> list[Variant]:
-    """Baseline modes once each, every other mode once per alpha; order kept, duplicates dropped."""
+def make_variants(modes: Union[str, Sequence[str]], alphas: Union[float, Sequence[float]]) -> list[Variant]:
+    """Baseline modes once each, every other mode once per alpha; order kept, duplicates dropped.
+
+    ``modes`` is a mode name or a list of them, each a key of :data:`dreamr.engines.ENGINES`; ``alphas``
+    a number or a list of numbers in [0, 1]. Raises ValueError naming the bad mode or alpha.
+    """
+    from dreamr.engines import ENGINES
+    from dreamr.verify import check_alpha
+
     if isinstance(modes, str):
         modes = [modes]
+    if isinstance(alphas, (int, float)) and not isinstance(alphas, bool):
+        alphas = [alphas]
     if not modes:
         raise ValueError("modes is empty")
     out: list[Variant] = []
     for mode in modes:
-        if not isinstance(mode, str) or not mode:
-            raise ValueError(f"modes: expected mode names, got {mode!r}")
+        if not isinstance(mode, str) or mode not in ENGINES:
+            raise ValueError(f"modes: unknown mode {mode!r}; known modes: {sorted(ENGINES)}")
         if mode in BASELINE_MODES:
             items = [Variant(mode)]
         else:
             if not alphas:
                 raise ValueError(f"alphas is empty but mode {mode!r} needs an alpha")
-            items = [Variant(mode, float(a)) for a in alphas]
+            items = [Variant(mode, check_alpha(a, "alphas")) for a in alphas]
         for v in items:
             if v not in out:
                 out.append(v)
     return out
+
+
+def check_variants(variants: Sequence[Variant], settings: "EvalSettings", reasoner=None) -> None:
+    """Raise ValueError naming the variant and setting unless every variant's call settings are valid.
+
+    Each variant's ``generate`` settings (mode, alpha, the generation settings and ``extra``) are built
+    into a reasoner configuration before any work: with ``reasoner`` (anything with the reasoner's
+    ``_config(overrides)`` builder) through its own builder, which also checks the verdict words on its
+    models; without one (the command line, before loading models) as a plain
+    :class:`dreamr.reasoner.ReasonerConfig`, which checks names and values without models.
+    """
+    from dreamr.reasoner import ReasonerConfig
+
+    fields = {f.name for f in dataclasses.fields(ReasonerConfig)}
+    builder = getattr(reasoner, "_config", None)
+    for v in variants:
+        overrides = {**v.overrides(), **settings.generation()}
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"extra: unknown setting(s) {unknown} for variant {v.name}; "
+                             f"ReasonerConfig has {sorted(fields)}")
+        try:
+            if callable(builder):
+                builder(overrides)
+            else:
+                ReasonerConfig(**overrides)
+        except ValueError as exc:
+            raise ValueError(f"variant {v.name}: {exc}") from None
 
 
 @dataclass
@@ -357,14 +416,40 @@ def score_record(rec: dict, extract: Callable, match: Callable, cut_at: Sequence
     return rec
 
 
+TOKENIZER_NOTE = (
+    "committed_tokens, tokens_per_second, target_passes_per_token, mean_step_tokens, c and L count each "
+    "step in the tokenizer of the model that wrote it (draft steps in the draft's tokens, target steps in the "
+    "target's); when the two models have different tokenizers these mix two units and are comparable only "
+    "approximately across modes")
+
+
+def _phase_c(records: Iterable[dict]) -> Optional[float]:
+    """c from the engines' phase times: (draft_time_s / draft_tokens) / (target_time_s / target_tokens),
+    each summed over ``records`` (finished records whose Metrics report the phase times)."""
+    d_time = d_tok = t_time = t_tok = 0.0
+    for r in records:
+        m = r["metrics"]
+        if isinstance(m.get("draft_time_s"), (int, float)) and m.get("draft_tokens"):
+            d_time, d_tok = d_time + float(m["draft_time_s"]), d_tok + int(m["draft_tokens"])
+        if isinstance(m.get("target_time_s"), (int, float)) and m.get("target_tokens"):
+            t_time, t_tok = t_time + float(m["target_time_s"]), t_tok + int(m["target_tokens"])
+    if d_time > 0 and d_tok > 0 and t_time > 0 and t_tok > 0:
+        return (d_time / d_tok) / (t_time / t_tok)
+    return None
+
+
 def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline: str = "target",
-              windows: Optional[dict] = None) -> dict:
+              windows: Optional[dict] = None, selected: Optional[int] = None,
+              same_tokenizer: Optional[bool] = None) -> dict:
     """Per-variant metrics from scored records (see the module docstring for each definition).
 
     ``records``: dicts with ``key``, ``variant``, ``ok``, ``correct``, ``wall_s``, ``metrics`` (a
     :class:`dreamr.result.Metrics` dict) and ``accepted`` (``Step.accepted`` per committed step); the
     last record per (key, variant) counts. ``windows``: variant name -> window size W of modes with
-    lookahead windows (FPSR). Returns ``{"variants": {name: {...}}, "bound": {...}, "baseline": ...}``.
+    lookahead windows (FPSR). ``selected``: the number of problems selected for the run (the denominator
+    of ``accuracy_all``; default: the variant's problems with a record). ``same_tokenizer``: whether the
+    two models share a tokenizer (for the notes). Returns ``{"variants": {name: {...}}, "bound": {...},
+    "baseline": ..., "notes": [...]}``.
     """
     windows = windows or {}
     last: dict[tuple[str, str], dict] = {}
@@ -382,9 +467,10 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
     base = ok.get(baseline)
     base_acc = None
     draft_name = "draft" if "draft" in ok else None
+    notes: list[str] = []
 
     # c: draft seconds per draft token over target seconds per target token, same problems.
-    c = None
+    c, c_source = None, None
     if base is not None and draft_name is not None:
         keys = paired(baseline, draft_name)
         t_time = sum(base[k]["wall_s"] for k in keys)
@@ -393,6 +479,17 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
         d_tok = sum(ok[draft_name][k]["metrics"]["draft_tokens"] for k in keys)
         if t_time > 0 and t_tok > 0 and d_tok > 0:
             c = (d_time / d_tok) / (t_time / t_tok)
+            c_source = "wall time of the draft-only and target-only runs on the problems both finished"
+    if c is None:
+        c = _phase_c(r for good in ok.values() for r in good.values())
+        if c is not None:
+            c_source = ("engine phase times over every finished run: (sum draft_time_s / sum draft_tokens) / "
+                        "(sum target_time_s / sum target_tokens)")
+    if base is None:
+        notes.append(f"no finished {baseline!r} runs: speedup, speedup_median and accuracy_delta are None")
+    if c is None:
+        notes.append("c unknown (no draft-only and target-only wall times, no engine phase times): "
+                     "ideal_bound is None")
 
     out: dict[str, dict] = {}
     for v in variants:
@@ -402,6 +499,7 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
         sums = {name: sum(int(r["metrics"].get(name, 0) or 0) for r in good.values()) for name in _COUNTERS}
         wall = sum(r["wall_s"] for r in good.values())
         correct = sum(bool(r.get("correct")) for r in good.values())
+        n_selected = max(selected, len(recs)) if selected is not None else len(recs)
         row: dict[str, Any] = {
             "mode": v.mode,
             "alpha": v.alpha,
@@ -411,6 +509,7 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
             "error_messages": {k: r.get("error") for k, r in sorted(recs.items()) if not r.get("ok")},
             "correct": correct,
             "accuracy": _ratio(correct, n_ok),
+            "accuracy_all": _ratio(correct, n_selected),
             "accuracy_delta": None,
             "wall_time_s": wall,
             "speedup": None,
@@ -419,6 +518,9 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
             "tokens_per_second": _ratio(sums["committed_tokens"], wall),
             "step_acceptance_rate": _ratio(sums["accepted_steps"], sums["verified_steps"]),
             "accepted_per_window": None,
+            "mean_accepted_length": None,
+            "windows": None,
+            "fallback_steps": None,
             "window": windows.get(v.name),
             "target_passes_per_token": _ratio(sums["target_forward_passes"], sums["committed_tokens"]),
             "mean_step_tokens": _ratio(sums["committed_tokens"], sums["num_steps"]),
@@ -440,13 +542,15 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
             fr = r.get("finish_reason")
             row["finish_reasons"][fr] = row["finish_reasons"].get(fr, 0) + 1
         if sums["verified_steps"]:
-            reported = [r["metrics"].get("windows") for r in good.values()]
-            if all(isinstance(w, int) for w in reported):  # the engine counts its windows itself
-                n_windows = sum(reported)
-            else:
-                n_windows = sum(accepted_per_window(r.get("accepted") or [], windows.get(v.name))[0]
-                                for r in good.values())
+            # Windows and fallback steps from the step records (Step.accepted per committed step).
+            n_windows = n_fallback = 0
+            for r in good.values():
+                flags = r.get("accepted") or []
+                n_windows += accepted_per_window(flags, windows.get(v.name))[0]
+                n_fallback += sum(1 for f in flags if f is False)
+            row["windows"], row["fallback_steps"] = n_windows, n_fallback
             row["accepted_per_window"] = _ratio(sums["accepted_steps"], n_windows)
+            row["mean_accepted_length"] = _ratio(sums["accepted_steps"] + n_fallback, n_windows)
         if v.mode not in BASELINE_MODES:
             row["ideal_bound"] = ideal_bound(c, row["mean_draft_step_tokens"])
         if base is not None:
@@ -465,23 +569,34 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
     if base is not None and baseline in out:
         base_acc = out[baseline]["accuracy"]
     draft_row = out.get("draft")
-    length = draft_row["mean_step_tokens"] if draft_row else None
+    length, l_source = (draft_row["mean_step_tokens"], "the draft-only run's mean step length") if draft_row \
+        else (None, None)
+    if length is None:  # no draft-only run: the drafted steps of the verifying variants
+        d_tok = sum(r["draft_tokens"] for r in out.values() if r["verified_steps"])
+        d_steps = sum(r["verified_steps"] for r in out.values())
+        length = _ratio(d_tok, d_steps)
+        l_source = "draft tokens / verified drafted steps over the verifying variants" if length is not None else None
     bound = {
         "c": c,
+        "c_source": c_source,
         "L": length,
+        "L_source": l_source,
         "ideal_bound": ideal_bound(c, length),
-        "definition": "c = (draft-only s per draft token) / (target-only s per target token) on the problems "
-                      "both finished; L = the draft-only run's mean step length (tokens); bound = 1/(c + 1/L)",
+        "definition": "c = (draft s per draft token) / (target s per target token), from c_source; "
+                      "L = mean drafted step length in draft tokens, from L_source; bound = 1/(c + 1/L)",
     }
-    return {"baseline": baseline, "baseline_accuracy": base_acc, "variants": out, "bound": bound}
+    notes.append(TOKENIZER_NOTE + (" (here the tokenizers differ)" if same_tokenizer is False
+                                   else " (here the tokenizer is shared)" if same_tokenizer else ""))
+    return {"baseline": baseline, "baseline_accuracy": base_acc, "variants": out, "bound": bound, "notes": notes}
 
 
 def sweep(summary: dict) -> dict:
     """Accuracy and speedup per alpha of every mode run at several alphas, plus the baselines."""
     out: dict[str, Any] = {"modes": {}, "baselines": {}, "bound": summary.get("bound", {}).get("ideal_bound")}
     for name, row in summary["variants"].items():
-        point = {k: row[k] for k in ("accuracy", "accuracy_delta", "speedup", "speedup_median",
-                                     "step_acceptance_rate", "accepted_per_window", "tokens_per_second",
+        point = {k: row[k] for k in ("accuracy", "accuracy_all", "accuracy_delta", "speedup", "speedup_median",
+                                     "step_acceptance_rate", "accepted_per_window", "mean_accepted_length",
+                                     "tokens_per_second",
                                      "ideal_bound", "finished", "errors")}
         if row["alpha"] is None:
             out["baselines"][name] = point
@@ -539,33 +654,63 @@ def plot_sweep(data: dict, path: Union[str, Path], title: str = "") -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-class GpuMonitor:
-    """GPU name, memory used and power through nvidia-ml-py; ``{"gpu": "no GPU", ...}`` without one.
+NO_GPU = "no GPU"
+NO_NVML = "nvidia-ml-py not installed"
 
-    ``sample()`` reads every visible NVIDIA GPU (cheap; called after each problem); ``summary()`` gives
-    the names, total memory, the largest memory used and mean / max power seen.
+
+class GpuMonitor:
+    """GPU name, memory used and power through nvidia-ml-py, sampled in a background thread.
+
+    ``start()`` samples every ``interval`` seconds (default 0.1) in a daemon thread until ``stop()``
+    (the evaluation runs it around generation); ``sample()`` takes one reading now; ``summary()`` gives
+    the names, total memory, the largest memory used and mean / max power seen. Without readings the
+    summary says why, distinctly: ``{"gpu": "nvidia-ml-py not installed", ...}`` when the ``pynvml``
+    module is missing (``pip install nvidia-ml-py``), ``{"gpu": "no GPU", ...}`` when NVML finds no
+    driver or no NVIDIA GPU. Nothing here raises: a failing reading is recorded in ``error``.
+
+    ``sampler`` (tests, other backends): a function returning one reading, a list with one dict per GPU
+    (``memory_used_mib`` / ``power_w``); it replaces NVML.
     """
 
-    def __init__(self):
+    def __init__(self, interval: float = 0.1, sampler: Optional[Callable[[], list]] = None):
+        if not (isinstance(interval, (int, float)) and interval > 0 and math.isfinite(interval)):
+            raise ValueError(f"interval must be a positive number of seconds, got {interval!r}")
+        self.interval = float(interval)
         self.error: Optional[str] = None
+        self.status: Optional[str] = None  # None: readings available; else NO_GPU or NO_NVML
         self._nvml = None
         self._handles: list = []
         self._samples: list[list[dict]] = []
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            self._nvml = pynvml
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception as exc:  # noqa: BLE001 - NVMLError without a driver, ImportError without the package
-            self.error = f"{type(exc).__name__}: {exc}"
-            self._handles = []
-        if self._handles:
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._sampler = sampler
+        if sampler is None:
+            try:
+                import pynvml
+            except ImportError as exc:
+                self.status, self.error = NO_NVML, f"{type(exc).__name__}: {exc} (pip install nvidia-ml-py)"
+            else:
+                try:
+                    pynvml.nvmlInit()
+                    self._nvml = pynvml
+                    self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+                except Exception as exc:  # noqa: BLE001 - NVMLError without a driver
+                    self.error = f"{type(exc).__name__}: {exc}"
+                    self._handles = []
+                if not self._handles:
+                    self.status = NO_GPU
+                    self.error = self.error or "no NVIDIA GPU found"
+        if self.status is None:
             self.sample()
 
-    def sample(self) -> None:
-        if not self._handles:
-            return
+    @property
+    def available(self) -> bool:
+        return self.status is None
+
+    def _read(self) -> list[dict]:
+        if self._sampler is not None:
+            return list(self._sampler())
         nv = self._nvml
         reading = []
         for h in self._handles:
@@ -579,30 +724,80 @@ class GpuMonitor:
             except Exception:  # noqa: BLE001 - some boards do not report power
                 pass
             reading.append(r)
-        self._samples.append(reading)
+        return reading
+
+    def sample(self) -> None:
+        """Take one reading (no-op without a GPU; a failing reading is recorded in ``error``)."""
+        if not self.available:
+            return
+        try:
+            reading = self._read()
+        except Exception as exc:  # noqa: BLE001 - a reading never breaks the run
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        with self._lock:
+            self._samples.append(reading)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def start(self) -> "GpuMonitor":
+        """Sample every ``interval`` seconds in a daemon thread (no thread without readings)."""
+        if self.available and self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="dreamr-gpu-monitor", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the sampling thread (and take a last reading)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+            self.sample()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self) -> "GpuMonitor":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def summary(self) -> dict:
-        if not self._handles:
-            return {"gpu": "no GPU", "reason": self.error or "no NVIDIA GPU found"}
-        nv = self._nvml
+        if not self.available:
+            return {"gpu": self.status, "reason": self.error}
+        with self._lock:
+            samples = list(self._samples)
+        n_gpus = len(self._handles) if self._sampler is None else max((len(s) for s in samples), default=0)
         gpus = []
-        for i, h in enumerate(self._handles):
+        for i in range(n_gpus):
             info: dict[str, Any] = {"index": i}
-            try:
-                name = nv.nvmlDeviceGetName(h)
-                info["name"] = name.decode() if isinstance(name, bytes) else name
-                info["memory_total_mib"] = nv.nvmlDeviceGetMemoryInfo(h).total / 2**20
-                info["driver"] = nv.nvmlSystemGetDriverVersion()
-            except Exception:  # noqa: BLE001
-                pass
-            mem = [s[i]["memory_used_mib"] for s in self._samples if "memory_used_mib" in s[i]]
-            power = [s[i]["power_w"] for s in self._samples if "power_w" in s[i]]
+            if self._nvml is not None:
+                nv, h = self._nvml, self._handles[i]
+                try:
+                    name = nv.nvmlDeviceGetName(h)
+                    info["name"] = name.decode() if isinstance(name, bytes) else name
+                    info["memory_total_mib"] = nv.nvmlDeviceGetMemoryInfo(h).total / 2**20
+                    info["driver"] = nv.nvmlSystemGetDriverVersion()
+                except Exception:  # noqa: BLE001
+                    pass
+            mem = [s[i]["memory_used_mib"] for s in samples if i < len(s) and "memory_used_mib" in s[i]]
+            power = [s[i]["power_w"] for s in samples if i < len(s) and "power_w" in s[i]]
             info["memory_used_mib_max"] = max(mem) if mem else None
             info["power_w_mean"] = statistics.fmean(power) if power else None
             info["power_w_max"] = max(power) if power else None
-            info["samples"] = len(self._samples)
+            info["samples"] = len(samples)
+            info["interval_s"] = self.interval
             gpus.append(info)
-        return {"gpu": [g.get("name") for g in gpus], "gpus": gpus}
+        out: dict[str, Any] = {"gpu": [g.get("name") for g in gpus], "gpus": gpus}
+        if self.error:
+            out["last_error"] = self.error
+        return out
 
 
 def _version(module: str) -> Optional[str]:
@@ -765,16 +960,15 @@ def evaluate(
     Returns the report written to results.json: ``{"summary": ..., "sweep": ..., "settings": ...,
     "models": ..., "environment": ..., "files": ...}``.
     """
-    settings = dataclasses.replace(settings or EvalSettings(), **overrides)
-    settings.modes, settings.alphas = tuple(settings.modes), tuple(float(a) for a in settings.alphas)
+    settings = _normalized(dataclasses.replace(settings or EvalSettings(), **overrides))
     dataset, out = Path(dataset), Path(out_dir)
     variants = make_variants(settings.modes, settings.alphas)
+    check_variants(variants, settings, reasoner)
     if extract is None or match is None:
         ex, ma = answer_functions()
         extract, match = extract or ex, match or ma
-    problems = load_problems(dataset, fields=settings.fields, limit=settings.limit, offset=settings.offset)
-    if not problems:
-        raise ValueError(f"dataset {dataset}: no problems selected (offset={settings.offset}, limit={settings.limit})")
+    problems = select_problems(dataset, settings)
+    _warn_missing_baselines(variants)
     out.mkdir(parents=True, exist_ok=True)
     models = models if models is not None else models_info(reasoner)
     fingerprint = _fingerprint(settings, dataset, models)
@@ -802,19 +996,21 @@ def evaluate(
                 try:
                     reasoner.generate(_prompt(problems[0], settings), **v.overrides(),
                                       **{**settings.generation(), "max_new_tokens": 4})
-                except Exception:  # noqa: BLE001 - a real failure is recorded by the timed run
-                    pass
+                except Exception as exc:  # noqa: BLE001 - settings were checked by check_variants; a failure
+                    # here (e.g. this problem's prompt) is also recorded by the timed runs
+                    _note(f"warmup of {v.name} failed ({type(exc).__name__}: {exc}); its timed runs go on and "
+                          "record their own errors")
     bar = None
     if progress and todo:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(todo), desc="dreamr eval", unit="run", dynamic_ncols=True)
+    gpu.start()  # memory and power sampled in a background thread during generation
     try:
         torn = rec_path.exists() and rec_path.stat().st_size > 0 and not rec_path.read_bytes().endswith(b"\n")
         with open(rec_path, "a", encoding="utf-8") as fh:
             if torn:  # a run killed mid-line: start the next record on a line of its own
                 fh.write("\n")
-            last_problem = None
             for p, v, j in todo:
                 if bar is not None:
                     bar.set_postfix_str(f"problem {p.key} {v.name}")
@@ -823,26 +1019,22 @@ def evaluate(
                 fh.write(json.dumps(rec, default=str) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
-                if last_problem != p.key:
-                    gpu.sample()
-                    last_problem = p.key
                 if bar is not None:
                     bar.update(1)
     finally:
+        gpu.stop()
         if bar is not None:
             bar.close()
-    gpu.sample()
 
     selected = {p.key for p in problems}
     records = [score_record(r, extract, match, settings.cut_at) for r in read_records(rec_path)
                if str(r["key"]) in selected]
-    summary = summarize(records, variants, windows=_window_sizes(reasoner, settings, variants))
+    same_tok = models.get("same_tokenizer") if isinstance(models, dict) else None
+    summary = summarize(records, variants, windows=_window_sizes(reasoner, settings, variants),
+                        selected=len(problems), same_tokenizer=same_tok)
     sweep_data = sweep(summary)
     files = {"records": str(rec_path), "results": str(out / RESULTS), "sweep_json": str(out / SWEEP_JSON)}
     (out / SWEEP_JSON).write_text(json.dumps(sweep_data, indent=2))
-    if plot:
-        files["sweep_png"] = str(plot_sweep(sweep_data, out / SWEEP_PNG,
-                                            title=f"{dataset.name}: {len(problems)} problems"))
     report = {
         "summary": summary,
         "sweep": sweep_data,
@@ -854,8 +1046,56 @@ def evaluate(
         "files": files,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    # results.json first: a failing or missing plotting library must not lose the report.
     (out / RESULTS).write_text(json.dumps(report, indent=2, default=str))
+    if plot:
+        try:
+            files["sweep_png"] = str(plot_sweep(sweep_data, out / SWEEP_PNG,
+                                                title=f"{dataset.name}: {len(problems)} problems"))
+        except ImportError as exc:
+            _note(f"sweep.png not drawn: matplotlib is not available ({exc}); install it with "
+                  "`pip install matplotlib` (results.json and sweep.json are written)")
+        else:
+            (out / RESULTS).write_text(json.dumps(report, indent=2, default=str))
     return report
+
+
+def _note(message: str) -> None:
+    """A warning the user must see: through :mod:`warnings` (once per message), on stderr."""
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _normalized(settings: EvalSettings) -> EvalSettings:
+    """``settings`` with ``modes`` / ``alphas`` / ``cut_at`` as tuples (one name or number taken as one)."""
+    modes = (settings.modes,) if isinstance(settings.modes, str) else tuple(settings.modes)
+    alphas = settings.alphas
+    alphas = (alphas,) if isinstance(alphas, (int, float)) and not isinstance(alphas, bool) else tuple(alphas)
+    cut_at = (settings.cut_at,) if isinstance(settings.cut_at, str) else tuple(settings.cut_at)
+    if not isinstance(settings.extra, dict):
+        raise ValueError(f"extra must be a dict of ReasonerConfig overrides, got {settings.extra!r}")
+    clash = sorted(set(settings.extra) & {"mode", "alpha"})
+    if clash:
+        raise ValueError(f"extra: {clash} are set per variant; use modes= / alphas= (--modes / --alphas), "
+                         f"got extra={settings.extra!r}")
+    return dataclasses.replace(settings, modes=modes, alphas=alphas, cut_at=cut_at)
+
+
+def select_problems(dataset: Union[str, Path], settings: EvalSettings) -> list[Problem]:
+    """The problems ``settings`` selects from ``dataset``; ValueError when none (or the file is bad)."""
+    problems = load_problems(dataset, fields=settings.fields, limit=settings.limit, offset=settings.offset)
+    if not problems:
+        raise ValueError(f"dataset {dataset}: no problems selected (offset={settings.offset}, limit={settings.limit})")
+    return problems
+
+
+def _warn_missing_baselines(variants: Sequence[Variant]) -> None:
+    names = {v.mode for v in variants}
+    if "target" not in names:
+        _note("no 'target' mode in modes: speedup, speedup_median and accuracy_delta will be None "
+              "(add 'target' to modes: it is the speedup baseline)")
+    if "draft" not in names and names - set(BASELINE_MODES):
+        _note("no 'draft' mode in modes: c of the ideal bound falls back to the engines' phase times "
+              "(see bound.c_source in the results); add 'draft' to measure it from wall time")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -870,15 +1110,17 @@ def _f(x, spec: str, none: str = "-") -> str:
 def format_table(report: dict) -> str:
     """The per-variant metrics as a fixed-width text table (and the bound line)."""
     summary = report["summary"] if "summary" in report else report
-    cols = ["variant", "n", "err", "acc%", "dacc", "wall s", "speedup", "med", "tok/s", "accept", "acc/win",
-            "tgt fw/tok", "draft tok", "tgt tok", "L", "bound"]
+    cols = ["variant", "n", "err", "acc%", "all%", "dacc", "wall s", "speedup", "med", "tok/s", "accept",
+            "acc/win", "mal", "tgt fw/tok", "draft tok", "tgt tok", "L", "bound"]
     rows = []
     for name, r in summary["variants"].items():
         rows.append([
             name, str(r["finished"]), str(r["errors"]), _f(None if r["accuracy"] is None else 100 * r["accuracy"], ".1f"),
+            _f(None if r.get("accuracy_all") is None else 100 * r["accuracy_all"], ".1f"),
             _f(None if r["accuracy_delta"] is None else 100 * r["accuracy_delta"], "+.1f"), _f(r["wall_time_s"], ".1f"),
             _f(r["speedup"], ".2f"), _f(r["speedup_median"], ".2f"), _f(r["tokens_per_second"], ".1f"),
             _f(r["step_acceptance_rate"], ".2f"), _f(r["accepted_per_window"], ".2f"),
+            _f(r.get("mean_accepted_length"), ".2f"),
             _f(r["target_passes_per_token"], ".3f"), str(r["draft_tokens"]), str(r["target_tokens"]),
             _f(r["mean_draft_step_tokens"], ".1f"), _f(r["ideal_bound"], ".2f"),
         ])
@@ -889,7 +1131,9 @@ def format_table(report: dict) -> str:
         lines.append("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(row, widths))))
     b = summary["bound"]
     lines.append(f"ideal step-level bound 1/(c + 1/L): c = {_f(b['c'], '.3f')}, L = {_f(b['L'], '.1f')} tokens "
-                 f"(draft-only steps) -> {_f(b['ideal_bound'], '.2f')}x")
+                 f"-> {_f(b['ideal_bound'], '.2f')}x (c from: {b.get('c_source') or '-'}; L from: "
+                 f"{b.get('L_source') or '-'})")
+    lines += [f"note: {n}" for n in summary.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -935,36 +1179,60 @@ def build_parser():
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command line. Bad arguments (mode, alpha, --set, data file, field names) exit with status 2
+    before any model is loaded; a run where some variant finished no problem returns 1."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     extra = {}
     for item in args.set:
         name, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {item!r}: expected NAME=VALUE")
+        if not sep or not name:
+            parser.error(f"--set {item!r}: expected NAME=VALUE")
         try:
             extra[name] = json.loads(value)
         except json.JSONDecodeError:
             extra[name] = value
-    settings = EvalSettings(
-        modes=tuple(args.modes), alphas=tuple(args.alphas), limit=args.limit, offset=args.offset,
-        max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens,
-        answer_marker=args.answer_marker or None, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-        chat=not args.no_chat, extra=extra,
-        fields={"question": args.question_field, "answer": args.answer_field, "id": args.id_field},
-        cut_at=() if args.no_cut else EvalSettings.cut_at, warmup=not args.no_warmup,
-        retry_failed=args.retry_failed,
-    )
+    try:
+        settings = _normalized(EvalSettings(
+            modes=tuple(args.modes), alphas=tuple(args.alphas), limit=args.limit, offset=args.offset,
+            max_new_tokens=args.max_new_tokens, max_step_tokens=args.max_step_tokens,
+            answer_marker=args.answer_marker or None, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed, chat=not args.no_chat, extra=extra,
+            fields={"question": args.question_field, "answer": args.answer_field, "id": args.id_field},
+            cut_at=() if args.no_cut else EvalSettings.cut_at, warmup=not args.no_warmup,
+            retry_failed=args.retry_failed,
+        ))
+        # Everything that can be checked without models, before loading them.
+        check_variants(make_variants(settings.modes, settings.alphas), settings)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        select_problems(args.data, settings)
+    except ValueError as exc:
+        parser.error(f"--data {args.data} (fields --question-field / --answer-field / --id-field): {exc}")
     from dreamr import models
     from dreamr.reasoner import SpeculativeReasoner
 
-    reasoner = SpeculativeReasoner.from_pretrained(target=args.target, draft=args.draft, dtype=args.dtype,
-                                                   device=args.device, progress=not args.no_progress)
+    try:
+        reasoner = SpeculativeReasoner.from_pretrained(target=args.target, draft=args.draft, dtype=args.dtype,
+                                                       device=args.device, progress=not args.no_progress)
+    except ValueError as exc:
+        parser.error(str(exc))
     names = {"target": args.target or models.DEFAULT_TARGET, "draft": args.draft or models.DEFAULT_DRAFT,
              "dtype": args.dtype, "device": args.device}
-    report = evaluate(reasoner, args.data, args.out, settings, progress=not args.no_progress,
-                      plot=not args.no_plot, models={"names": names, **models_info(reasoner)})
+    try:
+        report = evaluate(reasoner, args.data, args.out, settings, progress=not args.no_progress,
+                          plot=not args.no_plot, models={"names": names, **models_info(reasoner)})
+    except ValueError as exc:  # verdict words on these models, or a resume with other settings
+        parser.error(str(exc))
     print(format_table(report))
     print(json.dumps({"sweep": report["sweep"], "files": report["files"]}, indent=2))
+    failed = [name for name, row in report["summary"]["variants"].items() if not row["finished"]]
+    if failed:
+        for name in failed:
+            msgs = sorted({m for m in report["summary"]["variants"][name]["error_messages"].values() if m})
+            print(f"error: variant {name} finished no problem; errors: {msgs[:3]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -22,10 +22,13 @@ def test_extraction_is_the_shared_one():
 
     assert extract is rewards.extract_answer and match is rewards.answers_match
     cases = {"Janet makes 9 * 2 = 18.\n#### 18": "18", "The answer is 18.": "18", "She makes $18.00": "18",
-             "It costs 1,234 dollars": "1234", "The answer is -7.": "-7", "The answer is 2.5.": "2.5"}
+             "It costs 1,234 dollars": "1234", "The answer is -7.": "-7", "The answer is 2.5.": "2.5",
+             # fractions and scientific notation are whole numbers, not their first digits
+             "The answer is 3/4.": "0.75", "#### 1e3": "1000", "The answer is 2.5E-2.": "0.025",
+             "Born 3/4/2020": "2020", "48/2 = 24": "24"}
     for text, want in cases.items():
         assert extract(text) == want, text
-    assert match("18", "Some solution.\n#### 18")
+    assert match("18", "Some solution.\n#### 18") and match("3/4", "#### 0.75") and match("1e3", "#### 1,000")
     assert not match("17", "#### 18")
     assert not match(None, "#### 18")
 
@@ -116,6 +119,13 @@ def test_summary_speedup_accuracy_acceptance_and_bound():
     assert spec["accuracy_delta"] == pytest.approx(1.0 - 0.5)  # target right on 1 of the 2 paired problems
     assert spec["step_acceptance_rate"] == pytest.approx(3 / 6)
     assert spec["accepted_per_window"] == pytest.approx(3 / 4)
+    # committed steps per window: (3 accepted + 3 target fallback steps) / 4 windows
+    assert spec["windows"] == 4 and spec["fallback_steps"] == 3
+    assert spec["mean_accepted_length"] == pytest.approx(6 / 4)
+    assert spec["accuracy_all"] == pytest.approx(2 / 3)  # the failed problem counts as wrong
+    assert s["variants"]["target"]["mean_accepted_length"] is None
+    assert summarize(records, variants, selected=4)["variants"]["target"]["accuracy_all"] == pytest.approx(2 / 4)
+    assert s["bound"]["c_source"].startswith("wall time")
     assert spec["target_passes_per_token"] == pytest.approx(22 / 30)
     assert spec["tokens_per_second"] == pytest.approx(30 / 3.0)
     assert spec["mean_draft_step_tokens"] == pytest.approx(30 / 6)
@@ -137,10 +147,29 @@ def test_summary_window_and_engine_window_counter():
     rec = _rec("0", "fpsr@0.7", 1.0, True, m, [True] * 4 + [False] + [True])
     assert summarize([rec], variants, windows={"fpsr@0.7": 4})["variants"]["fpsr@0.7"]["accepted_per_window"] == \
         pytest.approx(5 / 3)
-    rec2 = _rec("0", "fpsr@0.7", 1.0, True, dict(m, windows=2), rec["accepted"])
-    assert summarize([rec2], variants)["variants"]["fpsr@0.7"]["accepted_per_window"] == pytest.approx(2.5)
-    s = summarize([rec2], variants)
-    assert s["variants"]["fpsr@0.7"]["speedup"] is None  # no target run: no speedup, no crash
+    # without a window cap: [T T T T F] [T] -> 2 windows from the step records
+    s = summarize([rec], variants)
+    row = s["variants"]["fpsr@0.7"]
+    assert row["windows"] == 2 and row["fallback_steps"] == 1
+    assert row["accepted_per_window"] == pytest.approx(2.5)
+    assert row["mean_accepted_length"] == pytest.approx((5 + 1) / 2)
+    assert row["speedup"] is None  # no target run: no speedup, no crash, but a note
+    assert any("no finished 'target' runs" in n for n in s["notes"])
+
+
+def test_c_falls_back_to_engine_phase_times_without_draft_and_target_runs():
+    v = [Variant("speculative", 0.7)]
+    m = _m(num_steps=2, verified_steps=2, accepted_steps=1, draft_tokens=10, target_tokens=5, committed_tokens=10)
+    recs = [_rec("0", "speculative@0.7", 1.0, True, dict(m, draft_time_s=0.1, target_time_s=0.2), [True, False])]
+    s = summarize(recs, v, same_tokenizer=False)
+    assert s["bound"]["c"] == pytest.approx((0.1 / 10) / (0.2 / 5))
+    assert "phase times" in s["bound"]["c_source"]
+    assert s["bound"]["L"] == pytest.approx(10 / 2) and "verifying" in s["bound"]["L_source"]
+    assert s["variants"]["speculative@0.7"]["ideal_bound"] == pytest.approx(1 / (0.25 + 1 / 5))
+    assert any("tokenizers differ" in n for n in s["notes"])
+    bare = summarize([_rec("0", "speculative@0.7", 1.0, True, m, [True, False])], v)
+    assert bare["bound"]["c"] is None and bare["bound"]["c_source"] is None
+    assert any("c unknown" in n for n in bare["notes"])
 
 
 def test_last_record_per_pair_counts():
@@ -177,6 +206,57 @@ def test_gpu_monitor_without_gpu(monkeypatch):
     assert s["gpu"] == "no GPU" and "NVML" in s["reason"]
     env = ev.environment(None, mon)
     assert env["gpu"]["gpu"] == "no GPU" and env["versions"]["torch"]
+
+
+def test_gpu_monitor_without_nvml_package(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import pynvml -> ImportError
+    mon = ev.GpuMonitor()
+    mon.start()
+    assert not mon.running  # nothing to sample: no thread
+    mon.stop()
+    s = mon.summary()
+    assert s["gpu"] == "nvidia-ml-py not installed" and "pip install nvidia-ml-py" in s["reason"]
+
+
+def test_gpu_monitor_samples_in_a_background_thread():
+    import threading
+    import time
+
+    calls = []
+    threads = set()
+
+    def fake():
+        calls.append(1)
+        threads.add(threading.current_thread().name)
+        return [{"memory_used_mib": 100.0 + len(calls), "power_w": 50.0}]
+
+    mon = ev.GpuMonitor(interval=0.01, sampler=fake)
+    assert len(calls) == 1  # one reading at construction
+    with mon:
+        assert mon.running
+        deadline = time.monotonic() + 5
+        while len(calls) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert not mon.running
+    n = len(calls)
+    time.sleep(0.05)
+    assert len(calls) == n  # stopped: no more readings
+    assert "dreamr-gpu-monitor" in threads
+    g = mon.summary()["gpus"][0]
+    assert g["samples"] == n >= 5 and g["power_w_mean"] == pytest.approx(50.0)
+    assert g["memory_used_mib_max"] == pytest.approx(100.0 + n)
+
+    def broken():
+        raise RuntimeError("sensor gone")
+
+    bad = ev.GpuMonitor(interval=0.01, sampler=broken)  # a failing reading never raises
+    bad.start()
+    bad.stop()
+    assert "sensor gone" in bad.summary()["last_error"]
+    with pytest.raises(ValueError, match="interval"):
+        ev.GpuMonitor(interval=0)
 
 
 # -- a small evaluation on tiny random models -------------------------------------------------------------
@@ -332,3 +412,97 @@ def test_cli_on_the_real_pair(tmp_path, capsys):
     assert results["summary"]["variants"]["speculative@0.7"]["finished"] == 1
     assert (out / ev.SWEEP_PNG).read_bytes()[:8] == PNG_MAGIC
     assert "speculative@0.7" in capsys.readouterr().out
+
+
+# -- bad input is rejected before any work ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(modes=["target", "speculatve"]), "unknown mode 'speculatve'"),
+    (dict(alphas=[1.5]), "alphas must be a number in \\[0, 1\\].*1.5"),
+    (dict(alphas=[float("nan")]), "alphas must be a number in \\[0, 1\\].*nan"),
+    (dict(extra={"windw": 4}), "unknown setting.*windw"),
+    (dict(extra={"window": 0}), "window must be an integer >= 1"),
+    (dict(modes="speculatve"), "unknown mode"),
+    (dict(extra={"alpha": 0.5}), "set per variant"),
+])
+def test_bad_settings_raise_before_any_work(reasoner, data, tmp_path, bad, message):
+    proxy = Proxy(reasoner)
+    with pytest.raises(ValueError, match=message):
+        ev.evaluate(proxy, data, tmp_path / "run", **{**KW, "warmup": True, **bad})
+    assert proxy.calls == [] and not (tmp_path / "run").exists()
+
+
+def test_a_single_mode_string_is_one_mode(reasoner, data, tmp_path):
+    proxy = Proxy(reasoner)
+    report = ev.evaluate(proxy, data, tmp_path / "run", **{**KW, "modes": "target", "limit": 1}, plot=False)
+    assert list(report["summary"]["variants"]) == ["target"]
+    assert report["settings"]["modes"] == ["target"] and [c[1] for c in proxy.calls] == ["target"]
+    assert make_variants("speculative", 0.5) == [Variant("speculative", 0.5)]
+
+
+def test_missing_baselines_warn(reasoner, data, tmp_path):
+    with pytest.warns(RuntimeWarning, match="no 'target' mode"):
+        report = ev.evaluate(Proxy(reasoner), data, tmp_path / "run",
+                             **{**KW, "modes": ["speculative"], "alphas": [0.5], "limit": 1}, plot=False)
+    row = report["summary"]["variants"]["speculative@0.5"]
+    assert row["speedup"] is None and row["accuracy_delta"] is None
+    assert report["summary"]["bound"]["c_source"] is None or "phase times" in report["summary"]["bound"]["c_source"]
+
+
+def test_results_json_survives_a_missing_matplotlib(reasoner, data, tmp_path, monkeypatch):
+    def no_matplotlib(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    monkeypatch.setattr(ev, "plot_sweep", no_matplotlib)
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="pip install matplotlib"):
+        report = ev.evaluate(Proxy(reasoner), data, out, **{**KW, "modes": ["target"], "limit": 1})
+    results = json.loads((out / ev.RESULTS).read_text())
+    assert results["summary"]["variants"]["target"]["finished"] == 1 and "sweep_png" not in report["files"]
+    assert not (out / ev.SWEEP_PNG).exists()
+
+
+def _no_models(monkeypatch):
+    from dreamr.reasoner import SpeculativeReasoner
+
+    def fail(*args, **kwargs):
+        raise AssertionError("models must not be loaded")
+
+    monkeypatch.setattr(SpeculativeReasoner, "from_pretrained", staticmethod(fail))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modes", "targt"], "unknown mode 'targt'"),
+    (["--alphas", "1.5"], "alphas must be a number"),
+    (["--alphas", "nan"], "alphas must be a number"),
+    (["--set", "windw=4"], "unknown setting"),
+    (["--set", "window"], "expected NAME=VALUE"),
+    (["--question-field", "q"], "no question field 'q'"),
+    (["--data", "/nonexistent/x.jsonl"], "no such file"),
+    (["--offset", "99"], "no problems selected"),
+])
+def test_cli_rejects_bad_input_before_loading_models(data, tmp_path, monkeypatch, capsys, args, message):
+    _no_models(monkeypatch)
+    with pytest.raises(SystemExit) as exc:
+        ev.main(["--data", str(data), "--out", str(tmp_path / "o"), "--no-progress", *args])
+    assert exc.value.code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_fails_when_a_variant_finished_nothing(reasoner, data, tmp_path, monkeypatch, capsys):
+    from dreamr.reasoner import SpeculativeReasoner
+
+    proxy = Proxy(reasoner, fail_on="")  # every speculative run raises
+    monkeypatch.setattr(SpeculativeReasoner, "from_pretrained", staticmethod(lambda **kw: proxy))
+    argv = ["--data", str(data), "--out", str(tmp_path / "o"), "--modes", "target", "speculative", "--alphas", "0.5",
+            "--limit", "2", "--max-new-tokens", "12", "--max-step-tokens", "4", "--no-progress", "--no-plot",
+            "--no-warmup"]
+    assert ev.main(argv) == 1
+    assert "variant speculative@0.5 finished no problem" in capsys.readouterr().err
+    assert json.loads((tmp_path / "o" / ev.RESULTS).read_text())["summary"]["variants"]["target"]["finished"] == 2
+    monkeypatch.setattr(SpeculativeReasoner, "from_pretrained", staticmethod(lambda **kw: Proxy(reasoner)))
+    assert ev.main(argv + ["--retry-failed"]) == 0

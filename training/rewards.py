@@ -40,8 +40,12 @@ __all__ = [
 # Answer extraction (shared with evaluation)
 # --------------------------------------------------------------------------------------------------
 
-# A number: optional sign, optional currency, digits with optional thousands commas, optional decimals.
-_NUM = r"[-\u2212]?\s*\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-\u2212]?\s*\$?\s*\.\d+"
+# A number: optional sign, optional currency, digits with optional thousands commas, optional decimals,
+# then optionally a decimal exponent ("1e3", "2.5E-4") or a fraction bar with an integer denominator
+# ("3/4"; not a date such as "3/4/2020", whose parts stay separate numbers).
+_NUM_CORE = (r"(?:[-\u2212]?\s*\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-\u2212]?\s*\$?\s*\.\d+)"
+             r"(?:[eE][-+]?\d+(?!\w|\.\d))?")
+_NUM = rf"(?:(?<![/\d.]){_NUM_CORE}/\d+(?!/|\d|\.\d)|{_NUM_CORE})"
 _NUM_RE = re.compile(_NUM)
 _HASH_RE = re.compile(r"####\s*(" + _NUM + r")")
 _PHRASE_RE = re.compile(
@@ -55,7 +59,9 @@ def normalize_number(text: str) -> Optional[str]:
     """Canonical form of a number written as text: no sign noise, currency, commas or trailing zeros.
 
     ``"$1,234.50"`` -> ``"1234.5"``, ``"-18.00"`` -> ``"-18"``, ``"\u22123"`` -> ``"-3"``, ``".5"`` ->
-    ``"0.5"``. Returns None when ``text`` is not a number.
+    ``"0.5"``, ``"1e3"`` -> ``"1000"``, ``"3/4"`` -> ``"0.75"`` (a fraction is divided out; one that does
+    not terminate keeps 28 significant digits, so ``"1/3"`` matches ``"2/6"`` but not ``"0.33"``).
+    Returns None when ``text`` is not a number (or is a fraction over zero).
     """
     if text is None:
         return None
@@ -63,12 +69,20 @@ def normalize_number(text: str) -> Optional[str]:
     s = s.rstrip(".")  # "18." at the end of a sentence
     if not s:
         return None
+    num, bar, den = s.partition("/")
     try:
-        d = Decimal(s)
+        d = Decimal(num)
+        if bar:
+            q = Decimal(den)
+            if not q.is_finite() or q == 0:
+                return None
+            d = d / q
     except InvalidOperation:
         return None
     if not d.is_finite():
         return None
+    if d.adjusted() > 60:  # too large to write out digit by digit: canonical scientific form
+        return str(d.normalize())
     if d == d.to_integral_value():
         return str(int(d))
     out = format(d.normalize(), "f")
