@@ -76,6 +76,7 @@ setup(
             sources=sources,
             include_dirs=[str(ROOT / "csrc" / "include")],
             extra_compile_args=_extension.compile_flags(with_cuda),
+            extra_link_args=_extension.link_flags(),
         )
     ],
     cmdclass={"build_ext": BuildExtensionWithInfo},

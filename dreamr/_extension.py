@@ -59,9 +59,17 @@ def compile_flags(with_cuda: bool) -> dict[str, list[str]]:
     """Compiler flags shared by setup.py and the JIT build."""
     cxx = ["-O3", f"-DDREAMR_TORCH_VERSION={torch.__version__}"]
     nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
+    if torch.backends.openmp.is_available():
+        # at::parallel_for is an inline OpenMP region: without -fopenmp here it silently runs serially.
+        cxx.append("-fopenmp")
     if with_cuda:
         cxx.append("-DDREAMR_WITH_CUDA")
     return {"cxx": cxx, "nvcc": nvcc}
+
+
+def link_flags() -> list[str]:
+    """Linker flags shared by setup.py and the JIT build (libgomp for the OpenMP regions above)."""
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
 
 
 def write_build_info(directory: os.PathLike) -> Path:
@@ -141,6 +149,7 @@ def _jit_build(reason: str) -> None:
         name=name,
         sources=sources(with_cuda),
         extra_cflags=flags["cxx"],
+        extra_ldflags=link_flags(),
         extra_cuda_cflags=flags["nvcc"],
         extra_include_paths=[str(_SOURCE_ROOT / "include")],
         build_directory=str(build_dir),

@@ -74,6 +74,21 @@ def torch_version():
     return torch.__version__
 
 
+def test_cpu_kernels_are_built_with_openmp():
+    # at::parallel_for is an inline OpenMP region: a core compiled without -fopenmp runs every CPU kernel
+    # on one thread, silently. The built library then imports no GOMP entry points.
+    import importlib.util
+
+    import torch
+
+    import dreamr.ops  # noqa: F401  (builds or loads the core)
+
+    if not torch.backends.openmp.is_available():
+        pytest.skip("this torch is built without OpenMP")
+    origin = importlib.util.find_spec("dreamr._C").origin
+    assert b"GOMP_parallel" in Path(origin).read_bytes(), f"{origin} was built without -fopenmp"
+
+
 def test_build_record_round_trip(tmp_path):
     from dreamr import _extension
 

@@ -41,6 +41,17 @@ def test_cpn_verify_matches_reference(dtype, batch, hidden, vocab, n_pos, n_neg,
         assert torch.equal(accept, reference.accepts(cpn, alpha))
 
 
+@pytest.mark.parametrize("batch,hidden", [(1, 31), (3, 32), (4, 33), (5, 100), (9, 4096)])
+def test_bf16_logits_are_float32_dot_products(batch, hidden):
+    # bf16 x bf16 products are exact in float32, so the kernel's logits (AVX512-BF16 where the CPU has
+    # it, else BLAS on widened copies) must equal float32 arithmetic on the widened values up to summation
+    # order: a far tighter bound than the bf16 tolerance above. H around the 32-lane width tests the tail.
+    h, w, b, pos, neg = random_case(batch, hidden, 300, 5, 6, torch.bfloat16, seed=hidden, bias=True)
+    cpn, _ = ops.cpn_verify(h, w, pos, neg, 0.5, lm_head_bias=b)
+    ref_cpn, _ = reference.cpn_verify(h.float(), w.float(), b.float(), pos, neg, 0.5)
+    torch.testing.assert_close(cpn, ref_cpn, atol=2e-6, rtol=2e-6)
+
+
 def test_cpn_equals_full_vocab_softmax():
     h, w, b, pos, neg = random_case(4, 128, 3000, 4, 4, torch.float32, seed=1, bias=True)
     cpn, _ = ops.cpn_verify(h, w, pos, neg, 0.5, lm_head_bias=b)

@@ -30,6 +30,23 @@ def test_truncate_matches_reference(dtype, layers, batch, heads, time, dim):
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_long_spans_at_any_alignment_match_reference(offset):
+    # Dead spans of several KiB take the kernel's streaming-store path; ``offset`` elements into the
+    # storage puts the rows at 2-, 6- or 16-byte-aligned addresses (head, body and tail of the span).
+    batch, heads, time, dim = 3, 2, 160, 64
+    g = torch.Generator().manual_seed(offset)
+    cache = []
+    for _ in range(4):
+        storage = torch.randn(offset + batch * heads * time * dim, generator=g).to(torch.bfloat16)
+        cache.append(storage[offset:].view(batch, heads, time, dim))
+    lengths = torch.tensor([3, 150, 57])  # zeroed spans of 147 and 93 positions (18.8 and 11.9 KiB)
+    expected = clone(cache)
+    assert torch.equal(ops.kv_rollback(cache, lengths), reference.kv_rollback(expected, lengths))
+    for got, want in zip(cache, expected):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_branch_copy_matches_reference(seed):
     g = torch.Generator().manual_seed(seed)

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../ops_checks.h"
+#include "dreamr/cpn_bf16_x86.h"
 
 namespace dreamr {
 namespace {
@@ -32,7 +33,20 @@ std::tuple<at::Tensor, at::Tensor> cpn_verify_cpu(const at::Tensor& hidden, cons
   for (int k = 0; k < count; ++k) {
     token_ptr[k] = k < ids.num_positive ? ids.positive[k] : ids.negative[k - ids.num_positive];
   }
-  at::Tensor logits = at::matmul(hidden.to(acc), weight.index_select(0, token_ids).to(acc).t());  // [B, count]
+  at::Tensor logits;  // [B, count]
+  if (hidden.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16()) {
+    // bf16 x bf16 products accumulated in float32 by the CPU itself: no widened copy of hidden.
+    logits = at::empty({batch, count}, hidden.options().dtype(at::kFloat));
+    const auto* h = reinterpret_cast<const uint16_t*>(hidden.data_ptr<at::BFloat16>());
+    const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr<at::BFloat16>());
+    const int64_t hidden_size = hidden.size(1);
+    float* out = logits.data_ptr<float>();
+    at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {
+      verdict_logits_bf16(h, hidden_size, w, hidden_size, token_ptr, count, hidden_size, begin, end, out);
+    });
+  } else {
+    logits = at::matmul(hidden.to(acc), weight.index_select(0, token_ids).to(acc).t());
+  }
   if (bias.has_value()) logits.add_(bias->index_select(0, token_ids).to(acc));
   logits = logits.contiguous();
 

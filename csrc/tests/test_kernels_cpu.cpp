@@ -1,11 +1,14 @@
 // C++ unit tests of the header-only CPU kernels, against naive double-precision computations.
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <vector>
 
 #include "dreamr/cpn.h"
+#include "dreamr/cpn_bf16_x86.h"
 #include "dreamr/rollback.h"
 #include "dreamr/sampling.h"
 
@@ -131,6 +134,51 @@ static void test_extra_token_is_drawn_from_residual() {
   EXPECT(dreamr::draw_extra_token_cpu(p, p, 4, 0.1f) == 1);  // p == q: the residual is empty, draw from p
 }
 
+
+// bf16 bits of a float (truncation is fine: the test compares against the same bf16 values widened).
+static uint16_t to_bf16_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+static float from_bf16_bits(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+static void test_bf16_verdict_logits_are_float_dot_products() {
+  if (!dreamr::cpu_has_avx512_bf16()) {
+    std::printf("kernels_cpu: no AVX512-BF16 on this CPU, bf16 verdict-logit kernel not run\n");
+    return;
+  }
+  std::mt19937 rng(7);
+  std::normal_distribution<float> normal(0.f, 1.f);
+  for (int64_t hidden_size : {1, 31, 32, 33, 100, 4096}) {
+    for (int64_t batch : {1, 5}) {
+      const int64_t vocab = 20, count = 3;
+      std::vector<uint16_t> h(batch * hidden_size), w(vocab * hidden_size);
+      for (auto& x : h) x = to_bf16_bits(normal(rng));
+      for (auto& x : w) x = to_bf16_bits(normal(rng));
+      const int64_t ids[count] = {19, 0, 7};
+      std::vector<float> logits(batch * count, -1.f);
+      dreamr::verdict_logits_bf16(h.data(), hidden_size, w.data(), hidden_size, ids, count, hidden_size, 0, batch,
+                                  logits.data());
+      for (int64_t r = 0; r < batch; ++r) {
+        for (int64_t k = 0; k < count; ++k) {
+          double want = 0;
+          for (int64_t i = 0; i < hidden_size; ++i) {
+            want += double(from_bf16_bits(h[r * hidden_size + i])) * from_bf16_bits(w[ids[k] * hidden_size + i]);
+          }
+          EXPECT(std::fabs(logits[r * count + k] - want) <= 1e-4 * (1.0 + std::sqrt(double(hidden_size))));
+        }
+      }
+    }
+  }
+}
+
 int main() {
   test_cpn_matches_softmax_ratio();
   test_accept_rule_ends();
@@ -139,6 +187,7 @@ int main() {
   test_extra_token_is_drawn_from_residual();
   test_infinite_logit_is_rejected_with_softcap();
   test_rollback_invalid_device_plans_copy_nothing();
+  test_bf16_verdict_logits_are_float_dot_products();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);
     return 1;

@@ -10,7 +10,13 @@
 // for device-held values), so the result does not depend on the order in which rows are processed.
 #pragma once
 
+#include <cstdint>
 #include <cstring>
+
+#if defined(__x86_64__) && !defined(__CUDACC__)
+#include <emmintrin.h>
+#define DREAMR_STREAMING_STORES 1
+#endif
 
 #include "dreamr/common.h"
 
@@ -64,6 +70,44 @@ DREAMR_HOST_DEVICE int64_t longest_new_length(const RollbackShape& s, const int6
   return longest;
 }
 
+// Zeroes (src == nullptr) or copies n bytes at dst. Spans of a few KiB and more (a rolled-back step of one
+// head) use non-temporal stores on x86: plain stores would first read every destination line into the
+// cache (read-for-ownership), which for a rollback scattered over the whole cache doubles the memory
+// traffic. The caller issues the store fence (stream_fence) before the spans may be read.
+inline void write_span(char* dst, const char* src, int64_t n) {
+#ifdef DREAMR_STREAMING_STORES
+  constexpr int64_t kStreamingMin = 4096;
+  if (n >= kStreamingMin) {
+    const int64_t head = static_cast<int64_t>((16 - reinterpret_cast<std::uintptr_t>(dst) % 16) % 16);
+    const int64_t body = (n - head) / 16, tail = n - head - body * 16;
+    __m128i* out = reinterpret_cast<__m128i*>(dst + head);
+    if (src == nullptr) {
+      std::memset(dst, 0, head);
+      const __m128i zero = _mm_setzero_si128();
+      for (int64_t i = 0; i < body; ++i) _mm_stream_si128(out + i, zero);
+      std::memset(dst + head + body * 16, 0, tail);
+    } else {
+      std::memcpy(dst, src, head);
+      const __m128i* in = reinterpret_cast<const __m128i*>(src + head);
+      for (int64_t i = 0; i < body; ++i) _mm_stream_si128(out + i, _mm_loadu_si128(in + i));
+      std::memcpy(dst + head + body * 16, src + head + body * 16, tail);
+    }
+    return;
+  }
+#endif
+  if (src == nullptr) {
+    std::memset(dst, 0, n);
+  } else {
+    std::memcpy(dst, src, n);
+  }
+}
+
+inline void stream_fence() {
+#ifdef DREAMR_STREAMING_STORES
+  _mm_sfence();
+#endif
+}
+
 // CPU kernel for one (tensor, row): element_size bytes per element, any dtype; zeroes up to zero_end.
 inline void rollback_row_cpu(char* tensor, int64_t element_size, const RollbackShape& s, int64_t b, const RowPlan& p,
                              int64_t zero_end) {
@@ -75,8 +119,8 @@ inline void rollback_row_cpu(char* tensor, int64_t element_size, const RollbackS
     char* dst = tensor + (b * s.stride_batch + h * s.stride_head) * element_size;
     const char* src = tensor + (p.src_row * s.stride_batch + h * s.stride_head) * element_size;
     if (dense_time) {
-      if (p.copied > 0) std::memcpy(dst + p.keep * time_bytes, src + p.src_start * time_bytes, p.copied * time_bytes);
-      if (zero_end > end) std::memset(dst + end * time_bytes, 0, (zero_end - end) * time_bytes);
+      if (p.copied > 0) write_span(dst + p.keep * time_bytes, src + p.src_start * time_bytes, p.copied * time_bytes);
+      if (zero_end > end) write_span(dst + end * time_bytes, nullptr, (zero_end - end) * time_bytes);
       continue;
     }
     for (int64_t t = 0; t < p.copied; ++t) {
@@ -84,6 +128,7 @@ inline void rollback_row_cpu(char* tensor, int64_t element_size, const RollbackS
     }
     for (int64_t t = end; t < zero_end; ++t) std::memset(dst + t * time_bytes, 0, position_bytes);
   }
+  stream_fence();
 }
 
 }  // namespace dreamr
