@@ -17,6 +17,7 @@ from transformers import DynamicCache, Gemma3ForCausalLM, Gemma3TextConfig, Llam
 from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
 
 from dreamr import models  # noqa: E402
+from dreamr.cache import cache_kwarg  # noqa: E402
 from dreamr.models import EarlyExitDraft, LoadedModel, default_self_draft_layers, load  # noqa: E402
 
 VOCAB = 96
@@ -146,7 +147,7 @@ def test_draft_logits_equal_the_first_k_layers_by_hand(target, k):
         out = draft(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=None,
+            **{cache_kwarg(draft): None},
             use_cache=True,
             position_ids=None,
             inputs_embeds=None,
@@ -203,11 +204,11 @@ def test_draft_incremental_decoding_equals_a_full_forward(target):
     with torch.no_grad():
         full = draft(input_ids=ids, use_cache=False).logits
         cache = DynamicCache(config=draft.config)
-        out = draft(input_ids=ids[:, :4], past_key_values=cache, use_cache=True)
+        out = draft(input_ids=ids[:, :4], **{cache_kwarg(draft): cache}, use_cache=True)
         pieces = [out.logits]
         cache = _cache_of(out)
         for t in range(4, ids.shape[1]):
-            out = draft(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            out = draft(input_ids=ids[:, t : t + 1], **{cache_kwarg(draft): cache}, use_cache=True)
             cache = _cache_of(out)
             pieces.append(out.logits)
     assert len(cache.layers) == 3
@@ -222,7 +223,7 @@ def test_draft_cache_crop_then_decode_equals_fresh_prefill():
     with torch.no_grad():
         cache = _cache_of(draft(input_ids=ids, use_cache=True))
         cache.crop(-3)  # roll back the last 3 positions
-        after = draft(input_ids=ids[:, 5:6], past_key_values=cache, use_cache=True).logits[:, -1]
+        after = draft(input_ids=ids[:, 5:6], **{cache_kwarg(draft): cache}, use_cache=True).logits[:, -1]
         fresh = draft(input_ids=ids[:, :6], use_cache=False).logits[:, -1]
     torch.testing.assert_close(after, fresh, rtol=1e-4, atol=1e-5)
 
