@@ -49,6 +49,27 @@ def bpe_tokenizer(special: list[str], vocab_size: int = 400):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
+def _qwen_tokenizer():
+    tok = bpe_tokenizer(QWEN_SPECIAL)
+    tok.chat_template = QWEN_TEMPLATE
+    return tok
+
+
+def _qwen_vision_token_ids(tok) -> dict:
+    """The config's image / video / vision-span token ids of a Qwen-VL tokenizer."""
+    ids = tok.convert_tokens_to_ids
+    return dict(image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+                vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+
+
+def _instantiate(model_class, config, tok, seed: int, dtype):
+    """Random weights from ``seed``, in ``dtype``, eval mode, ending generation at the tokenizer's EOS."""
+    torch.manual_seed(seed)
+    model = model_class(config).to(dtype).eval()
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return model
+
+
 def qwen2_vl(*, seed: int = 0, layers: int = 2, dtype=torch.float64, hidden: int = 32, heads: int = 4,
              vision_hidden: int = 32, vision_depth: int = 1, max_pixels: int = 56 * 56):
     """``(model, processor)``: a tiny random Qwen2-VL (default hidden 32, mrope sections 1/1/2 of the
@@ -56,11 +77,9 @@ def qwen2_vl(*, seed: int = 0, layers: int = 2, dtype=torch.float64, hidden: int
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
                               Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
-    tok = bpe_tokenizer(QWEN_SPECIAL)
-    tok.chat_template = QWEN_TEMPLATE
+    tok = _qwen_tokenizer()
     processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels),
                                  tokenizer=tok, video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN_TEMPLATE)
-    ids = tok.convert_tokens_to_ids
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
@@ -70,13 +89,9 @@ def qwen2_vl(*, seed: int = 0, layers: int = 2, dtype=torch.float64, hidden: int
         vision_config=dict(depth=vision_depth, embed_dim=vision_hidden, hidden_size=hidden, num_heads=2,
                            mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        **_qwen_vision_token_ids(tok),
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model, processor
+    return _instantiate(Qwen2VLForConditionalGeneration, config, tok, seed, dtype), processor
 
 
 def _mrope_sections(head_dim: int) -> list[int]:
@@ -107,10 +122,7 @@ def llava(*, seed: int = 0, layers: int = 2, dtype=torch.float64):
         image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
         vision_feature_layer=-1,
     )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model, processor
+    return _instantiate(LlavaForConditionalGeneration, config, tok, seed, dtype), processor
 
 
 def vision_module(model) -> torch.nn.Module:
@@ -131,12 +143,10 @@ def qwen2_5_vl(*, seed: int = 0, layers: int = 2, dtype=torch.float64):
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
-    tok = bpe_tokenizer(QWEN_SPECIAL)
-    tok.chat_template = QWEN_TEMPLATE
+    tok = _qwen_tokenizer()
     processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=56 * 56),
                                     tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
                                     chat_template=QWEN_TEMPLATE)
-    ids = tok.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
@@ -145,10 +155,6 @@ def qwen2_5_vl(*, seed: int = 0, layers: int = 2, dtype=torch.float64):
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32,
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
                            fullatt_block_indexes=[1]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        **_qwen_vision_token_ids(tok),
     )
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model, processor
+    return _instantiate(Qwen2_5_VLForConditionalGeneration, config, tok, seed, dtype), processor
