@@ -76,7 +76,6 @@ class VisionTimer:
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    import dreamr.multimodal as mm
     from conftest import build_tokenizer, tiny_qwen2
     from dreamr.reasoner import SpeculativeReasoner
     from vlm_models import qwen2_vl, random_image, vision_module
@@ -85,8 +84,8 @@ def main(argv=None) -> int:
     target, processor = qwen2_vl(seed=0, layers=a.layers, hidden=a.hidden, heads=4, vision_hidden=128,
                                  vision_depth=2, max_pixels=a.image_size * a.image_size, dtype=dtype)
     if a.draft == "vl":
-        draft, d_tok = qwen2_vl(seed=1, layers=1, hidden=64, heads=4, vision_hidden=32, vision_depth=1,
-                                max_pixels=a.image_size * a.image_size, dtype=dtype)
+        draft, _ = qwen2_vl(seed=1, layers=1, hidden=64, heads=4, vision_hidden=32, vision_depth=1,
+                            max_pixels=a.image_size * a.image_size, dtype=dtype)
         d_tok = processor  # the same tokenizer and image placement
     else:
         d_tok = build_tokenizer(330, reverse=True, bos=False)
@@ -95,15 +94,6 @@ def main(argv=None) -> int:
                             max_new_tokens=a.max_new_tokens, max_step_tokens=a.max_step_tokens)
     vlms = [target] + ([draft] if a.draft == "vl" else [])
     timer = VisionTimer([vision_module(m) for m in vlms])
-    prefix_s = [0.0]
-    encode = mm.encode_prefix
-
-    def timed_encode(model, inputs, *args, **kwargs):
-        p = encode(model, inputs, *args, **kwargs)
-        prefix_s[0] += p.encode_time_s
-        return p
-
-    mm.encode_prefix = timed_encode
     n_params = {"target": sum(p.numel() for p in target.parameters()),
                 "draft": sum(p.numel() for p in draft.parameters())}
     images = [random_image(100 + i, (a.image_size, a.image_size)) for i in range(a.requests + 1)]
@@ -120,12 +110,11 @@ def main(argv=None) -> int:
         walls, vis, calls, prefixes, acc, tokens = [], [], [], [], [], []
         for img in images[:a.requests]:
             timer.reset()
-            prefix_s[0] = 0.0
             res = r.generate(PROMPT, images=[img], **kw)
             walls.append(res.metrics.wall_time_s)
             vis.append(timer.seconds)
             calls.append(timer.calls)
-            prefixes.append(prefix_s[0])
+            prefixes.append(res.metrics.image_prompt_time_s)
             acc.append(res.metrics.step_acceptance_rate)
             tokens.append(res.metrics.committed_tokens)
         rows[spec] = {

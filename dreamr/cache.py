@@ -151,7 +151,7 @@ class CachedSequence:
 
     def truncate(self, length: int) -> None:
         """Keep the first ``length`` tokens; the cache is rolled back past them."""
-        if not max(self.min_cached, 0) <= length <= len(self.ids):
+        if not self.min_cached <= length <= len(self.ids):
             raise ValueError(f"truncate: length={length} outside [{self.min_cached}, {len(self.ids)}]"
                              + (" (the image prefix stays)" if self.min_cached else ""))
         del self.ids[length:]
@@ -193,6 +193,13 @@ class CachedSequence:
         self.forward_passes += 1
         return out.logits[0, -1]
 
+    @functools.cached_property
+    def _decoder(self) -> tuple[torch.nn.Module, str]:
+        """The model's decoder (no LM head) and its cache keyword, looked up once, on first use (only
+        verification needs it: a draft's sequence never does)."""
+        base = decoder_of(self.model)
+        return base, cache_kwarg(base)
+
     @torch.no_grad()
     def last_hidden(self, extra: Sequence[int]) -> torch.Tensor:
         """Feed the pending tokens plus ``extra`` (which stay out of ``ids``) through the base model.
@@ -200,11 +207,11 @@ class CachedSequence:
         Returns the final hidden state (after the last norm) at the last position, shape ``[1, H]``; no
         LM head is applied. The cache then holds ``extra`` too: the caller rolls it back.
         """
-        base = decoder_of(self.model)
+        base, cache_kw = self._decoder
         kwargs = {"use_cache": True}
         x = self._input(extra)
         self._positions(x, kwargs)
-        kwargs[cache_kwarg(base)] = self.cache
+        kwargs[cache_kw] = self.cache
         hidden = base(input_ids=x, **kwargs).last_hidden_state
         self.forward_passes += 1
         return hidden[:, -1, :].contiguous()

@@ -311,11 +311,6 @@ class ImagePrefix:
         return len(self.ids) - 1
 
 
-def _base(model):
-    base = getattr(model, "base_model", None)
-    return model if base is None else base
-
-
 def _rope_index(base, inputs: dict) -> tuple[Optional[torch.Tensor], int]:
     """The model's own multimodal rotary positions ``[3, 1, P]`` and text offset, or ``(None, 0)``."""
     fn = getattr(base, "get_rope_index", None)
@@ -346,10 +341,10 @@ def encode_prefix(model, inputs: dict, name: str = "prompt") -> ImagePrefix:
     ImagePrefix
         The cache of ``input_ids[0, :P - 1]`` and the position offset of the text after it.
     """
-    from dreamr.cache import cache_kwarg, new_cache
+    from dreamr.cache import cache_kwarg, decoder_of, new_cache
 
     start = time.perf_counter()
-    base = _base(model)
+    base = decoder_of(model)
     device = next(model.parameters()).device
     inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
     input_ids = inputs["input_ids"]

@@ -16,7 +16,7 @@ from typing import Any, Generator, Iterator, Optional, Sequence, Union
 import torch
 
 from dreamr.cache import CachedSequence
-from dreamr.multimodal import is_vision_language
+from dreamr.multimodal import encode_prefix, is_vision_language
 from dreamr.result import Metrics, Result, Step
 from dreamr.steps import StepWriter, has_answer
 
@@ -153,10 +153,10 @@ def image_prefix(lm: LM, inputs: Optional[dict], metrics: Optional[Metrics] = No
     and timed into ``metrics.image_prompt_time_s``; None where ``inputs`` is None (no image for this model)."""
     if inputs is None:
         return None
-    from dreamr.multimodal import encode_prefix
-
-    with timed("image_prompt_time_s", *([metrics] if metrics is not None else [])):
-        return encode_prefix(lm.model, inputs)
+    prefix = encode_prefix(lm.model, inputs)
+    if metrics is not None:
+        metrics.image_prompt_time_s += prefix.encode_time_s
+    return prefix
 
 
 def open_sequence(lm: LM, ids: Sequence[int], inputs: Optional[dict], metrics: Optional[Metrics] = None

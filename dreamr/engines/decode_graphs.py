@@ -25,10 +25,11 @@ from typing import Callable, Optional
 
 import torch
 
+from dreamr.engines.ragged import MIN_COLUMNS
+
 __all__ = ["DEFAULT_BATCH_SIZES", "DecodeGraphs", "check_batch_sizes"]
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
-_MIN_COLUMNS = 64
 
 
 def check_batch_sizes(batch_sizes) -> tuple[int, ...]:
@@ -99,7 +100,7 @@ class DecodeGraphs:
         padded = next((b for b in self.batch_sizes if b >= rows), None)
         if padded is None:
             return None
-        return padded, max(_MIN_COLUMNS, 1 << width.bit_length())  # > width: room for the new column
+        return padded, max(MIN_COLUMNS, 1 << width.bit_length())  # > width: room for the new column
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor,

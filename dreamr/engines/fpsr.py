@@ -185,10 +185,9 @@ class FpsrEngine(Engine):
             if use_graphs:
                 for name in ("branches", "drafts"):
                     batch = self._batches[name]
-                    if self.cuda_graphs == "auto" and getattr(batch.lm, "vision", False):
+                    if self.cuda_graphs == "auto" and batch.lm.vision:
                         continue  # vision-language forwards are not checked for capture (host reads): eager
-                    batch.graphs = DecodeGraphs(batch, self.graph_batch_sizes,
-                                                capture=batch.device.type == "cuda")
+                    batch.graphs = DecodeGraphs(batch, key[2])
             self._batch_key = key
         for batch in self._batches.values():
             batch.reset()
@@ -566,13 +565,8 @@ class FpsrEngine(Engine):
                 if e.branch is not None and not e.t_done]
         if not live:
             return False
-        for _, _, e in live:
-            if not e.branch.pending:
-                self.branches.uncache_to(e.branch, len(e.branch.ids) - 1)
-        out = self.branches.forward({e.branch: [] for _, _, e in live})
+        logits = self.branches.next_token_logits([e.branch for _, _, e in live])
         counted = set()
-        hidden = torch.stack([out[e.branch][0] for _, _, e in live])
-        logits = self.branches.logits(hidden)
         tokens = sample_rows([req.t_sampler for req, _, _ in live], logits)
         for (req, epoch, e), token in zip(live, tokens):
             if req.index not in counted:
@@ -620,12 +614,7 @@ class FpsrEngine(Engine):
 
     def _draft_forward(self, live: list) -> torch.Tensor:
         """One draft forward for the running draft steps: their next-token logits ``[len(live), V]``."""
-        for req, _ in live:
-            if not req.d_row.pending:
-                self.drafts.uncache_to(req.d_row, len(req.d_row.ids) - 1)
-        out = self.drafts.forward({req.d_row: [] for req, _ in live})
-        with self.drafts.on_stream():
-            return self.drafts.logits(torch.stack([out[req.d_row][0] for req, _ in live]))
+        return self.drafts.next_token_logits([req.d_row for req, _ in live])
 
     def _draft_launch(self, live: list):
         """Queue one draft forward on the draft's stream (after the current stream's earlier work) and

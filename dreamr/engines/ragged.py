@@ -30,7 +30,7 @@ from dreamr.cache import cache_kwarg
 
 __all__ = ["RaggedBatch", "RaggedKVLayer", "Row"]
 
-_MIN_COLUMNS = 64  # first storage width; it doubles when outgrown
+MIN_COLUMNS = 64  # first storage width (it doubles when outgrown); also the narrowest graph width bucket
 
 
 class Row:
@@ -131,6 +131,8 @@ class RaggedBatch:
         self._cache_kw = cache_kwarg(base)
         config = _text_config(model)
         self.layer_types = list(getattr(config, "layer_types", None) or [])
+        # the mask each layer type takes: its own sliding-window mask, else the full causal one
+        self._mask_of_layer = {lt: "sliding_attention" if lt == "sliding_attention" else "full" for lt in self.layer_types}
         self.sliding_window = getattr(config, "sliding_window", None)
         self.additive_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
         self.head = model.get_output_embeddings()
@@ -179,7 +181,7 @@ class RaggedBatch:
         R, L = self.capacity
         if self.keys and rows <= R and columns <= L:
             return
-        R2, L2 = _grown(R, rows, 4), _grown(L, columns, _MIN_COLUMNS)
+        R2, L2 = _grown(R, rows, 4), _grown(L, columns, MIN_COLUMNS)
         B, T = len(self.rows), self.width
         shape = (R2, self.kv_heads, L2, self.head_dim)
         with self.on_stream():
@@ -358,8 +360,7 @@ class RaggedBatch:
 
     def mask_kinds(self) -> list[str]:
         """The masks a forward passes: one per attention kind of the model ("full", "sliding_attention")."""
-        return sorted({("sliding_attention" if lt == "sliding_attention" else "full") for lt in self.layer_types}) \
-            or ["full"]
+        return sorted(set(self._mask_of_layer.values())) or ["full"]
 
     def to_model_mask(self, m: torch.Tensor) -> torch.Tensor:
         """A host bool mask as the model takes it: on the device, additive for eager attention."""
@@ -370,9 +371,9 @@ class RaggedBatch:
 
     def model_masks(self, masks: dict):
         """``{kind: mask}`` as the model's ``attention_mask``: a dict by layer type where the model has them."""
-        if not self.layer_types:
+        if not self._mask_of_layer:
             return masks["full"]
-        return {lt: masks["sliding_attention" if lt == "sliding_attention" else "full"] for lt in set(self.layer_types)}
+        return {lt: masks[kind] for lt, kind in self._mask_of_layer.items()}
 
     def cache_view(self, rows: int, past: int, columns: int, write_cols: torch.Tensor) -> Cache:
         """A transformers cache over storage rows ``[0, rows)`` and columns ``[0, columns)`` that writes the
@@ -431,16 +432,16 @@ class RaggedBatch:
                 q_tag[b, :n] = torch.tensor(tags)
                 q_valid[b, :n] = True
         self.reserve(B, T + S)
+        positions = self.rotary_positions(q_pos)
         with self.on_stream():
             hidden = None
             if self.graphs is not None and S == 1 and bool(q_valid.all()) and not bool(q_tag.any()):
-                # None: no graph for this shape (eager below)
-                hidden = self.graphs.run(input_ids, q_pos, self.rotary_positions(q_pos))
+                hidden = self.graphs.run(input_ids, q_pos, positions)  # None: no graph for this shape
             if hidden is None:
-                hidden = self._eager(input_ids, q_pos, q_tag, q_valid)
+                hidden = self._eager(input_ids, positions, q_pos, q_tag, q_valid)
         return self._after_forward(plans, hidden, q_pos, q_tag, q_valid)
 
-    def _eager(self, input_ids, q_pos, q_tag, q_valid) -> torch.Tensor:
+    def _eager(self, input_ids, positions, q_pos, q_tag, q_valid) -> torch.Tensor:
         B, S = input_ids.shape
         T = self.width
         if self._plain(q_pos, q_tag, q_valid):
@@ -451,7 +452,7 @@ class RaggedBatch:
         write_cols = torch.arange(T, T + S, device=self.device)
         cache = self.cache_view(B, T, T + S, write_cols)
         out = self.base(input_ids=input_ids.to(self.device), attention_mask=mask,
-                        position_ids=self.rotary_positions(q_pos).to(self.device), use_cache=True,
+                        position_ids=positions.to(self.device), use_cache=True,
                         **{self._cache_kw: cache})
         return out.last_hidden_state
 
@@ -492,6 +493,16 @@ class RaggedBatch:
         if self.width > 64 and self.width > 2 * max((r.cached for r in self.rows if r.alive), default=0):
             self._dirty = True
         return result
+
+    def next_token_logits(self, rows: Sequence[Row]) -> torch.Tensor:
+        """One decode forward of ``rows`` (a row with nothing pending feeds its last token again): their
+        next-token logits ``[len(rows), V]``, on this batch's stream."""
+        for row in rows:
+            if not row.pending:
+                self.uncache_to(row, len(row.ids) - 1)
+        out = self.forward({row: [] for row in rows})
+        with self.on_stream():
+            return self.logits(torch.stack([out[row][0] for row in rows]))
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
