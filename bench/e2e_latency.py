@@ -76,12 +76,9 @@ class PhaseTimer:
         if not self._stack and phase:
             self.totals[phase] += self._now() - start
 
-    def _hooks(self, module, phase_if_outermost: str, only_outermost: bool = False) -> None:
+    def _hooks(self, module, phase_if_outermost: str) -> None:
         def pre(mod, args):
-            if only_outermost and self._stack:
-                self._stack.append((None, 0.0))
-            else:
-                self._enter(phase_if_outermost)
+            self._enter(phase_if_outermost)
 
         def post(mod, args, output):
             self._exit()
@@ -99,7 +96,7 @@ class PhaseTimer:
         if base is not None and base is not target:
             # The verdict pass calls the target's base model directly: outside any full-model call it is
             # verification; inside a full-model call (target or a weight-sharing draft) it is not counted.
-            self._hooks(base, "verification", only_outermost=True)
+            self._hooks(base, "verification")
         self._saved_rollback = cache.rollback
         saved = self._saved_rollback
 
@@ -144,6 +141,7 @@ def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = DEFAULT
     bar over the (prompt, mode) runs.
     """
     from dreamr.eval import make_variants
+    from dreamr.result import phase_times
 
     if not prompts:
         raise ValueError("prompts is empty")
@@ -152,7 +150,7 @@ def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = DEFAULT
         for v in variants:
             reasoner.generate(prompts[0], **v.overrides(), **{**settings, "max_new_tokens": 4})
     per_mode = {v: {"step_s": [], "phases": {p: 0.0 for p in PHASES}, "tokens": 0, "wall": 0.0,
-                    "accepted": 0, "verified": 0} for v in variants}
+                    "accepted": 0, "verified": 0, "engine": {}} for v in variants}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(prompts) * len(variants), desc="e2e latency", unit="run", disable=not progress,
@@ -180,21 +178,21 @@ def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = DEFAULT
                 acc["wall"] += time.perf_counter() - start
                 # Engine-side phase timings (Metrics fields "<phase>_time_s"), where the engine reports them.
                 metrics = getattr(getattr(stream, "result", None), "metrics", None)
-                for name, value in (vars(metrics).items() if metrics is not None else ()):
-                    if name.endswith("_time_s") and name != "wall_time_s" and isinstance(value, (int, float)):
-                        acc.setdefault("engine", {})[name] = acc.get("engine", {}).get(name, 0.0) + float(value)
+                for name, value in (phase_times(vars(metrics)) if metrics is not None else {}).items():
+                    acc["engine"][name] = acc["engine"].get(name, 0.0) + value
                 bar.update(1)
     rows = []
     for v in variants:
         acc = per_mode[v]
         n = len(acc["step_s"])
         total = sum(acc["step_s"])
-        engine = acc.get("engine") or {}
+        engine = acc["engine"]
         source = "engine" if v.mode in ENGINE_TIMED_MODES and engine else "hooks"
         phases = {p: (engine.get(ENGINE_PHASES[p], 0.0) if source == "engine" else acc["phases"][p]) for p in PHASES}
         phases["scheduler"] = engine.get(ENGINE_PHASES["scheduler"], 0.0)
         phases["other"] = total - sum(phases.values())
         rows.append({
+            "variant": v.name,
             "mode": v.mode,
             "alpha": v.alpha,
             "prompts": len(prompts),
@@ -209,8 +207,7 @@ def bench_end_to_end(reasoner, prompts: Sequence, modes: Sequence[str] = DEFAULT
             "phase_source": source,
             "phase_share": {p: s / total for p, s in phases.items()} if total > 0 else {},
             # The engine's own per-phase seconds per step, where its Metrics report them (else None).
-            "engine_phase_ms_per_step": ({k: 1e3 * v / n for k, v in acc["engine"].items()}
-                                         if acc.get("engine") and n else None),
+            "engine_phase_ms_per_step": ({k: 1e3 * v / n for k, v in engine.items()} if engine and n else None),
         })
     return rows
 
@@ -226,7 +223,6 @@ def format_rows(rows: list[dict]) -> str:
     lines = [f"{cols[0]:<16}" + "".join(f"{c:>12}" for c in cols[1:])]
     lines.append("-" * len(lines[0]))
     for r in rows:
-        name = r["mode"] if r["alpha"] is None else f"{r['mode']}@{r['alpha']:g}"
         f = lambda x, s=".1f": "-" if x is None else format(x, s)  # noqa: E731
         ph = r["phase_ms_per_step"]
         cells = [str(r["steps"]), str(r["tokens"]), f(r["step_ms_mean"]), f(r["step_ms_median"]), f(r["ms_per_token"]),
@@ -235,7 +231,7 @@ def format_rows(rows: list[dict]) -> str:
         if engine_cols:
             eng = r.get("engine_phase_ms_per_step") or {}
             cells += [f(eng.get(ENGINE_PHASES[p])) for p in (*PHASES, "scheduler")]
-        lines.append(f"{name:<16}" + "".join(f"{c:>12}" for c in cells))
+        lines.append(f"{r['variant']:<16}" + "".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)
 
 

@@ -255,8 +255,7 @@ def main(argv=None) -> list[Record]:
     if args.json:
         out = [asdict(r) for r in records]
         for row in e2e_rows:
-            name = row["mode"] if row.get("alpha") is None else f"{row['mode']}@{row['alpha']:g}"
-            out.append({"op": f"e2e/{name}", "device": args.device, "threads": threads, **row})
+            out.append({"op": f"e2e/{row['variant']}", "device": args.device, "threads": threads, **row})
         if e2e_error:
             out.append({"op": "e2e/error", "error": e2e_error, "threads": threads})
         with open(args.json, "w") as f:

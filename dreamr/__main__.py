@@ -18,16 +18,13 @@ import json
 import sys
 from pathlib import Path
 
+from dreamr.eval import SYSTEM_PROMPT
+
 WEAK_JUDGE_NOTE = (
     "Note: these small models are weak judges. Measured on this project's machine, SmolLM2-135M-Instruct "
     "answers 'No' to nearly every step (cpn about 0.18) and gemma-3-270m answers 'Yes' (cpn about 0.85), "
     "and good and corrupted steps score alike: the run shows the mechanism (drafting, CPN verification, "
     "rollback, target fallback) working, not good judgement."
-)
-
-SYSTEM_PROMPT = (
-    "Solve the problem step by step. Write each step as one short paragraph and leave a blank line "
-    "between steps. End with 'The answer is N.'"
 )
 
 _EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "gsm8k_dev_sample.jsonl"

@@ -94,6 +94,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
+from dreamr.result import COUNTER_FIELDS, phase_times
+
 __all__ = [
     "BASELINE_MODES",
     "SYSTEM_PROMPT",
@@ -402,10 +404,6 @@ def _cut(text: str, cut_at: Sequence[str]) -> str:
     return text[:end]
 
 
-_COUNTERS = ("num_steps", "verified_steps", "accepted_steps", "draft_tokens", "target_tokens", "committed_tokens",
-             "target_forward_passes", "draft_forward_passes", "nonfinite_verdicts")
-
-
 def score_record(rec: dict, extract: Callable, match: Callable, cut_at: Sequence[str] = ()) -> dict:
     """Fill ``pred`` / ``ref_answer`` / ``correct`` of a finished record from its text and reference."""
     if rec.get("ok"):
@@ -496,7 +494,7 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
         recs = by_variant[v.name]
         good = ok[v.name]
         n_ok = len(good)
-        sums = {name: sum(int(r["metrics"].get(name, 0) or 0) for r in good.values()) for name in _COUNTERS}
+        sums = {name: sum(int(r["metrics"].get(name, 0) or 0) for r in good.values()) for name in COUNTER_FIELDS}
         wall = sum(r["wall_s"] for r in good.values())
         correct = sum(bool(r.get("correct")) for r in good.values())
         n_selected = max(selected, len(recs)) if selected is not None else len(recs)
@@ -534,9 +532,8 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
         # Per-phase engine timings, where the engine's Metrics report them (fields "<phase>_time_s").
         phase: dict[str, float] = {}
         for r in good.values():
-            for name, value in r["metrics"].items():
-                if name.endswith("_time_s") and name != "wall_time_s" and isinstance(value, (int, float)):
-                    phase[name] = phase.get(name, 0.0) + float(value)
+            for name, value in phase_times(r["metrics"]).items():
+                phase[name] = phase.get(name, 0.0) + value
         row["phase_time_s"] = phase or None
         for r in good.values():
             fr = r.get("finish_reason")
@@ -857,6 +854,12 @@ def models_info(reasoner) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        fh.seek(-1, os.SEEK_END)
+        return fh.read(1)
+
+
 def read_records(path: Union[str, Path]) -> list[dict]:
     """Records of a ``records.jsonl``; a torn last line (a run killed while writing) is skipped."""
     path = Path(path)
@@ -885,17 +888,15 @@ def _prompt(problem: Problem, settings: EvalSettings):
 
 
 def _window_sizes(reasoner, settings: EvalSettings, variants: Sequence[Variant]) -> dict:
-    """Window size W of the variants whose mode uses lookahead windows (read from the config fields
-    ``window`` / ``window_size`` / ``lookahead`` of the settings' extras or the reasoner's config)."""
+    """Window size W of the variants whose mode uses lookahead windows (the ``window`` setting of the
+    settings' extras, else of the reasoner's config)."""
     out = {}
     for v in variants:
         if v.mode in BASELINE_MODES or v.mode == "speculative":
             continue
-        for name in ("window", "window_size", "lookahead"):
-            w = settings.extra.get(name, getattr(getattr(reasoner, "config", None), name, None))
-            if isinstance(w, int) and not isinstance(w, bool) and w >= 1:
-                out[v.name] = w
-                break
+        w = settings.extra.get("window", getattr(getattr(reasoner, "config", None), "window", None))
+        if isinstance(w, int) and not isinstance(w, bool) and w >= 1:
+            out[v.name] = w
     return out
 
 
@@ -981,7 +982,8 @@ def evaluate(
     meta_path.write_text(json.dumps({"fingerprint": fingerprint, "settings": settings.to_dict(),
                                      "dataset": str(dataset)}, indent=2, default=str))
 
-    done = {(str(r["key"]), r["variant"]): r for r in read_records(rec_path)}
+    records = [score_record(r, extract, match, settings.cut_at) for r in read_records(rec_path)]
+    done = {(str(r["key"]), r["variant"]): r for r in records}
     todo: list[tuple[Problem, Variant, int]] = []
     for p in problems:
         shift = p.index % len(variants)
@@ -1007,7 +1009,7 @@ def evaluate(
         bar = tqdm(total=len(todo), desc="dreamr eval", unit="run", dynamic_ncols=True)
     gpu.start()  # memory and power sampled in a background thread during generation
     try:
-        torn = rec_path.exists() and rec_path.stat().st_size > 0 and not rec_path.read_bytes().endswith(b"\n")
+        torn = rec_path.exists() and rec_path.stat().st_size > 0 and _last_byte(rec_path) != b"\n"
         with open(rec_path, "a", encoding="utf-8") as fh:
             if torn:  # a run killed mid-line: start the next record on a line of its own
                 fh.write("\n")
@@ -1015,7 +1017,7 @@ def evaluate(
                 if bar is not None:
                     bar.set_postfix_str(f"problem {p.key} {v.name}")
                 rec = _run_one(reasoner, p, v, settings, j)
-                score_record(rec, extract, match, settings.cut_at)
+                records.append(score_record(rec, extract, match, settings.cut_at))
                 fh.write(json.dumps(rec, default=str) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -1027,8 +1029,7 @@ def evaluate(
             bar.close()
 
     selected = {p.key for p in problems}
-    records = [score_record(r, extract, match, settings.cut_at) for r in read_records(rec_path)
-               if str(r["key"]) in selected]
+    records = [r for r in records if str(r["key"]) in selected]
     same_tok = models.get("same_tokenizer") if isinstance(models, dict) else None
     summary = summarize(records, variants, windows=_window_sizes(reasoner, settings, variants),
                         selected=len(problems), same_tokenizer=same_tok)
@@ -1046,17 +1047,15 @@ def evaluate(
         "files": files,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    # results.json first: a failing or missing plotting library must not lose the report.
-    (out / RESULTS).write_text(json.dumps(report, indent=2, default=str))
-    if plot:
-        try:
+    try:
+        if plot:
             files["sweep_png"] = str(plot_sweep(sweep_data, out / SWEEP_PNG,
                                                 title=f"{dataset.name}: {len(problems)} problems"))
-        except ImportError as exc:
-            _note(f"sweep.png not drawn: matplotlib is not available ({exc}); install it with "
-                  "`pip install matplotlib` (results.json and sweep.json are written)")
-        else:
-            (out / RESULTS).write_text(json.dumps(report, indent=2, default=str))
+    except ImportError as exc:
+        _note(f"sweep.png not drawn: matplotlib is not available ({exc}); install it with "
+              "`pip install matplotlib` (results.json and sweep.json are written)")
+    finally:  # a failing or missing plotting library must not lose the report
+        (out / RESULTS).write_text(json.dumps(report, indent=2, default=str))
     return report
 
 

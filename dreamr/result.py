@@ -48,6 +48,15 @@ class Step:
 
 PHASE_TIME_FIELDS = ("draft_time_s", "verify_time_s", "target_time_s", "rollback_time_s", "scheduler_time_s",
                      "image_prompt_time_s")
+# Metrics' integer counters (summed over requests by Metrics.merge and by dreamr.eval).
+COUNTER_FIELDS = ("num_steps", "verified_steps", "accepted_steps", "draft_tokens", "target_tokens", "committed_tokens",
+                  "target_forward_passes", "draft_forward_passes", "nonfinite_verdicts")
+
+
+def phase_times(metrics: dict) -> dict[str, float]:
+    """The phase timings (:data:`PHASE_TIME_FIELDS`) a Metrics dict reports, as floats."""
+    return {name: float(metrics[name]) for name in PHASE_TIME_FIELDS
+            if isinstance(metrics.get(name), (int, float))}
 
 
 @dataclass
@@ -106,9 +115,7 @@ class Metrics:
         """Sum the counters of several requests (rates recomputed from the sums, not averaged)."""
         total = Metrics()
         for m in items:
-            for name in ("num_steps", "verified_steps", "accepted_steps", "draft_tokens", "target_tokens",
-                         "committed_tokens", "target_forward_passes", "draft_forward_passes",
-                         "nonfinite_verdicts", "wall_time_s", *PHASE_TIME_FIELDS):
+            for name in (*COUNTER_FIELDS, "wall_time_s", *PHASE_TIME_FIELDS):
                 setattr(total, name, getattr(total, name) + getattr(m, name))
         return total.finalize()
 

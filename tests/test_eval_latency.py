@@ -97,7 +97,7 @@ def test_latency_aims_and_e2e_rows_in_the_json(tmp_path, monkeypatch, capsys):
     r = lat.Record("cpn_verify", "reference", "cpu", "B=64 H=8", 1.0, 1.5, 1.5, threads=1)
     assert lat.aim_of(r) == 2.0 and lat.aim_of(lat.Record("cpn_verify", "reference", "cpu", "B=8 H=8", 1, 1, 1, 1)) is None
     assert lat.aim_of(lat.Record("kv_rollback", "per-layer PyTorch loop", "cpu", "B=8", 1, 1, 1, 1)) == 3.0
-    fake = [{"mode": "speculative", "alpha": 0.7, "steps": 3, "phase_ms_per_step": {"drafting": 1.0}}]
+    fake = [{"variant": "speculative@0.7", "mode": "speculative", "alpha": 0.7, "steps": 3, "phase_ms_per_step": {"drafting": 1.0}}]
     calls = []
 
     def fake_e2e(argv):

@@ -140,12 +140,12 @@ def split_steps(text: str, delimiter: str = "\n\n") -> list[str]:
     if not isinstance(text, str) or not text.strip():
         return []
     steps: list[str] = []
-    for i, piece in enumerate(text.split(delimiter)):
-        last = i == len(text.split(delimiter)) - 1
-        chunk = piece if last else piece + delimiter
+    pieces = text.split(delimiter)
+    for i, piece in enumerate(pieces):
+        chunk = piece if i == len(pieces) - 1 else piece + delimiter
         if not piece.strip():
             if steps:
-                steps[-1] += chunk if not last else piece
+                steps[-1] += chunk
             continue
         steps.append(chunk)
     return steps
@@ -276,11 +276,11 @@ class DraftReward:
             raise ValueError(f"mode must be 'fraction' or 'mean', got {mode!r}")
         if not (hasattr(verifier, "score_steps") or hasattr(verifier, "score")):
             raise ValueError("verifier must have score_steps(prompt, steps) (a dreamr.verify.StepVerifier)")
+        from dreamr.verify import check_alpha
+
         self.verifier = verifier
-        a = getattr(verifier, "alpha", 0.7) if alpha is None else alpha
-        if isinstance(a, bool) or not isinstance(a, Real) or not 0.0 <= float(a) <= 1.0:
-            raise ValueError(f"alpha must be a number in [0, 1], got {a!r}")
-        self.alpha, self.mode, self.delimiter = float(a), mode, delimiter
+        self.alpha = check_alpha(getattr(verifier, "alpha", 0.7) if alpha is None else alpha)
+        self.mode, self.delimiter = mode, delimiter
         self.target_prompt = target_prompt or (lambda q: f"Question: {q}\nAnswer:")
         self.last_cpns: list[list[float]] = []  # per completion, the cpn of each step (for logging)
 
