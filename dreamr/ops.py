@@ -97,12 +97,9 @@ def _int_list(op: str, name: str, values: object) -> list[int]:
         raise ValueError(f"{op}: {name} must be a sequence of ints, got {type(values).__name__}")
     out = []
     for i, v in enumerate(values):
-        if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+        if isinstance(v, torch.Tensor) and v.dtype == torch.bool:  # operator.index takes a bool tensor
             raise ValueError(f"{op}: {name}[{i}] must be an int, got bool {v!r}")
-        try:
-            out.append(operator.index(v))
-        except TypeError:
-            raise ValueError(f"{op}: {name}[{i}] must be an int, got {type(v).__name__} {v!r}") from None
+        out.append(_index(op, f"{name}[{i}]", v))
     return out
 
 

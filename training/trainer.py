@@ -431,11 +431,11 @@ class SAPOTrainer:
 
     def rollout(self, example, step: int, index: int) -> Rollout:
         # an image row: a vision-language draft reads its processor's inputs, a text-only one the question
-        mm = self.vision.draft_inputs(example, draft_messages(example.question, self.config.system_prompt,
-                                                              len(example.images)))
+        mm, target_images = self.vision.row_inputs(
+            example, draft_messages(example.question, self.config.system_prompt, len(example.images)))
         pids = self.prompt_ids(example.question) if mm is None else mm["input_ids"][0].tolist()
         completions = self.sample(pids, self.sample_seed(step, index), mm)
-        r = self.score(example.question, example.answer, completions, self.vision.target_images(example))
+        r = self.score(example.question, example.answer, completions, target_images)
         r.prompt_ids, r.vision_inputs = pids, mm
         return r
 
@@ -527,14 +527,11 @@ class SAPOTrainer:
                 with sync:
                     logp = self._logps(self.ddp_model, b)
                     old_k = logp.detach() if old is None else old
-                    if cfg.loss_type == "token":
-                        loss, st = grpo.grpo_loss(logp, old_k, adv, b[3], epsilon=cfg.epsilon,
-                                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref,
-                                                  loss_type="token", num_tokens=total_tokens)
-                    else:
-                        loss, st = grpo.grpo_loss(logp, old_k, adv, b[3], epsilon=cfg.epsilon,
-                                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref,
-                                                  loss_type="sequence")
+                    # num_tokens (the global batch's) makes "token" averaging exact; "sequence" ignores it
+                    loss, st = grpo.grpo_loss(logp, old_k, adv, b[3], epsilon=cfg.epsilon,
+                                              epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref,
+                                              loss_type=cfg.loss_type, num_tokens=total_tokens)
+                    if cfg.loss_type == "sequence":  # the micro-batch's share of the global mean
                         loss = loss * (adv.numel() / n_seqs)
                     # DDP averages gradients over processes; scale so the result is the global-batch loss.
                     (loss * self.world_size).backward()
@@ -678,10 +675,15 @@ class SAPOTrainer:
 
     # -- saving -----------------------------------------------------------------------------------
 
+    @property
+    def trainable_names(self) -> list[str]:
+        """Names of the trainable parameters, in the model's (and the optimizer's) order."""
+        return [n for n, p in self.model.named_parameters() if p.requires_grad]
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trainable tensors by name, on the CPU. With FSDP a collective (every process must call it):
         the full tensors are gathered to rank 0, the other ranks get ``{}``."""
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        names = self.trainable_names
         if self.fsdp:
             full = self._full_model_state()
             return {n: full[n].contiguous() for n in names} if self.rank == 0 else {}
@@ -707,7 +709,7 @@ class SAPOTrainer:
     def _load_optimizer_state(self, opt: dict) -> None:
         """Load either form of :meth:`optimizer_state` (a checkpoint from DDP/one process resumes under
         FSDP and the other way round)."""
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        names = self.trainable_names
         by_name = any(isinstance(k, str) for k in opt.get("state", {})) or any(
             isinstance(k, str) for g in opt.get("param_groups", []) for k in g.get("params", []))
         if not self.fsdp and not by_name:
@@ -757,7 +759,7 @@ class SAPOTrainer:
         state = json.loads((path / "trainer_state.json").read_text())
         weights = load_file(str(path / "weights.safetensors"))
         named = dict(self.model.named_parameters())
-        missing = [n for n, p in named.items() if p.requires_grad and n not in weights]
+        missing = [n for n in self.trainable_names if n not in weights]
         if missing:
             raise ValueError(f"resume={str(path)!r}: checkpoint lacks {len(missing)} trainable tensors "
                              f"(first: {missing[0]}); was it written with the same draft and LoRA settings?")

@@ -59,17 +59,26 @@ class VisionData:
         where = "image" if index is None else f"row {index + 1}: image"
         return [load_image(p, where) for p in example.images]
 
-    def target_images(self, example) -> Optional[list]:
-        """What the target's verification sees: the images, or None where it cannot see them."""
-        return self.images(example) if (self.target_sees and example.images) else None
+    def target_images(self, example, images: Optional[list] = None) -> Optional[list]:
+        """What the target's verification sees: the images (``images`` if already read), or None where it
+        cannot see them."""
+        if not (self.target_sees and example.images):
+            return None
+        return images if images is not None else self.images(example)
 
-    def draft_inputs(self, example, messages: list[dict]) -> Optional[dict]:
+    def draft_inputs(self, example, messages: list[dict], images: Optional[list] = None) -> Optional[dict]:
         """A vision-language draft's processor inputs for an image row (``input_ids [1, P]``,
-        ``pixel_values``, ...), or None where the draft reads text only."""
+        ``pixel_values``, ...; from ``images`` if already read), or None where the draft reads text only."""
         if not (self.draft_sees and example.images):
             return None
-        mm = prepare_prompt(messages, self.images(example), name="question", images_name="image")
+        images = images if images is not None else self.images(example)
+        mm = prepare_prompt(messages, images, name="question", images_name="image")
         return processor_inputs(self.draft_processor, mm, "draft", name="question")
+
+    def row_inputs(self, example, messages: list[dict]) -> tuple[Optional[dict], Optional[list]]:
+        """``(draft_inputs, target_images)`` of a row, its image files read once for both."""
+        images = self.images(example) if example.images and (self.draft_sees or self.target_sees) else None
+        return self.draft_inputs(example, messages, images), self.target_images(example, images)
 
     @staticmethod
     def generate_kwargs(inputs: Optional[dict], rows: int, device) -> dict:

@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> cpn_verify_cpu(const at::Tensor& hidden, cons
   at::Tensor token_ids = at::empty({count}, hidden.options().dtype(at::kLong));
   int64_t* token_ptr = token_ids.data_ptr<int64_t>();
   for (int k = 0; k < count; ++k) {
-    token_ptr[k] = k < ids.num_positive ? ids.positive[k] : ids.negative[k - ids.num_positive];
+    token_ptr[k] = verdict_token(ids, k);
   }
   at::Tensor logits;  // [B, count]
   if (hidden.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16()) {

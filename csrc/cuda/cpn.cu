@@ -22,7 +22,7 @@ __global__ void __launch_bounds__(kThreads)
   const scalar_t* h = hidden + row * hidden_size;
   const int count = ids.num_positive + ids.num_negative;
   for (int k = warp; k < count; k += kWarps) {
-    const int64_t token = k < ids.num_positive ? ids.positive[k] : ids.negative[k - ids.num_positive];
+    const int64_t token = verdict_token(ids, k);
     const scalar_t* w = weight + token * hidden_size;
     acc_t sum = 0;
     for (int64_t i = lane; i < hidden_size; i += 32) {

@@ -23,6 +23,11 @@ struct VerdictIds {
   int32_t num_negative;
 };
 
+// Token id of verdict slot k: the positives first, then the negatives (the order of the logits below).
+DREAMR_HOST_DEVICE int64_t verdict_token(const VerdictIds& ids, int k) {
+  return k < ids.num_positive ? ids.positive[k] : ids.negative[k - ids.num_positive];
+}
+
 // One verdict logit: soft-capping as in Gemma 2 (cap * tanh(l / cap)) where cap > 0. A non-finite raw
 // logit stays NaN: tanh would turn +-inf into +-cap and hide a broken hidden state from cpn_from_logits.
 template <typename acc_t>
@@ -90,7 +95,7 @@ inline void cpn_verify_row_cpu(const scalar_t* hidden, const scalar_t* weight, c
   acc_t logits[2 * kMaxVerdictIds];
   const int count = ids.num_positive + ids.num_negative;
   for (int k = 0; k < count; ++k) {
-    const int64_t token = k < ids.num_positive ? ids.positive[k] : ids.negative[k - ids.num_positive];
+    const int64_t token = verdict_token(ids, k);
     acc_t logit = dot_row<scalar_t, acc_t>(hidden, weight + token * hidden_size, hidden_size);
     if (bias != nullptr) logit += static_cast<acc_t>(bias[token]);
     logits[k] = logit;
