@@ -57,6 +57,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["dreamr", "dreamr.*", "training", "training.*"]),
+    # The shipped verdict heads (dreamr/heads/<target>/), read by dreamr.verify.head.
+    package_data={"dreamr": ["heads/*/head.json", "heads/*/head.safetensors"]},
     install_requires=[
         "torch>=2.11",
         "transformers>=5.17,<6",

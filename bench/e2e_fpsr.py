@@ -46,6 +46,8 @@ row), bf16, alpha 0.7, W 4, 2026-11-28:
         the bucketed decode path (cuda_graphs=on, eager on a CPU) 44.2 s (1.41x); fpsr text ==
         speculative 10/10; bound 1/(0.67 + 1/20.6) = 1.39
 
+Problems, prompts, the interleaved runs and the per-mode sums come from :mod:`dreamr.eval` (each run is
+one of its records), the random target and the fixed-acceptance verdicts from :mod:`dreamr.testing`.
 Both print a table and can write JSON (``--json``). Threads: ``torch.get_num_threads()`` (set
 OMP_NUM_THREADS). Nothing here runs in the tests; they only need the modules to import.
 """
@@ -54,33 +56,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-_ROOT = Path(__file__).resolve().parent.parent
-if str(_ROOT) not in sys.path:
-    sys.path.insert(0, str(_ROOT))
-
-def load_questions(path: str, n: int) -> list[str]:
-    out = []
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                out.append(json.loads(line)["question"])
-            if len(out) >= n:
-                break
-    return out
+from dreamr.eval import (EvalSettings, Variant, ideal_bound, interleaved, prompt_for, run_one, select_problems,
+                         summarize as eval_summarize)
+from dreamr.testing import FixedAcceptance, random_llama
 
 
-def chat(question: str) -> list[dict]:
-    from dreamr.__main__ import SYSTEM_PROMPT
+@dataclass(frozen=True)
+class EngineVariant(Variant):
+    """A mode run with the FPSR engine's attributes ``knobs`` set first, reported under ``label``."""
 
-    return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question}]
+    label: str = ""
+    knobs: tuple = ()  # (attribute, value) pairs of the FPSR engine
+
+    @property
+    def name(self) -> str:
+        return self.label or Variant.name.fget(self)
 
 
 @torch.no_grad()
@@ -118,12 +114,14 @@ def batch_cost(lm, prompt_ids: list[int], rows: int, tokens: int = 8) -> float:
     return (time.perf_counter() - t0) / tokens
 
 
-def variants(args) -> list[tuple[str, str, dict]]:
-    """(label, mode, FPSR engine knobs) of every configuration to time."""
-    out = [("target", "target", {}), ("speculative", "speculative", {})]
+def variants(args) -> list[EngineVariant]:
+    """Every configuration to time: the target alone, the sequential speculative mode at ``--alpha``, FPSR
+    with the engine's defaults (row "fpsr") and each ``--fpsr-variants`` entry (row "fpsr[...]")."""
+    alpha = args.alpha if args.which == "real" else CHEAP_ALPHA
+    out = [EngineVariant("target", label="target"), EngineVariant("speculative", alpha, label="speculative")]
     base = dict(target_launch="auto", overlap=False, verify_batch=1, draft_tokens_per_tick=1, cuda_graphs="auto",
                 draft_stream="auto")
-    out.append(("fpsr", "fpsr", base))
+    out.append(EngineVariant("fpsr", alpha, label="fpsr", knobs=tuple(base.items())))
     for extra in args.fpsr_variants:
         knobs = dict(base)
         for item in extra.split(","):
@@ -132,56 +130,51 @@ def variants(args) -> list[tuple[str, str, dict]]:
                 knobs[k] = v
             else:
                 knobs[k] = v.lower() in ("1", "true") if k == "overlap" else int(v)
-        out.append((f"fpsr[{extra}]", "fpsr", knobs))
+        out.append(EngineVariant("fpsr", alpha, label=f"fpsr[{extra}]", knobs=tuple(knobs.items())))
     return out
 
 
-def run_modes(reasoner, prompts, settings: dict, window: int, configs, before=None) -> dict:
-    """Every configuration on every prompt, interleaved per prompt (the order rotates); returns per-label
-    lists of results and the FPSR engine's stats per run."""
+def run_modes(reasoner, problems, settings: EvalSettings, configs, before=None) -> list[dict]:
+    """Every configuration on every problem, interleaved per problem (the order rotates), through
+    :func:`dreamr.eval.run_one`; returns the records, FPSR's with the engine's stats of the run
+    (``fpsr_stats``). A run that raises stops the benchmark."""
     engine = reasoner.engine("fpsr")
-    results = {label: [] for label, _, _ in configs}
-    fpsr_stats = {label: [] for label, _, _ in configs}
-    for i, prompt in enumerate(prompts):
-        k = i % len(configs)
-        for label, mode, knobs in configs[k:] + configs[:k]:
-            for name, value in knobs.items():
-                setattr(engine, name, value)
-            if before is not None:
-                before(label, i)
-            kw = dict(settings, mode=mode)
-            if mode == "fpsr":
-                kw["window"] = window
-            r = reasoner.generate(prompt, **kw)
-            results[label].append(r)
-            if mode == "fpsr":
-                fpsr_stats[label].append(dict(engine.last_stats))
-            print(f"  problem {i} {label:28s} {r.metrics.wall_time_s:7.2f} s  {r.metrics.committed_tokens:4d} tok  "
-                  f"steps {r.metrics.num_steps:3d}  accepted {r.metrics.accepted_steps}/{r.metrics.verified_steps}",
-                  flush=True)
-    return {"results": results, "fpsr_stats": fpsr_stats}
+    records = []
+    for problem, v, order in interleaved(problems, configs):
+        for name, value in v.knobs:
+            setattr(engine, name, value)
+        if before is not None:
+            before(v.name, problem.index)
+        rec = run_one(reasoner, problem, v, settings, order)
+        if not rec["ok"]:
+            raise RuntimeError(f"{v.name} on problem {problem.key}: {rec['error']}\n{rec['traceback']}")
+        if v.mode == "fpsr":
+            rec["fpsr_stats"] = dict(engine.last_stats)
+        records.append(rec)
+        m = rec["metrics"]
+        print(f"  problem {problem.index} {v.name:28s} {rec['wall_s']:7.2f} s  {m['committed_tokens']:4d} tok  "
+              f"steps {m['num_steps']:3d}  accepted {m['accepted_steps']}/{m['verified_steps']}", flush=True)
+    return records
 
 
-def run_batched(reasoner, prompts, settings: dict, window: int, configs) -> dict:
-    """Each configuration on all prompts in one ``generate_batch`` call (sequential modes run them one
+def run_batched(reasoner, problems, settings: EvalSettings, configs) -> dict:
+    """Each configuration on all problems in one ``generate_batch`` call (sequential modes run them one
     after another; FPSR interleaves them, batching every request's target and draft work)."""
     engine = reasoner.engine("fpsr")
+    prompts = [prompt_for(p, settings) for p in problems]
     out = {}
-    for label, mode, knobs in configs:
-        for name, value in knobs.items():
+    for v in configs:
+        for name, value in v.knobs:
             setattr(engine, name, value)
-        kw = dict(settings, mode=mode)
-        if mode == "fpsr":
-            kw["window"] = window
         t0 = time.perf_counter()
-        rs = reasoner.generate_batch(prompts, **kw)
+        rs = reasoner.generate_batch(prompts, **v.overrides(), **settings.generation())
         wall = time.perf_counter() - t0
         tokens = sum(r.metrics.committed_tokens for r in rs)
-        passes = (engine.last_stats["chain_forwards"] + engine.last_stats["branch_forwards"] if mode == "fpsr"
+        passes = (engine.last_stats["chain_forwards"] + engine.last_stats["branch_forwards"] if v.mode == "fpsr"
                   else sum(r.metrics.target_forward_passes for r in rs))
-        out[label] = dict(wall_s=wall, tokens=tokens, tok_per_s=tokens / wall, target_passes_per_token=passes / tokens,
-                          texts=[r.text for r in rs])
-        print(f"  batch of {len(prompts)} {label:28s} {wall:7.2f} s  {tokens} tok  {tokens / wall:.2f} tok/s  "
+        out[v.name] = dict(wall_s=wall, tokens=tokens, tok_per_s=tokens / wall, target_passes_per_token=passes / tokens,
+                           texts=[r.text for r in rs])
+        print(f"  batch of {len(prompts)} {v.name:28s} {wall:7.2f} s  {tokens} tok  {tokens / wall:.2f} tok/s  "
               f"target passes/token {passes / tokens:.3f}", flush=True)
     base = out["target"]["wall_s"] / out["target"]["tokens"]
     spec = out["speculative"]["wall_s"] / out["speculative"]["tokens"]
@@ -198,41 +191,39 @@ def run_batched(reasoner, prompts, settings: dict, window: int, configs) -> dict
     return out
 
 
-def summarize(runs: dict) -> dict:
-    res, stats = runs["results"], runs["fpsr_stats"]
+def summarize(records: list[dict], configs) -> dict:
+    """Per configuration: the sums and ratios of :func:`dreamr.eval.summarize`, with the speedups per
+    committed token (modes may commit slightly different amounts) over "target" and "speculative", and
+    for FPSR the scheduler's counters; FPSR's target passes are its batched forwards (chain + branch),
+    each serving every open branch."""
+    rows = eval_summarize(records, configs)["variants"]
     out = {}
-    for label, rs in res.items():
-        wall = sum(r.metrics.wall_time_s for r in rs)
-        tokens = sum(r.metrics.committed_tokens for r in rs)
-        verified = sum(r.metrics.verified_steps for r in rs)
-        accepted = sum(r.metrics.accepted_steps for r in rs)
-        if stats.get(label):
-            t_passes = sum(s["chain_forwards"] + s["branch_forwards"] for s in stats[label])
+    for v in configs:
+        r = rows[v.name]
+        recs = [x for x in records if x["variant"] == v.name]
+        stats = [x["fpsr_stats"] for x in recs if "fpsr_stats" in x]
+        tokens = r["committed_tokens"]
+        if stats:
+            t_passes = sum(s["chain_forwards"] + s["branch_forwards"] for s in stats)
         else:
-            t_passes = sum(r.metrics.target_forward_passes for r in rs)
-        out[label] = dict(wall_s=wall, tokens=tokens, tok_per_s=tokens / wall if wall else 0.0,
-                          steps=sum(r.metrics.num_steps for r in rs),
-                          acceptance=accepted / verified if verified else None,
-                          target_passes_per_token=t_passes / tokens if tokens else None,
-                          draft_tokens=sum(r.metrics.draft_tokens for r in rs),
-                          target_tokens=sum(r.metrics.target_tokens for r in rs))
-        if stats.get(label):
-            out[label]["scheduler"] = {k: sum(s[k] for s in stats[label]) for k in stats[label][0]}
-            same = sum(a.text == b.text for a, b in zip(rs, res["speculative"]))
-            out[label]["same_text_as_speculative"] = f"{same}/{len(rs)}"
+            t_passes = r["target_forward_passes"]
+        out[v.name] = dict(wall_s=r["wall_time_s"], tokens=tokens, tok_per_s=r["tokens_per_second"] or 0.0,
+                           steps=r["num_steps"], acceptance=r["step_acceptance_rate"],
+                           target_passes_per_token=t_passes / tokens if tokens else None,
+                           draft_tokens=r["draft_tokens"], target_tokens=r["target_tokens"],
+                           mean_step_tokens=r["mean_step_tokens"])
+        if stats:
+            out[v.name]["scheduler"] = {k: sum(s[k] for s in stats) for k in stats[0]}
+            spec = {x["key"]: x["text"] for x in records if x["variant"] == "speculative"}
+            same = sum(x["text"] == spec.get(x["key"]) for x in recs)
+            out[v.name]["same_text_as_speculative"] = f"{same}/{len(recs)}"
     base = out["target"]["wall_s"] / max(out["target"]["tokens"], 1)
     spec = out["speculative"]["wall_s"] / max(out["speculative"]["tokens"], 1)
-    for label in res:
-        # speedups per committed token (modes may commit slightly different amounts)
+    for label in list(out):
         own = out[label]["wall_s"] / max(out[label]["tokens"], 1)
         out[label]["speedup_vs_target"] = base / own if own else None
         out[label]["speedup_vs_speculative"] = spec / own if own else None
     return out
-
-
-def mean_step_length(results) -> float:
-    lengths = [s.num_tokens for r in results for s in r.steps]
-    return statistics.mean(lengths) if lengths else float("nan")
 
 
 def print_table(summary: dict, title: str) -> None:
@@ -253,34 +244,40 @@ def print_table(summary: dict, title: str) -> None:
 
 # -- the real default pair --------------------------------------------------------------------------
 
+def _settings(args, max_new: int, answer_marker) -> EvalSettings:
+    """The evaluation settings of every run: the benchmark's token budgets, FPSR's window W."""
+    return EvalSettings(limit=1 if args.quick else args.problems, max_new_tokens=max_new,
+                        max_step_tokens=args.max_step_tokens, answer_marker=answer_marker,
+                        extra={"window": args.window})
+
+
 def bench_real(args) -> dict:
     from dreamr.reasoner import SpeculativeReasoner
 
-    n, max_new = (1, 16) if args.quick else (args.problems, args.max_new_tokens)
-    questions = load_questions(args.data, n)
-    prompts = [chat(q) for q in questions]
+    max_new = 16 if args.quick else args.max_new_tokens
+    settings = _settings(args, max_new, "The answer is")
+    problems = select_problems(args.data, settings)
     reasoner = SpeculativeReasoner.from_pretrained(dtype=args.dtype, device=args.device, progress=False)
-    settings = dict(alpha=args.alpha, max_new_tokens=max_new, max_step_tokens=args.max_step_tokens,
-                    answer_marker="The answer is")
-    t_ids = reasoner.target.encode_prompt(prompts[0])
-    d_ids = reasoner.draft.encode_prompt(prompts[0])
+    prompt = prompt_for(problems[0], settings)
+    t_ids = reasoner.target.encode_prompt(prompt)
+    d_ids = reasoner.draft.encode_prompt(prompt)
     ct, cd = per_token_cost(reasoner.target, t_ids), per_token_cost(reasoner.draft, d_ids)
     b1, b4 = batch_cost(reasoner.target, t_ids, 1), batch_cost(reasoner.target, t_ids, args.window)
     print(f"per-token decode: target {ct * 1e3:.1f} ms, draft {cd * 1e3:.1f} ms, c = {cd / ct:.2f}; "
           f"target batch of {args.window} rows costs {b4 / b1:.2f}x one row", flush=True)
     configs = variants(args)
-    runs = run_modes(reasoner, prompts, settings, args.window, configs)
-    summary = summarize(runs)
+    records = run_modes(reasoner, problems, settings, configs)
+    summary = summarize(records, configs)
     if args.batched:
-        summary["batched"] = run_batched(reasoner, prompts, settings, args.window, configs)
+        summary["batched"] = run_batched(reasoner, problems, settings, configs)
     c = cd / ct
-    L = mean_step_length(runs["results"]["speculative"])
-    summary["bound"] = dict(c=c, L=L, ideal_speedup=1.0 / (c + 1.0 / L),
+    L = summary["speculative"]["mean_step_tokens"]
+    summary["bound"] = dict(c=c, L=L, ideal_speedup=ideal_bound(c, L),
                             target_ms_per_token=ct * 1e3, draft_ms_per_token=cd * 1e3,
                             target_batch_cost_ratio=b4 / b1)
-    summary["settings"] = dict(settings, problems=len(prompts), window=args.window, dtype=args.dtype,
-                               threads=torch.get_num_threads())
-    print_table(summary, f"real pair, {len(prompts)} GSM8K dev problem(s), {args.dtype}, "
+    summary["settings"] = dict(settings.generation(), alpha=args.alpha, problems=len(problems), window=args.window,
+                               dtype=args.dtype, threads=torch.get_num_threads())
+    print_table(summary, f"real pair, {len(problems)} GSM8K dev problem(s), {args.dtype}, "
                          f"threads {torch.get_num_threads()}, alpha {args.alpha}, W {args.window}")
     b = summary["bound"]
     print(f"ideal bound 1/(c + 1/L) = 1/({b['c']:.2f} + 1/{b['L']:.1f}) = {b['ideal_speedup']:.3f}; "
@@ -290,42 +287,7 @@ def bench_real(args) -> dict:
 
 # -- a cheap draft: random ~1B target, real SmolLM2 draft, fixed acceptance probability -----------------
 
-def random_llama(tok, hidden: int, layers: int, intermediate: int, dtype, device="cpu", seed: int = 0):
-    """A random-weight Llama built from a config, with ``tok``'s vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    heads = hidden // 64
-    kv_heads = max(d for d in range(1, min(8, heads) + 1) if heads % d == 0)  # grouped-query, as real models
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate,
-                      num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      max_position_embeddings=8192, tie_word_embeddings=True,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    return model.to(dtype).eval()
-
-
-class FixedAcceptance:
-    """Benchmark-only verdicts: each verified step is accepted with probability ``a`` (seeded draws)."""
-
-    def __init__(self, verifier, a: float, seed: int = 0):
-        self.verifier, self.a, self.rng = verifier, a, random.Random(seed)
-        self._orig = verifier.cpn
-
-    def reseed(self, seed: int) -> None:
-        self.rng = random.Random(seed)
-
-    def __enter__(self):
-        def cpn(hidden, alpha=None):
-            n = hidden.shape[0]
-            c = torch.tensor([1.0 if self.rng.random() < self.a else 0.0 for _ in range(n)])
-            return c, c > 0.5
-        self.verifier.cpn = cpn
-        return self
-
-    def __exit__(self, *exc):
-        self.verifier.cpn = self._orig
+CHEAP_ALPHA = 0.5  # the verifying modes' alpha in "cheap"; FixedAcceptance decides regardless of it
 
 
 def bench_cheap(args) -> dict:
@@ -346,38 +308,40 @@ def bench_cheap(args) -> dict:
                                    dtype, args.device, seed=1)
     params = sum(p.numel() for p in target.parameters())
     reasoner = SpeculativeReasoner(target, draft_model, target_tokenizer=tok, draft_tokenizer=tok)
-    n, max_new = (1, 16) if args.quick else (args.problems, args.max_new_tokens)
-    prompts = [chat(q) for q in load_questions(args.data, n)]
-    settings = dict(alpha=0.5, max_new_tokens=max_new, max_step_tokens=args.max_step_tokens)
-    ids = reasoner.target.encode_prompt(prompts[0])
+    max_new = 16 if args.quick else args.max_new_tokens
+    settings = _settings(args, max_new, None)
+    problems = select_problems(args.data, settings)
+    ids = reasoner.target.encode_prompt(prompt_for(problems[0], settings))
     ct, cd = per_token_cost(reasoner.target, ids), per_token_cost(reasoner.draft, ids)
     c = cd / ct
     draft_params = sum(p.numel() for p in draft_model.parameters())
     print(f"random target {params / 1e9:.2f}B params: {ct * 1e3:.1f} ms/token; draft ({draft_params / 1e9:.2f}B) "
           f"{cd * 1e3:.1f} ms/token; c = {c:.3f}; device {args.device}", flush=True)
     verifier = reasoner.verifier_for(reasoner.config)
-    out = {"params": params, "draft_params": draft_params, "c": c, "target_ms_per_token": ct * 1e3, "draft_ms_per_token": cd * 1e3,
-           "by_a": {}, "settings": dict(settings, problems=len(prompts), window=args.window, dtype=args.dtype,
-                                        threads=torch.get_num_threads())}
+    out = {"params": params, "draft_params": draft_params, "c": c, "target_ms_per_token": ct * 1e3,
+           "draft_ms_per_token": cd * 1e3, "by_a": {},
+           "settings": dict(settings.generation(), alpha=CHEAP_ALPHA, problems=len(problems), window=args.window,
+                            dtype=args.dtype, threads=torch.get_num_threads())}
     target_runs = None
     configs = variants(args)
     for a in args.accept:
         with FixedAcceptance(verifier, a) as judge:
-            def before(mode, i, judge=judge):
+            def before(label, i, judge=judge):
                 judge.reseed(1000 * i + 7)  # each mode sees the same draws on a problem
             # the target alone does not depend on a: it runs in the first sweep only
-            sweep = configs if target_runs is None else [c for c in configs if c[1] != "target"]
-            modes_runs = run_modes(reasoner, prompts, settings, args.window, sweep, before=before)
+            sweep = configs if target_runs is None else [v for v in configs if v.mode != "target"]
+            records = run_modes(reasoner, problems, settings, sweep, before=before)
         if target_runs is None:
-            target_runs = modes_runs["results"]["target"]
-        modes_runs["results"]["target"] = target_runs
-        s = summarize(modes_runs)
-        L = mean_step_length(modes_runs["results"]["speculative"])
+            target_runs = [r for r in records if r["variant"] == "target"]
+        else:
+            records += target_runs
+        s = summarize(records, configs)
+        L = s["speculative"]["mean_step_tokens"]
         s["bound"] = dict(L=L, speedup_bound=1.0 / (c + 1.0 / L + (1.0 - a)))
         out["by_a"][a] = s
         print_table(s, f"cheap draft, a = {a}: bound 1/(c + 1/L + 1 - a) = {s['bound']['speedup_bound']:.3f} "
                        f"(L = {L:.1f})")
-    labels = [label for label, _, _ in configs if label != "target"]
+    labels = [v.name for v in configs if v.mode != "target"]
     print("\n a    " + "  ".join(f"{x:>14s}" for x in labels) + "   bound   (speedup over the target alone)")
     for a, s in out["by_a"].items():
         print(f" {a:.1f}  " + "  ".join(f"{s[x]['speedup_vs_target']:14.3f}" for x in labels)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -252,9 +251,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--json", metavar="PATH", help="write the rows as JSON")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    if str(_ROOT) not in sys.path:
-        sys.path.insert(0, str(_ROOT))
-    from dreamr.eval import EvalSettings, _prompt, check_variants, make_variants, select_problems
+    from dreamr.eval import EvalSettings, check_variants, make_variants, prompt_for, select_problems
     from dreamr.reasoner import SpeculativeReasoner
 
     n, max_new = (1, 32) if args.quick else (args.problems, args.max_new_tokens)
@@ -265,7 +262,7 @@ def main(argv=None) -> list[dict]:
         problems = select_problems(args.data, settings)
     except ValueError as exc:
         p.error(str(exc))
-    prompts = [_prompt(pr, settings) for pr in problems]
+    prompts = [prompt_for(pr, settings) for pr in problems]
     reasoner = SpeculativeReasoner.from_pretrained(target=args.target, draft=args.draft, dtype=args.dtype,
                                                    device=args.device)
     rows = bench_end_to_end(reasoner, prompts, args.modes, alphas=args.alphas, max_new_tokens=max_new,

@@ -7,19 +7,16 @@ Per mode (and per alpha): accuracy (over finished problems) and accuracy_all (er
 accuracy difference to the target alone, wall time, speedup over the target alone (same run, modes
 interleaved per problem), tokens/s, step acceptance, accepted steps per window, mean_accepted_length
 (committed steps per verification window), target passes per token, token counts and the ideal bound
-1/(c + 1/L); see dreamr/eval.py for the definitions. Bad arguments exit with status 2 before any model is
-loaded; the exit status is 1 when a variant finished no problem. Writes OUT/records.jsonl (one line per
-problem and mode; an interrupted run resumes from it; --retry-failed reruns failed ones), OUT/results.json,
-OUT/sweep.json and OUT/sweep.png. ``python bench/eval.py --help`` lists the options; ``python -m
-dreamr.eval`` is the same.
+1/(c + 1/L); see dreamr/eval/metrics.py for the definitions. Bad arguments exit with status 2 before any
+model is loaded; the exit status is 1 when a variant finished no problem. Writes OUT/records.jsonl (one line
+per problem and mode; an interrupted run resumes from it; --retry-failed reruns failed ones),
+OUT/results.json, OUT/sweep.json and OUT/sweep.png. ``python bench/eval.py --help`` lists the options;
+``python -m dreamr.eval`` is the same.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dreamr.eval import main  # noqa: E402
+from dreamr.eval import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -32,15 +32,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+
+from dreamr import ops, reference
+
 _BENCH = Path(__file__).resolve().parent
-if str(_BENCH.parent) not in sys.path:  # run as `python bench/latency.py` without the package installed
-    sys.path.insert(0, str(_BENCH.parent))
-if str(_BENCH) not in sys.path:  # e2e_latency beside this file
-    sys.path.append(str(_BENCH))
-
-import torch  # noqa: E402
-
-from dreamr import ops, reference  # noqa: E402
 
 # The aims from the issue: (op name prefix, baseline, batch size B or None for any, minimum speedup).
 AIMS = (
@@ -76,9 +72,13 @@ def aim_of(record: Record) -> Optional[float]:
 
 
 def _end_to_end(argv: list) -> list:
-    from e2e_latency import main as end_to_end  # bench/ is on sys.path
+    """bench/e2e_latency.py's ``main(argv)``: loaded from its file beside this one (bench/ is no package)."""
+    import importlib.util
 
-    return end_to_end(argv)
+    spec = importlib.util.spec_from_file_location("e2e_latency", _BENCH / "e2e_latency.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:

@@ -1,6 +1,7 @@
 """Vision-language latency on a tiny random pair: vision encoding per request, and each mode against the target.
 
-No vision-language weights can be had offline here, so the pair is random: a Qwen2-VL target (default
+No vision-language weights can be had offline here, so the pair is random (the tiny builders of
+:mod:`dreamr.testing_vlm` and :mod:`dreamr.testing`, at larger sizes): a Qwen2-VL target (default
 hidden 256, 6 layers, a 2-block vision tower) and a small draft (a 1-layer Qwen2-VL with the same
 processor, or with ``--draft text`` a text-only Qwen2 beside it), on random images of ``--image-size``
 pixels a side (224: 256 patches, 64 image tokens). Every request gets its own image. Reported per mode
@@ -27,11 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "tests"):  # the package, and the tiny model builders shared with the tests
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
 PROMPT = "How many clips did Natalia sell altogether in April and May? Let us think step by step."
 
@@ -76,9 +72,9 @@ class VisionTimer:
 def main(argv=None) -> int:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    from conftest import build_tokenizer, tiny_qwen2
     from dreamr.reasoner import SpeculativeReasoner
-    from vlm_models import qwen2_vl, random_image, vision_module
+    from dreamr.testing import draft_tokenizer, tiny_qwen2
+    from dreamr.testing_vlm import qwen2_vl, random_image, vision_module
 
     dtype = torch.float32
     target, processor = qwen2_vl(seed=0, layers=a.layers, hidden=a.hidden, heads=4, vision_hidden=128,
@@ -88,7 +84,7 @@ def main(argv=None) -> int:
                             max_pixels=a.image_size * a.image_size, dtype=dtype)
         d_tok = processor  # the same tokenizer and image placement
     else:
-        d_tok = build_tokenizer(330, reverse=True, bos=False)
+        d_tok = draft_tokenizer()
         draft = tiny_qwen2(d_tok, dtype=dtype)
     r = SpeculativeReasoner(target, draft, target_tokenizer=processor, draft_tokenizer=d_tok,
                             max_new_tokens=a.max_new_tokens, max_step_tokens=a.max_step_tokens)

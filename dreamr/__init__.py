@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 # pull in transformers; dir(dreamr) lists them all the same.
 _LAZY = {
     "SpeculativeReasoner": "dreamr.reasoner",
-    "ReasonerConfig": "dreamr.reasoner",
+    "ReasonerConfig": "dreamr.config",
     "StepStream": "dreamr.reasoner",
     "Result": "dreamr.result",
     "Step": "dreamr.result",

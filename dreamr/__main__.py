@@ -9,6 +9,11 @@ metrics. ``--json`` prints the result as JSON instead.
     python -m dreamr --draft self "Natalia sold 48 clips in April and half as many in May. How many in total?"
 
 ``--draft self`` runs the second default pair: SmolLM2-135M-Instruct drafted by its own first layers.
+
+The judge: a built-in target uses the verdict head dreamr ships for it (``--verdict-head none`` turns it
+off, ``--verdict-head DIR`` takes one made by ``python -m dreamr.calibrate fit``); ``--calibrate`` corrects
+the target's own verdict by its verdict on a content-free step; ``--alpha auto --target-acceptance 0.5``
+moves the threshold online to hold that acceptance rate.
 """
 
 from __future__ import annotations
@@ -27,6 +32,20 @@ WEAK_JUDGE_NOTE = (
     "rollback, target fallback) working, not good judgement."
 )
 
+HEAD_NOTE = (
+    "Judge: the verdict head {name} (a [2, H] head on the target's verdict-position hidden state, scored by the "
+    "fused CPN op{cal}); held-out on GSM8K step pairs: pooled AUROC {auroc:.2f}, pair accuracy {acc:.2f}."
+)
+
+
+def _alpha(value: str):
+    if value == "auto":
+        return value
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or 'auto', got {value!r}") from None
+
 _EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "gsm8k_dev_sample.jsonl"
 
 
@@ -40,7 +59,17 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"JSONL file with question/answer fields (default {_EXAMPLES.name} in examples/)")
     p.add_argument("--mode", default="speculative", choices=["speculative", "fpsr", "target", "draft"])
     p.add_argument("--window", type=int, default=4, help="mode fpsr: lookahead window W (steps open at once)")
-    p.add_argument("--alpha", type=float, default=0.7, help="accept a drafted step iff cpn > alpha (0.7)")
+    p.add_argument("--alpha", type=_alpha, default=0.7,
+                   help="accept a drafted step iff cpn > alpha (0.7), or 'auto': an online threshold holding "
+                        "--target-acceptance")
+    p.add_argument("--target-acceptance", type=float, default=0.5,
+                   help="--alpha auto: the share of drafted steps to accept (0.5)")
+    p.add_argument("--alpha-gamma", type=float, default=0.05, help="--alpha auto: the update's step size (0.05)")
+    p.add_argument("--verdict-head", default="auto",
+                   help="the judge's verdict head: a folder from python -m dreamr.calibrate fit, 'none' (the "
+                        "target's own Yes/No verdict) or 'auto' (default: the head shipped for a built-in target)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="correct each verdict by the verdict on a content-free step at the same prefix")
     p.add_argument("--target", default=None, help="target model: built-in name or local path (gemma-3-270m)")
     p.add_argument("--draft", default=None,
                    help="draft model: built-in name, local path, or 'self[:k]' for the target's first k layers "
@@ -70,14 +99,15 @@ def _question(args) -> tuple[str, str | None]:
     return args.question, None
 
 
-def _print_result(result, reference: str | None) -> None:
+def _print_result(result, reference: str | None, note: str = WEAK_JUDGE_NOTE, auto_alpha: bool = False) -> None:
     for i, step in enumerate(result.steps, 1):
+        at = f" alpha {step.alpha:.3f}" if auto_alpha and step.alpha is not None else ""
         if step.accepted is None:
             tag = f"{step.source} (unverified)"
         elif step.accepted:
-            tag = f"accepted  cpn {step.cpn:.3f}"
+            tag = f"accepted  cpn {step.cpn:.3f}{at}"
         else:
-            tag = f"target    cpn {step.cpn:.3f} (draft rejected)"
+            tag = f"target    cpn {step.cpn:.3f}{at} (draft rejected)"
         print(f"[{i:2d}] {tag}  {step.num_tokens} tokens")
         for line in step.text.strip("\n").splitlines() or [""]:
             print(f"     | {line}")
@@ -89,9 +119,24 @@ def _print_result(result, reference: str | None) -> None:
     print(f"draft tokens {m.draft_tokens}  target tokens {m.target_tokens}  committed {m.committed_tokens}  "
           f"target passes {m.target_forward_passes}  draft passes {m.draft_forward_passes}")
     print(f"wall {m.wall_time_s:.2f} s  {m.tokens_per_second:.1f} tokens/s")
+    if auto_alpha and m.alpha_mean is not None:
+        print(f"alpha auto: mean {m.alpha_mean:.3f}, final {m.alpha_final:.3f}")
     if reference is not None:
         print(f"reference answer: {reference}")
-    print(WEAK_JUDGE_NOTE)
+    print(note)
+
+
+def _judge_note(reasoner) -> str:
+    """What judged the steps: the verdict head with its held-out figures, or the weak-judge note."""
+    head = reasoner.verdict_head(reasoner.config)
+    if head is None:
+        return WEAK_JUDGE_NOTE + (" Verdicts calibrated by a content-free step." if reasoner.config.calibrate else "")
+    fig = (head.meta.get("fit") or {}).get("heldout") or {}
+    name = (head.meta.get("target") or {}).get("name") or "given"
+    cal = ", calibrated by a content-free step at each prefix" if head.calibrated or reasoner.config.calibrate else ""
+    if fig.get("auroc") is None:
+        return f"Judge: the verdict head {name}{cal}."
+    return HEAD_NOTE.format(name=f"for {name}", cal=cal, auroc=fig["auroc"], acc=fig["pair_accuracy"])
 
 
 def main(argv=None) -> int:
@@ -109,17 +154,24 @@ def main(argv=None) -> int:
             mode=args.mode, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
             max_step_tokens=args.max_step_tokens, answer_marker=args.answer_marker or None,
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, window=args.window,
+            target_acceptance=args.target_acceptance, alpha_gamma=args.alpha_gamma, calibrate=args.calibrate,
+            verdict_head=None if args.verdict_head == "none" else args.verdict_head,
         )
         result = reasoner.generate(prompt)
     except ValueError as exc:
         parser.error(str(exc))
+    note = _judge_note(reasoner)
     if args.json:
         out = result.to_dict()
-        out.update(question=question, reference_answer=reference, note=WEAK_JUDGE_NOTE)
+        head = reasoner.verdict_head(reasoner.config)
+        out.update(question=question, reference_answer=reference, note=note,
+                   verifier={"verdict_head": None if head is None else head.describe(),
+                             "calibrate": bool(reasoner.config.calibrate or (head is not None and head.calibrated)),
+                             "alpha": reasoner.config.alpha, "target_acceptance": reasoner.config.target_acceptance})
         json.dump(out, sys.stdout, indent=2)
         print()
     else:
-        _print_result(result, reference)
+        _print_result(result, reference, note, auto_alpha=reasoner.config.auto_alpha)
     return 0
 
 

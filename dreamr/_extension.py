@@ -56,9 +56,25 @@ def cuda_build_possible() -> bool:
 
 
 def compile_flags(with_cuda: bool) -> dict[str, list[str]]:
-    """Compiler flags shared by setup.py and the JIT build."""
+    """Compiler flags shared by setup.py, the JIT build and tests/test_build.py's PTX check.
+
+    Parameters
+    ----------
+    with_cuda : bool
+        Whether the CUDA kernels are built (adds ``-DDREAMR_WITH_CUDA`` to the C++ flags).
+
+    Returns
+    -------
+    dict
+        ``{"cxx": [...], "nvcc": [...]}``, as ``extra_compile_args`` takes them.
+    """
     cxx = ["-O3", f"-DDREAMR_TORCH_VERSION={torch.__version__}"]
-    nvcc = ["-O3", "--use_fast_math", "-lineinfo"]
+    # No --use_fast_math: it turns the CPN epilogue's tanh/exp/log into tanh.approx / ex2.approx on unreduced
+    # arguments and flushes denormals (-ftz), so GPU verdicts near alpha would differ from the CPU's (the
+    # CUDA and CPU kernels share one epilogue, csrc/include/dreamr/cpn.h, and must decide alike). The
+    # kernels are memory-bound (dot products over the verdict rows, vocabulary scans, cache copies), so the
+    # precise math costs nothing measurable; rollback does no float math at all.
+    nvcc = ["-O3", "-lineinfo"]
     if torch.backends.openmp.is_available():
         # at::parallel_for is an inline OpenMP region: without -fopenmp here it silently runs serially.
         cxx.append("-fopenmp")

@@ -15,7 +15,7 @@ from typing import Optional, Sequence, Union
 import torch
 from transformers import DynamicCache
 
-from dreamr.multimodal import is_vision_language
+from dreamr.lm import decoder_of, is_vision_language
 
 __all__ = ["new_cache", "cache_tensors", "cache_length", "rollback", "cache_kwarg", "CachedSequence"]
 
@@ -116,7 +116,7 @@ class CachedSequence:
     extending ``ids`` costs nothing until the next forward. ``forward_passes`` counts the model's
     forward calls made through this object.
 
-    ``prefix`` (a :class:`dreamr.multimodal.ImagePrefix`, whose ids start ``ids``) hands over the cache
+    ``prefix`` (an image prefix, :class:`dreamr.multimodal.ImagePrefix`, whose ids start ``ids``) hands over the cache
     of a prompt with images, encoded once: the sequence then never rolls back into it, and feeds its
     text with explicit ``position_ids [1, n]`` (index + the prefix's position offset), as it does for
     any vision-language model.
@@ -216,24 +216,3 @@ class CachedSequence:
         self.forward_passes += 1
         return hidden[:, -1, :].contiguous()
 
-
-def decoder_of(model) -> torch.nn.Module:
-    """The module of ``model`` that returns its final hidden states without the LM head (so no ``[n, V]``
-    logits are formed): its ``base_model``, else ``get_decoder()``, else ``model.model``.
-
-    Raises ValueError naming the model's class where it has none of them."""
-    def getters():
-        yield lambda: getattr(model, "base_model", None)
-        yield lambda: model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
-        yield lambda: getattr(model, "model", None)
-
-    for get in getters():
-        try:
-            found = get()
-        except (AttributeError, NotImplementedError, TypeError, ValueError):
-            found = None
-        if isinstance(found, torch.nn.Module) and found is not model:
-            return found
-    raise ValueError(f"{type(model).__name__}: no decoder module without the LM head was found (none of base_model, "
-                     "get_decoder(), .model); dreamr needs a transformers causal LM whose decoder returns "
-                     "last_hidden_state")

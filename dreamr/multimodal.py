@@ -44,12 +44,13 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
+from dreamr.cache import cache_kwarg, new_cache
+from dreamr.lm import decoder_of
+
 __all__ = [
     "ImageLike",
     "MultimodalPrompt",
     "ImagePrefix",
-    "is_vision_language",
-    "split_processor",
     "load_image",
     "load_images",
     "prepare_prompt",
@@ -60,27 +61,6 @@ __all__ = [
 ImageLike = Union["PIL.Image.Image", str, os.PathLike, torch.Tensor]  # noqa: F821
 
 _IMAGE_SOURCE_KEYS = ("image", "path", "url")
-
-
-def is_vision_language(model) -> bool:
-    """True for a model whose config has a vision tower (``config.vision_config``)."""
-    return getattr(getattr(model, "config", None), "vision_config", None) is not None
-
-
-def split_processor(tokenizer: Any) -> tuple[Any, Any]:
-    """``(processor, tokenizer)`` of what was given as a model's tokenizer.
-
-    A vision-language processor (it has an ``image_processor`` and a ``tokenizer``) gives itself and the
-    tokenizer inside it (text goes through that tokenizer); another wrapper without ``encode`` but with a
-    ``tokenizer`` gives ``(None, its tokenizer)``; anything else (a tokenizer, None) ``(None, tokenizer)``.
-    """
-    if tokenizer is None:
-        return None, None
-    if hasattr(tokenizer, "image_processor") and hasattr(tokenizer, "tokenizer"):
-        return tokenizer, tokenizer.tokenizer
-    if not hasattr(tokenizer, "encode") and hasattr(tokenizer, "tokenizer"):
-        return None, tokenizer.tokenizer
-    return None, tokenizer
 
 
 # -- images ------------------------------------------------------------------------------------------
@@ -341,8 +321,6 @@ def encode_prefix(model, inputs: dict, name: str = "prompt") -> ImagePrefix:
     ImagePrefix
         The cache of ``input_ids[0, :P - 1]`` and the position offset of the text after it.
     """
-    from dreamr.cache import cache_kwarg, decoder_of, new_cache
-
     start = time.perf_counter()
     base = decoder_of(model)
     device = next(model.parameters()).device

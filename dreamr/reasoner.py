@@ -19,88 +19,19 @@ verifies its steps.
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass
-from numbers import Integral, Real
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
 
-from dreamr.cache import CachedSequence, decoder_of
-from dreamr.engines import ENGINES, LM, Request
-from dreamr.multimodal import prepare_prompt, processor_inputs, split_processor, text_of
+from dreamr.cache import CachedSequence
+from dreamr.config import VERIFIED_MODES, ReasonerConfig
+from dreamr.engines import ENGINES
+from dreamr.lm import LM, Prompt, decoder_of, split_processor
+from dreamr.request import Request, build as build_request
 from dreamr.result import Result, Step
-from dreamr.verify import DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE, StepVerifier, check_alpha
+from dreamr.verify import AdaptiveAlpha, StepVerifier, VerdictHead, shipped_head_dir
 
 __all__ = ["ReasonerConfig", "SpeculativeReasoner", "StepStream"]
-
-Prompt = Union[str, Sequence[dict]]
-
-
-@dataclass(frozen=True)
-class ReasonerConfig:
-    """Settings of a reasoner; any field can also be overridden per call of ``generate``.
-
-    Attributes
-    ----------
-    mode : "speculative" (draft, verify with CPN, the target writes rejected steps), "fpsr" (the same
-        steps, fully parallel: a lookahead window of drafted steps, verifications and the target's
-        fallback steps run together; see dreamr.engines.fpsr), "target" (the target alone) or "draft"
-        (the draft alone).
-    alpha : acceptance threshold in [0, 1]: a drafted step is accepted iff cpn > alpha (paper: 0.7).
-    step_delimiter : a step ends where this appears (default a blank line).
-    max_step_tokens : the largest step, in the writing model's tokens.
-    max_new_tokens : the budget of committed tokens (each step counted in its writer's tokens).
-    verdict_template : the verdict prompt the target reads after a step (None: the default).
-    positive_words, negative_words : verdict words; their single-token forms make the CPN sets.
-    answer_marker : stop after a committed step containing this text (e.g. "####"); None: no marker.
-    temperature : 0 is greedy (the default); > 0 samples.
-    top_p : nucleus sampling mass in (0, 1] (sampling only).
-    seed : seed of the samplers (each model gets its own stream); None is nondeterministic sampling.
-    window : mode "fpsr": the lookahead window W, steps open at once per request (>= 1; paper: 4).
-    """
-
-    mode: str = "speculative"
-    alpha: float = 0.7
-    step_delimiter: str = "\n\n"
-    max_step_tokens: int = 128
-    max_new_tokens: int = 512
-    verdict_template: str = DEFAULT_TEMPLATE
-    positive_words: tuple[str, ...] = DEFAULT_POSITIVE_WORDS
-    negative_words: tuple[str, ...] = DEFAULT_NEGATIVE_WORDS
-    answer_marker: Optional[str] = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: Optional[int] = 0
-    window: int = 4
-
-    def __post_init__(self):
-        if not isinstance(self.mode, str) or self.mode not in ENGINES:
-            raise ValueError(f"mode must be one of {sorted(ENGINES)}, got {self.mode!r}")
-        object.__setattr__(self, "alpha", check_alpha(self.alpha))
-        if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
-            raise ValueError(f"step_delimiter must be a non-empty string, got {self.step_delimiter!r}")
-        for name in ("max_step_tokens", "max_new_tokens", "window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.verdict_template, str) or not self.verdict_template.strip():
-            raise ValueError(f"verdict_template must be a non-empty string, got {self.verdict_template!r}")
-        for name in ("positive_words", "negative_words"):
-            words = getattr(self, name)
-            if isinstance(words, str) or not words or not all(isinstance(w, str) and w.strip() for w in words):
-                raise ValueError(f"{name} must be a non-empty list of non-empty strings, got {words!r}")
-            object.__setattr__(self, name, tuple(words))
-        if self.answer_marker is not None and (not isinstance(self.answer_marker, str) or not self.answer_marker):
-            raise ValueError(f"answer_marker must be None or a non-empty string, got {self.answer_marker!r}")
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, Real) or not math.isfinite(t) or t < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        p = self.top_p
-        if isinstance(p, bool) or not isinstance(p, Real) or not 0.0 < p <= 1.0:
-            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, Integral)):
-            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
 
 
 class StepStream:
@@ -209,17 +140,6 @@ def _same_tokenizer(a, b) -> bool:
     return ba is not None and bb is not None and ba.to_str() == bb.to_str()
 
 
-def _has_content(content) -> bool:
-    """A message's content is not empty: non-blank text, or a list with a non-blank text part or an image."""
-    if isinstance(content, str):
-        return bool(content.strip())
-    if isinstance(content, Sequence):
-        return any(isinstance(p, dict) and (p.get("type") == "image" or
-                                            (isinstance(p.get("text"), str) and p["text"].strip()))
-                   for p in content)
-    return False
-
-
 class SpeculativeReasoner:
     """Step-level speculative reasoning (DREAM-R) over a target and a draft causal LM.
 
@@ -278,6 +198,8 @@ class SpeculativeReasoner:
         self.same_tokenizer = _same_tokenizer(t_tok, d_tok)
         self.config = config
         self._verifiers: dict[tuple, StepVerifier] = {}
+        self._heads: dict[str, VerdictHead] = {}
+        self._thresholds: dict[tuple, AdaptiveAlpha] = {}
         self._engines = {}
         decoder_of(t_model)  # the judge's hidden states come from its decoder (ValueError now if it has none)
         self.verifier_for(self.config)  # verdict words are checked now, not at the first request
@@ -291,9 +213,15 @@ class SpeculativeReasoner:
         dtype: Any = None,
         device: Any = "cpu",
         progress: bool = True,
+        verdict_head: Any = "auto",
         **kwargs,
     ) -> "SpeculativeReasoner":
         """Load both models with :func:`dreamr.models.load` (local paths, or the built-in names).
+
+        ``verdict_head``: "auto" (default) uses the verdict head dreamr ships for a built-in target
+        (``dreamr/heads/<name>/``; fitted and calibrated, see :mod:`dreamr.verify.head`) and none for
+        other targets; a folder written by ``python -m dreamr.calibrate fit``; or None / "none" for the
+        target's own Yes/No verdict. It becomes the config's ``verdict_head``.
 
         ``target`` defaults to gemma-3-270m and ``draft`` to SmolLM2-135M-Instruct. ``draft="self"`` or
         ``"self:<k>"`` makes an early-exit self-draft from the target's first k layers (sharing its
@@ -321,109 +249,83 @@ class SpeculativeReasoner:
             target = models.DEFAULT_TARGET if target is None else target
             t = models.load(target, dtype=dtype, device=device, progress=progress)
             d = models.load(draft, dtype=dtype, device=device, progress=progress)
+        if isinstance(verdict_head, str) and verdict_head == "auto":
+            verdict_head = shipped_head_dir(t.name) if t.name.lower() in models.BUILTIN_MODELS else None
+        if verdict_head is not None:
+            if kwargs.get("config") is not None:
+                kwargs["config"] = dataclasses.replace(kwargs["config"], verdict_head=verdict_head)
+            else:
+                kwargs["verdict_head"] = verdict_head
         return cls(t, d, **kwargs)
 
     # -- plumbing -----------------------------------------------------------------------------------
 
+    def verdict_head(self, config: ReasonerConfig) -> Optional[VerdictHead]:
+        """The verdict head ``config.verdict_head`` names (a folder is read once), checked against the
+        target; None for the target's own verdict. Raises ValueError naming ``verdict_head``."""
+        head = config.verdict_head
+        if head is None or isinstance(head, VerdictHead):
+            return head
+        key = str(head)
+        loaded = self._heads.get(key)
+        if loaded is None:
+            loaded = self._heads[key] = VerdictHead.load(head, self.target.model)
+        return loaded
+
     def verifier_for(self, config: ReasonerConfig) -> StepVerifier:
-        key = (config.verdict_template, config.positive_words, config.negative_words, config.step_delimiter)
+        head = self.verdict_head(config)
+        key = (config.verdict_template, config.positive_words, config.negative_words, config.step_delimiter,
+               None if head is None else id(head), config.calibrate)
         verifier = self._verifiers.get(key)
         if verifier is None:
             verifier = StepVerifier(
                 self.target.model, self.target.tokenizer, template=config.verdict_template,
                 positive_words=config.positive_words, negative_words=config.negative_words,
-                alpha=config.alpha, delimiter=config.step_delimiter,
+                alpha=0.5 if config.auto_alpha else config.alpha, delimiter=config.step_delimiter,
+                head=head, calibrate=config.calibrate,
             )
             self._verifiers[key] = verifier
         return verifier
+
+    def threshold_for(self, config: ReasonerConfig) -> Optional[AdaptiveAlpha]:
+        """The adaptive threshold of ``config`` (alpha="auto"), one per verifier and target acceptance,
+        carried across this reasoner's requests (see :meth:`reset_thresholds`); None for a fixed alpha."""
+        if not config.auto_alpha:
+            return None
+        key = (id(self.verifier_for(config)), config.target_acceptance, config.alpha_gamma)
+        threshold = self._thresholds.get(key)
+        if threshold is None:
+            threshold = self._thresholds[key] = AdaptiveAlpha(config.target_acceptance, config.alpha_gamma)
+        return threshold
+
+    def reset_thresholds(self) -> None:
+        """Forget what the adaptive thresholds learnt: the next alpha="auto" request starts afresh."""
+        self._thresholds.clear()
 
     def engine(self, mode: str):
         if mode not in ENGINES:
             raise ValueError(f"mode must be one of {sorted(ENGINES)}, got {mode!r}")
         engine = self._engines.get(mode)
         if engine is None:
-            engine = ENGINES[mode](self.target, self.draft, self.verifier_for, same_tokenizer=self.same_tokenizer)
+            engine = ENGINES[mode](self.target, self.draft, same_tokenizer=self.same_tokenizer)
             self._engines[mode] = engine
         return engine
 
     def _config(self, overrides: dict) -> ReasonerConfig:
         config = _settings(self.config, overrides)
-        if config.mode in ("speculative", "fpsr"):
+        if config.mode in VERIFIED_MODES:
             self.verifier_for(config)  # verdict words checked before any work
         return config
 
     def _request(self, prompt: Prompt, images, config: ReasonerConfig, name: str = "prompt",
                  images_name: str = "images") -> Request:
-        if isinstance(prompt, str):
-            if not prompt.strip():
-                raise ValueError(f"{name} is empty")
-        elif isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
-            if not prompt:
-                raise ValueError(f"{name} is empty (no messages)")
-            for i, msg in enumerate(prompt):
-                if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-                    raise ValueError(f"{name}[{i}] must be a dict with 'role' and 'content', got {msg!r}")
-            if not any(_has_content(m["content"]) for m in prompt):
-                raise ValueError(f"{name} is empty (every message's content is empty)")
-        else:
-            raise ValueError(f"{name} must be a string or a list of chat messages, got {type(prompt).__name__}")
-        mm = prepare_prompt(prompt, images, name=name, images_name=images_name)
-        if mm is not None:
-            self._check_can_see(mm, config.mode, images_name)
-        elif not isinstance(prompt, str) and any(not isinstance(m["content"], str) for m in prompt):
-            prompt = [{**m, "content": text_of(m["content"])} for m in prompt]  # text parts only
-        request = Request(prompt=prompt, config=config, images=None if mm is None else mm.images)
-        for lm in self._used(config.mode):
-            inputs = None
-            if mm is None:
-                ids = lm.encode_prompt(prompt)
-            elif lm.vision:  # the model's own processor places and encodes the images
-                inputs = processor_inputs(lm.processor, mm, lm.name, name)
-                ids = [int(t) for t in inputs["input_ids"][0].tolist()]
-            else:  # a text-only model reads the prompt without its images (the other model sees them): chat
-                # messages as without images (no chat template: the same ValueError); a string prompt becomes
-                # one user message through its chat template where it has one, else stays the string
-                as_text = isinstance(prompt, str) and not getattr(lm.tokenizer, "chat_template", None)
-                ids = lm.encode_prompt(prompt if as_text else mm.text_messages)
-            if not ids:
-                raise ValueError(f"{name} is empty after tokenization for the {lm.name} model")
-            if len(ids) >= lm.context_length:
-                raise ValueError(f"{name} is {len(ids)} tokens for the {lm.name} model, longer than its context "
-                                 f"of {lm.context_length} tokens (no room to generate)")
-            if lm is self.target:
-                request.target_ids, request.target_inputs = ids, inputs
-            else:
-                request.draft_ids, request.draft_inputs = ids, inputs
-        return request
-
-    def _check_can_see(self, mm, mode: str, images_name: str) -> None:
-        """Raise ValueError unless a model that ``mode`` runs can see the images (a vision-language model),
-        and every vision-language model it runs has its processor.
-
-        Modes "speculative" and "fpsr" run both models: a vision-language target is enough (a text-only
-        draft drafts from the text alone). Modes "target" and "draft" run one model, which must see them."""
-        n = len(mm.images)
-        used = self._used(mode)
-        if not any(lm.vision for lm in used):
-            if mode in ("target", "draft"):
-                lm = used[0]
-                raise ValueError(f"{images_name}: {n} image(s) given but the {lm.name} model "
-                                 f"({type(lm.model).__name__}) is text-only and cannot see them, and mode={mode!r} "
-                                 f"runs it alone; use a vision-language {lm.name} (e.g. Qwen2-VL, LLaVA), another "
-                                 "mode, or drop the images")
-            raise ValueError(f"{images_name}: {n} image(s) given but the target model "
-                             f"({type(self.target.model).__name__}) is text-only and cannot see them, nor can the "
-                             f"draft ({type(self.draft.model).__name__}), in mode={mode!r}; use a vision-language "
-                             "target (e.g. Qwen2-VL, LLaVA) or drop the images")
-        for lm in used:
-            if lm.vision and lm.processor is None:
-                raise ValueError(f"{lm.name}_tokenizer: the {lm.name} model ({type(lm.model).__name__}) is a "
-                                 f"vision-language model but was given a tokenizer ({type(lm.tokenizer).__name__}), "
-                                 f"not its processor; pass {lm.name}_tokenizer=AutoProcessor.from_pretrained(...) "
-                                 "to give it images")
-
-    def _used(self, mode: str) -> list[LM]:
-        return {"target": [self.target], "draft": [self.draft]}.get(mode, [self.target, self.draft])
+        """The request of ``prompt`` under ``config``, built once here and handed to the engine, with the
+        target's verifier where the mode verifies (:func:`dreamr.request.build`)."""
+        verified = config.mode in VERIFIED_MODES
+        verifier = self.verifier_for(config) if verified else None
+        threshold = self.threshold_for(config) if verified else None
+        return build_request(prompt, images, config, target=self.target, draft=self.draft, verifier=verifier,
+                             threshold=threshold, name=name, images_name=images_name)
 
     # -- public API ---------------------------------------------------------------------------------
 

@@ -7,21 +7,82 @@ the same outputs. Nothing in the library calls them on a hot path.
 
 from __future__ import annotations
 
+import math
+import struct
 from typing import Optional, Sequence
 
 import torch
 
 
-def accepts(cpn: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The threshold rule shared by every op: ``cpn > alpha``, with the ends exact.
+def round_to_float32(x: float) -> float:
+    """``x`` rounded to the nearest float32 (as C++'s ``static_cast<float>``), returned as a Python float.
 
-    alpha = 0 accepts every finite verdict (also one whose cpn underflowed to 0), alpha = 1 rejects every
-    step, and a NaN cpn (non-finite verdict logits) is always rejected.
+    Out-of-range values become +-inf and NaN stays NaN, as in the cast; the ops receive alpha as a double
+    and narrow it this way before comparing.
     """
+    try:
+        return _FLOAT32.unpack(_FLOAT32.pack(x))[0]
+    except OverflowError:  # |x| above the largest float32: the C cast gives an infinity
+        return math.copysign(math.inf, x)
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def accepts(cpn: torch.Tensor, alpha: float) -> torch.Tensor:
+    """The threshold rule shared by every op: ``cpn > alpha`` in float32, with the ends exact.
+
+    Mirrors ``dreamr::accepts`` in ``csrc/include/dreamr/common.h``: the kernels compare their float32 cpn
+    with alpha narrowed to float32, so a float32 cpn of 0.85 does not pass alpha 0.85 (in double it would:
+    round_to_float32(0.85) = 0.8500000238...). alpha >= 1 rejects every step (also a cpn that rounded to 1, or any
+    value above 1), alpha <= 0 accepts every finite verdict (also one whose cpn underflowed to 0), and a NaN
+    cpn (non-finite verdict logits) is always rejected.
+
+    Parameters
+    ----------
+    cpn : Tensor, any shape
+        Scores; narrowed to float32 first (the kernels compute in float64 for float64 inputs, then store
+        float32 and decide on that).
+    alpha : float
+        The threshold.
+
+    Returns
+    -------
+    Tensor, cpn's shape, bool
+    """
+    cpn = cpn.float()
+    threshold = round_to_float32(alpha)
     finite = ~torch.isnan(cpn)
-    if alpha <= 0.0:
+    if threshold >= 1.0:
+        return torch.zeros_like(finite)
+    if threshold <= 0.0:
         return finite
-    return finite & (cpn > alpha)
+    return finite & (cpn > threshold)  # a float32 tensor against a float32-exact scalar: compared in float32
+
+
+def accepts_value(cpn: float, alpha: float) -> bool:
+    """:func:`accepts` for one Python number: the decision the kernel takes on this cpn at this alpha.
+
+    Every Python caller that thresholds a scalar cpn (SAPO's rewards, evaluation, metrics) uses this
+    instead of ``cpn > alpha``, which compares in double and so accepts a float32 cpn equal to alpha.
+
+    Parameters
+    ----------
+    cpn : float
+        A score (a Python float, or anything ``float()`` takes: a NumPy scalar, a one-element tensor).
+    alpha : float
+        The threshold.
+
+    Returns
+    -------
+    bool
+        ``round_to_float32(cpn) > round_to_float32(alpha)``; False for a NaN cpn and for alpha >= 1, True for any non-NaN cpn
+        where alpha <= 0.
+    """
+    value, threshold = round_to_float32(float(cpn)), round_to_float32(float(alpha))
+    if math.isnan(value) or threshold >= 1.0:
+        return False
+    return threshold <= 0.0 or value > threshold
 
 
 def cpn_verify(

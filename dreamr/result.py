@@ -27,7 +27,8 @@ class Step:
     tokens the writing model generated for this step, in that model's tokenizer (EOS included).
     ``rejected_text`` and ``rejected_num_tokens`` are the draft's step the target rejected before writing
     this one (its text as the draft decoded it, and its draft tokens, EOS included); None unless
-    ``accepted`` is False.
+    ``accepted`` is False. ``alpha`` is the threshold the verdict was taken at (the fixed alpha, or
+    alpha="auto"'s value at that step); None where nothing was verified.
     """
 
     text: str
@@ -37,6 +38,7 @@ class Step:
     num_tokens: int
     rejected_text: Optional[str] = None
     rejected_num_tokens: Optional[int] = None
+    alpha: Optional[float] = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -101,6 +103,11 @@ class Metrics:
     # Vision-language requests: each model's one forward over the image prompt (vision encoder and the
     # prompt's prefill), once per model per request; not in the draft/target phases above.
     image_prompt_time_s: float = 0.0
+    # The thresholds verified steps were judged at: their sum (for the mean over requests), mean and the
+    # last one (alpha="auto" moves it step by step; a fixed alpha gives that alpha). None: nothing verified.
+    alpha_sum: float = 0.0
+    alpha_mean: Optional[float] = None
+    alpha_final: Optional[float] = None
 
     def finalize(self) -> "Metrics":
         """Fill the derived fields (acceptance rate, throughput) from the counters."""
@@ -108,6 +115,8 @@ class Metrics:
             self.accepted_steps / self.verified_steps if self.verified_steps else None
         )
         self.tokens_per_second = self.committed_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+        self.alpha_mean = (self.alpha_sum / self.verified_steps
+                           if self.verified_steps and self.alpha_final is not None else None)
         return self
 
     @staticmethod
@@ -115,8 +124,10 @@ class Metrics:
         """Sum the counters of several requests (rates recomputed from the sums, not averaged)."""
         total = Metrics()
         for m in items:
-            for name in (*COUNTER_FIELDS, "wall_time_s", *PHASE_TIME_FIELDS):
+            for name in (*COUNTER_FIELDS, "wall_time_s", *PHASE_TIME_FIELDS, "alpha_sum"):
                 setattr(total, name, getattr(total, name) + getattr(m, name))
+            if m.alpha_final is not None:
+                total.alpha_final = m.alpha_final
         return total.finalize()
 
     def to_dict(self) -> dict:

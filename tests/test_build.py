@@ -1,6 +1,9 @@
-"""The build: every .cu compiles for sm_90 with nvcc alone, and a missing core is rebuilt at import."""
+"""The build: every .cu compiles for sm_90 with nvcc alone and the build's flags (no fast math: the PTX holds
+no approximate transcendental), setup.py reads its flags from dreamr._extension, and a missing core is
+rebuilt at import."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,17 +27,82 @@ def test_there_are_cuda_kernels():
     assert {p.stem for p in CU_FILES} >= {"cpn", "rollback", "sampling"}
 
 
+def build_nvcc_flags(extra=()):
+    """The nvcc flags the real build passes for a .cu file: dreamr._extension.compile_flags (the one place
+    setup.py and the JIT build take them from) plus torch's own CUDA flags (half-type switches, relaxed
+    constexpr), which torch's extension build adds to every .cu."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    from dreamr._extension import compile_flags
+
+    return ["-std=c++17", *COMMON_NVCC_FLAGS, *compile_flags(with_cuda=True)["nvcc"], *extra,
+            f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}"]
+
+
 @pytest.mark.skipif(find_nvcc() is None, reason="nvcc is not installed")
 @pytest.mark.parametrize("cu_file", CU_FILES, ids=lambda p: p.name)
 def test_cuda_kernel_compiles_for_sm90(cu_file, tmp_path):
     # The half-type conversion switches torch's extension build passes, so code that compiles here also
     # compiles there.
-    cmd = [find_nvcc(), "-std=c++17", "-O3", "-gencode", "arch=compute_90,code=sm_90",
-           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'cuda'}", "-c", str(cu_file),
+    cmd = [find_nvcc(), *build_nvcc_flags(), "-gencode", "arch=compute_90,code=sm_90", "-c", str(cu_file),
            "-o", str(tmp_path / (cu_file.stem + ".o"))]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+# Approximate PTX instructions allowed in the build's output: the seeds that CUDA's precise expf and tanhf
+# (2 ulp) evaluate on a range-reduced argument, and the reciprocal seed of IEEE double division. Fast math
+# would add tanh.approx, lg2.approx, div.approx and ex2.approx on the raw argument, and put .ftz on plain
+# arithmetic (add.ftz.f32, setp.*.ftz, ...), flushing denormals that the CPU keeps.
+PRECISE_LIBRARY_APPROX = {"ex2.approx.ftz.f32", "rcp.approx.ftz.f32", "rcp.approx.ftz.f64"}
+_APPROX_OR_FTZ = re.compile(r"^\s*(?:@!?%p\d+\s+)?([a-z][a-z0-9]*(?:\.[a-z0-9]+)*)", re.MULTILINE)
+
+
+def fast_math_instructions(ptx: str) -> set[str]:
+    """The PTX opcodes that only fast math (or an explicit approximate intrinsic) produces."""
+    opcodes = set(_APPROX_OR_FTZ.findall(ptx))
+    return {op for op in opcodes if (".approx" in op or ".ftz" in op or op.startswith("div.full"))
+            and op not in PRECISE_LIBRARY_APPROX}
+
+
+def compile_ptx(cu_file, tmp_path, extra=()):
+    out = tmp_path / (cu_file.stem + "".join(extra).replace("-", "_") + ".ptx")
+    cmd = [find_nvcc(), *build_nvcc_flags(extra), "-arch=compute_90", "--ptx", str(cu_file), "-o", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return out.read_text()
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc is not installed")
+def test_cpn_kernel_ptx_has_no_fast_math(tmp_path):
+    """CUDA verdicts equal the CPU's: the CPN epilogue's soft-cap tanh, log-sum-exp and sigmoid compile to
+    the precise library routines, not tanh.approx / lg2.approx / div.approx, and nothing is flushed to zero."""
+    cpn_cu = ROOT / "csrc" / "cuda" / "cpn.cu"
+    assert "--use_fast_math" not in build_nvcc_flags()
+    ptx = compile_ptx(cpn_cu, tmp_path)
+    assert "tanh.approx" not in ptx
+    assert fast_math_instructions(ptx) == set()
+    assert re.search(r"^\s*ex2\.approx\.ftz\.f32", ptx, re.MULTILINE)  # expf is there, as the library's routine
+    # The check sees fast math when it is on (so the assertions above are not vacuous).
+    fast = fast_math_instructions(compile_ptx(cpn_cu, tmp_path, extra=("--use_fast_math",)))
+    assert {"tanh.approx.f32", "lg2.approx.ftz.f32", "div.approx.ftz.f32"} <= fast
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("cu_file", [p for p in CU_FILES if p.stem != "cpn"], ids=lambda p: p.name)
+def test_other_kernels_ptx_has_no_fast_math(cu_file, tmp_path):
+    # Sampling compares float probabilities and logits (greedy argmax): with -ftz a denormal would tie with
+    # zero on the GPU but not on the CPU. Rollback moves bytes only.
+    assert fast_math_instructions(compile_ptx(cu_file, tmp_path)) == set()
+
+
+def test_setup_takes_its_flags_from_the_extension_module():
+    """setup.py, the JIT build (dreamr._extension._jit_build) and the checks above share compile_flags."""
+    setup_py = (ROOT / "setup.py").read_text()
+    assert "_extension.compile_flags(with_cuda)" in setup_py and "_extension.sources(with_cuda)" in setup_py
+    assert "use_fast_math" not in setup_py
+    jit = (ROOT / "dreamr" / "_extension.py").read_text()
+    assert "flags = compile_flags(with_cuda)" in jit and 'extra_cuda_cflags=flags["nvcc"]' in jit
 
 
 def test_stale_build_record_is_decided_before_loading(monkeypatch):

@@ -13,12 +13,12 @@ from dreamr.eval import Variant, accepted_per_window, ideal_bound, make_variants
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-# -- answer extraction: the shared extractor (training.rewards), smoke only ---------------------------
+# -- answer extraction: the shared extractor (dreamr.answers, used by SAPO too), smoke only ---------------------------
 
 
 def test_extraction_is_the_shared_one():
     extract, match = ev.answer_functions()
-    import training.rewards as rewards
+    from dreamr import answers as rewards
 
     assert extract is rewards.extract_answer and match is rewards.answers_match
     cases = {"Janet makes 9 * 2 = 18.\n#### 18": "18", "The answer is 18.": "18", "She makes $18.00": "18",
@@ -460,7 +460,7 @@ def test_results_json_survives_a_missing_matplotlib(reasoner, data, tmp_path, mo
     def no_matplotlib(*args, **kwargs):
         raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
 
-    monkeypatch.setattr(ev, "plot_sweep", no_matplotlib)
+    monkeypatch.setattr(ev.report, "plot_sweep", no_matplotlib)
     out = tmp_path / "run"
     with pytest.warns(RuntimeWarning, match="pip install matplotlib"):
         report = ev.evaluate(Proxy(reasoner), data, out, **{**KW, "modes": ["target"], "limit": 1})

@@ -115,6 +115,66 @@ def test_cpn_verify_random_shapes_match_reference():
         assert torch.equal(accept, reference.accepts(cpn, alpha))
 
 
+def _next_float32_up(x: float) -> float:
+    return torch.nextafter(torch.tensor(x, dtype=torch.float32), torch.tensor(2.0)).item()
+
+
+def test_threshold_is_decided_in_float32():
+    """float32(0.85) = 0.8500000238 > 0.85 in double, yet the kernel (and so every Python caller) rejects it."""
+    cpn32 = torch.tensor(0.85, dtype=torch.float32).item()
+    assert cpn32 > 0.85  # the double comparison a plain Python `cpn > alpha` would make
+    above = _next_float32_up(cpn32)
+    cpn = torch.tensor([[cpn32, above]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    _, accept = ops.cpn_window_accept(cpn, valid, 0.85)
+    assert accept.tolist() == [[False, True]]
+    assert reference.accepts(cpn, 0.85).tolist() == [[False, True]]
+    assert [reference.accepts_value(c, 0.85) for c in (cpn32, above)] == [False, True]
+    # The same from cpn_verify's own output, at an alpha equal to it and at one a hair below it in double
+    # that narrows to the same float32.
+    h, w, _, pos, neg = random_case(4, 16, 50, 2, 2, torch.float32, seed=11)
+    scores, _ = ops.cpn_verify(h, w, pos, neg, 0.5)
+    for row, c in enumerate(scores.tolist()):
+        for alpha in (c, math.nextafter(c, 0.0)):
+            if reference.round_to_float32(alpha) != c or not 0.0 < alpha < 1.0:
+                continue
+            _, accept = ops.cpn_verify(h, w, pos, neg, alpha)
+            assert not accept[row].item()
+            assert not reference.accepts_value(c, alpha)
+            assert not reference.accepts(scores, alpha)[row].item()
+            assert torch.equal(accept, reference.accepts(scores, alpha))
+            assert accept.tolist() == [reference.accepts_value(x, alpha) for x in scores.tolist()]
+
+
+def test_alpha_one_rejects_explicitly():
+    """alpha >= 1 (also a double below 1 that narrows to 1.0f) rejects every cpn, even 1.0 and above."""
+    cpn = torch.tensor([[1.0, 1.5, float("inf"), 0.999]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    for alpha in (1.0, 1.0 - 1e-12):
+        assert reference.round_to_float32(alpha) == 1.0
+        n, accept = ops.cpn_window_accept(cpn, valid, alpha)
+        assert not accept.any() and n.tolist() == [0]
+        assert not reference.accepts(cpn, alpha).any()
+        assert not any(reference.accepts_value(c, alpha) for c in cpn.flatten().tolist())
+    assert not reference.accepts_value(1.0, 1.0) and not reference.accepts_value(2.0, 1.5)
+
+
+def test_accepts_value_ends():
+    assert reference.accepts_value(0.0, 0.0) and reference.accepts_value(-0.0, 0.0)
+    assert reference.accepts_value(0.0, 1e-60)  # alpha narrows to 0.0f: every finite verdict accepts
+    assert not reference.accepts_value(float("nan"), 0.0) and not reference.accepts_value(float("nan"), 0.5)
+    assert reference.accepts_value(0.71, 0.7) and not reference.accepts_value(0.7, 0.7)
+    assert reference.accepts_value(torch.tensor(0.9), 0.5)  # anything float() takes
+    assert reference.round_to_float32(1e300) == math.inf and reference.round_to_float32(-1e300) == -math.inf
+    assert math.isnan(reference.round_to_float32(float("nan")))
+    # Same decisions as the kernel over a sweep of values around the thresholds.
+    values = torch.tensor([0.0, 1e-40, 0.3, 0.29999998, 0.3000001, 0.7, 0.70000005, 0.85, 0.9999999, 1.0])
+    valid = torch.ones(1, values.numel(), dtype=torch.bool)
+    for alpha in (0.0, 0.3, 0.7, 0.85, 0.9999999, 1.0):
+        _, accept = ops.cpn_window_accept(values[None], valid, alpha)
+        assert accept[0].tolist() == [reference.accepts_value(v, alpha) for v in values.tolist()]
+
+
 def test_window_accept_matches_reference():
     g = torch.Generator().manual_seed(3)
     for requests, window in [(1, 1), (5, 4), (33, 8)]:

@@ -240,3 +240,18 @@ def test_self_speculative_early_exit_draft(target_model, tok_a):
     n_params = sum(p.numel() for p in target_model.parameters())
     assert {p.data_ptr() for p in draft.parameters()} <= {p.data_ptr() for p in target_model.parameters()}
     assert n_params > 0
+
+
+def test_a_request_is_built_once_frozen_with_its_verifier(reasoner):
+    import dataclasses
+
+    from dreamr.config import ReasonerConfig
+
+    request = reasoner._request(PROMPTS[0], None, reasoner._config({}))
+    assert isinstance(request.config, ReasonerConfig)
+    assert request.verifier is reasoner.verifier_for(request.config)
+    assert request.target_ids == reasoner.target.encode_prompt(PROMPTS[0])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        request.verifier = None
+    single = reasoner._request(PROMPTS[0], None, reasoner._config({"mode": "target"}))
+    assert single.verifier is None and single.draft_ids == []  # one model, nothing verified

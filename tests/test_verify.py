@@ -91,6 +91,8 @@ def test_suffix_puts_delimiter_before_template(tok_a, target_model):
     v = StepVerifier(target_model, tok_a)
     assert tok_a.decode(v.suffix_ids("a step\n\n")) == DEFAULT_TEMPLATE
     assert tok_a.decode(v.suffix_ids("a step cut at the cap")) == "\n\n" + DEFAULT_TEMPLATE
+    # the room a step leaves for its verdict prompt: the longer form, whichever way the step ends
+    assert v.reserve == max(len(v.suffix_ids("")), len(v.suffix_ids("\n\n"))) == len(v.suffix_ids("a step"))
 
 
 def test_score_steps_matches_one_at_a_time(tok_a, target_model):

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from training import grpo
 from training.data import DEFAULT_SYSTEM_PROMPT, Dataset, draft_messages, global_indices, validate_rows
 from training.rewards import DraftReward, LengthReward, OutcomeReward, SAPOReward, check_weights, split_steps
-from dreamr.multimodal import split_processor
+from dreamr.lm import split_processor
 from training.vision import VisionData
 
 __all__ = ["SAPOConfig", "Rollout", "SAPOTrainer", "check_text_exchange"]

@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from dreamr.multimodal import is_vision_language, load_image, prepare_prompt, processor_inputs
+from dreamr.lm import is_vision_language
+from dreamr.multimodal import load_image, prepare_prompt, processor_inputs
 
 __all__ = ["VisionData"]
 

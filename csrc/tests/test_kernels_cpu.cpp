@@ -60,6 +60,8 @@ static void test_accept_rule_ends() {
   EXPECT(!dreamr::accepts(1.f, 1.f));
   EXPECT(!dreamr::accepts(NAN, 0.f));
   EXPECT(dreamr::accepts(0.71f, 0.7f) && !dreamr::accepts(0.7f, 0.7f));
+  // alpha >= 1 rejects explicitly, not through cpn <= 1: a cpn above 1 (a caller's value) is refused too.
+  EXPECT(!dreamr::accepts(1.5f, 1.f) && !dreamr::accepts(INFINITY, 1.f) && !dreamr::accepts(2.f, 1.5f));
 }
 
 static void test_window_leading_run() {

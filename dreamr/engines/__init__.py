@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dreamr.engines.base import Engine, LM, Request
+from dreamr.config import MODES
+from dreamr.engines.base import Engine
 from dreamr.engines.draft import DraftEngine
 from dreamr.engines.fpsr import FpsrEngine
 from dreamr.engines.speculative import SpeculativeEngine
@@ -14,5 +15,7 @@ ENGINES: dict[str, type[Engine]] = {
     "speculative": SpeculativeEngine,
     "fpsr": FpsrEngine,
 }
+if tuple(ENGINES) != MODES:  # the config validates modes against MODES: the two lists are one
+    raise ImportError(f"dreamr.engines: ENGINES {tuple(ENGINES)} and dreamr.config.MODES {MODES} differ")
 
-__all__ = ["ENGINES", "Engine", "LM", "Request", "TargetEngine", "DraftEngine", "SpeculativeEngine", "FpsrEngine"]
+__all__ = ["ENGINES", "Engine", "TargetEngine", "DraftEngine", "SpeculativeEngine", "FpsrEngine"]

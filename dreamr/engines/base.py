@@ -1,78 +1,29 @@
-"""Plumbing shared by every engine: requests, model handles, sampling, writing one step.
+"""Plumbing shared by every engine: sampling, a request's bookkeeping and commits, writing one step.
 
-An engine takes requests and returns results; ``stream`` yields each step as it is committed. Engines
-differ only in orchestration: who writes a step, who verifies it. The sequential engines here run the
-requests of a batch one after another (so a batch gives exactly the single-request results); the FPSR
-engine will override :meth:`Engine.run` to interleave them.
+An engine takes requests (:class:`dreamr.request.Request`, built by the front) and returns results;
+``stream`` yields each step as it is committed. Engines differ only in orchestration: who writes a step,
+who verifies it. The sequential engines run the requests of a batch one after another (so a batch gives
+exactly the single-request results); the FPSR engine overrides :meth:`Engine.run` to interleave them.
+Model facts come from :mod:`dreamr.lm`, the verifier from the request (see ``docs/architecture.md``).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generator, Iterator, Optional, Sequence, Union
+from typing import Any, Generator, Iterator, Optional, Sequence
 
 import torch
 
 from dreamr.cache import CachedSequence
-from dreamr.multimodal import encode_prefix, is_vision_language
+from dreamr.config import ReasonerConfig
+from dreamr.lm import LM
+from dreamr.multimodal import encode_prefix
+from dreamr.request import Request
 from dreamr.result import Metrics, Result, Step
 from dreamr.steps import StepWriter, has_answer
-
-Prompt = Union[str, Sequence[dict]]
-
-
-@dataclass
-class Request:
-    """One reasoning request: a prompt (plain text, or chat messages) and its settings."""
-
-    prompt: Prompt
-    config: Any  # dreamr.reasoner.ReasonerConfig, already validated
-    target_ids: list[int] = field(default_factory=list)  # the prompt in the target's tokens
-    draft_ids: list[int] = field(default_factory=list)  # the prompt in the draft's tokens
-    images: Optional[Sequence[Any]] = None  # the request's images (RGB PIL images), None without any
-    # A vision-language model's processor inputs for the prompt (input_ids [1, P], pixel_values, ...), or
-    # None where that model reads text only; its image prefix is encoded once when the request starts.
-    target_inputs: Optional[dict] = None
-    draft_inputs: Optional[dict] = None
-
-
-class LM:
-    """A causal LM with its tokenizer, and what the engines need to know about the pair."""
-
-    def __init__(self, model, tokenizer, name: str, processor=None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.processor = processor  # a vision-language model's processor (None for a text model)
-        self.name = name
-        self.vision = is_vision_language(model)
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.context_length = int(getattr(config, "max_position_embeddings", None) or 1 << 62)
-        eos = set()
-        for source in (getattr(tokenizer, "eos_token_id", None),
-                       getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                       getattr(config, "eos_token_id", None)):
-            if source is None:
-                continue
-            eos.update([source] if isinstance(source, int) else list(source))
-        self.eos_ids: set[int] = {int(t) for t in eos}
-
-    def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: plain text with the tokenizer's special tokens, or chat messages through
-        the tokenizer's chat template (with the generation prompt)."""
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"prompt: chat messages given but the {self.name} tokenizer has no chat template; "
-                             "pass the prompt as a string")
-        text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def encode_text(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
 
 class Sampler:
@@ -114,7 +65,7 @@ def sample_rows(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]:
 class RequestState:
     """Bookkeeping of one request while an engine runs it."""
 
-    config: Any
+    config: ReasonerConfig
     steps: list[Step] = field(default_factory=list)
     metrics: Metrics = field(default_factory=Metrics)
     start: float = field(default_factory=time.perf_counter)
@@ -136,6 +87,36 @@ class RequestState:
         elif self.budget_left <= 0:
             self.finish_reason = "length"
         return step
+
+    def commit_written(self, writer: StepWriter, source: str) -> Step:
+        """Commit a step ``source`` ("target" or "draft") wrote unverified (the single-model modes)."""
+        return self.commit(Step(writer.text, source, None, None, len(writer.ids)), writer.end)
+
+    def commit_verified(self, drafted: StepWriter, cpn: float, fallback: Optional[StepWriter] = None,
+                        alpha: Optional[float] = None) -> Step:
+        """Commit the outcome of one verified drafted step and count it in the metrics.
+
+        Parameters
+        ----------
+        drafted : the draft's step (its writer), verified with verdict ``cpn`` (NaN: not finite)
+        fallback : None where the step was accepted (``drafted`` is committed); else the target's step
+            written in its place (committed, with ``drafted`` kept as the rejected text)
+        alpha : the threshold the verdict was taken at (default: the config's fixed alpha)
+        """
+        m = self.metrics
+        m.verified_steps += 1
+        if alpha is None:
+            alpha = float(self.config.alpha) if not self.config.auto_alpha else float("nan")
+        m.alpha_sum += alpha
+        m.alpha_final = alpha
+        if math.isnan(cpn):
+            m.nonfinite_verdicts += 1
+        if fallback is None:
+            m.accepted_steps += 1
+            return self.commit(Step(drafted.text, "draft", cpn, True, len(drafted.ids), alpha=alpha), drafted.end)
+        step = Step(fallback.text, "target", cpn, False, len(fallback.ids), rejected_text=drafted.text,
+                    rejected_num_tokens=len(drafted.ids), alpha=alpha)
+        return self.commit(step, fallback.end)
 
     def result(self, mode: str) -> Result:
         self.metrics.wall_time_s = time.perf_counter() - self.start
@@ -219,13 +200,14 @@ def drain(gen: Generator[Any, None, Any]) -> Any:
 
 
 class Engine:
-    """Base of the engines: ``run(requests) -> results`` and ``stream(request)`` over committed steps."""
+    """Base of the engines: ``run(requests) -> results`` and ``stream(request)`` over committed steps.
+
+    The engines of :data:`dreamr.config.VERIFIED_MODES` read their verifier from ``request.verifier``."""
 
     mode = ""
 
-    def __init__(self, target: LM, draft: LM, verifier_for=None, *, same_tokenizer: bool = False):
+    def __init__(self, target: LM, draft: LM, *, same_tokenizer: bool = False):
         self.target, self.draft = target, draft
-        self.verifier_for = verifier_for  # config -> StepVerifier (only the speculative engines use it)
         # True when both models tokenize alike: steps then pass between them as token ids, not text.
         self.same_tokenizer = same_tokenizer
         # Debug hook: called as observer(target_seq, draft_seq) after each committed step (either may be
@@ -250,41 +232,6 @@ class Engine:
         raise NotImplementedError
 
     @staticmethod
-    def sampler(config, offset: int) -> Sampler:
+    def sampler(config: ReasonerConfig, offset: int) -> Sampler:
         seed = None if config.seed is None else int(config.seed) + offset
         return Sampler(config.temperature, config.top_p, seed)
-
-
-class SingleModelEngine(Engine):
-    """One model writes every step, unverified: the baselines ("target" and "draft" modes)."""
-
-    source = "target"
-
-    def stream(self, request: Request) -> Generator[Step, None, Result]:
-        cfg = request.config
-        state = RequestState(cfg)
-        is_target = self.source == "target"
-        lm = self.target if is_target else self.draft
-        seq = open_sequence(lm, request.target_ids if is_target else request.draft_ids,
-                            request.target_inputs if is_target else request.draft_inputs, state.metrics)
-        sampler = self.sampler(cfg, 0 if is_target else 1)
-        while state.finish_reason is None:
-            cap = step_cap(state, (seq, lm))
-            if cap <= 0:
-                state.finish_reason = "length"
-                break
-            with timed("target_time_s" if is_target else "draft_time_s", state.metrics):
-                w = write_step(seq, lm, sampler, cfg.step_delimiter, cap)
-            if is_target:
-                state.metrics.target_tokens += len(w.ids)
-            else:
-                state.metrics.draft_tokens += len(w.ids)
-            state.commit(Step(w.text, self.source, None, None, len(w.ids)), w.end)
-            if self.observer is not None:
-                self.observer(seq if is_target else None, None if is_target else seq)
-            yield state.steps[-1]
-        if is_target:
-            state.metrics.target_forward_passes = seq.forward_passes
-        else:
-            state.metrics.draft_forward_passes = seq.forward_passes
-        return state.result(self.mode)

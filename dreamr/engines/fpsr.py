@@ -50,10 +50,11 @@ from dataclasses import dataclass, field
 from typing import Generator, Optional, Sequence
 
 import torch
-from dreamr.engines.base import (LM, Engine, Request, RequestState, drain, image_prefix, sample_rows, timed,
-                                 verdict_fits)
+from dreamr.engines.base import Engine, RequestState, drain, image_prefix, sample_rows, timed, verdict_fits
 from dreamr.engines.decode_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, check_batch_sizes
 from dreamr.engines.ragged import RaggedBatch, Row
+from dreamr.lm import LM
+from dreamr.request import Request
 from dreamr.result import Result, Step
 from dreamr.scheduler import WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, Scheduler, StepEnd, TargetLaunch
 from dreamr.steps import StepWriter, has_answer
@@ -82,6 +83,7 @@ class _Epoch:
     in_chain: bool = False  # the chain row holds the drafted step
     cpn: float = math.nan
     accepted: Optional[bool] = None
+    alpha: float = math.nan  # the threshold the verdict was taken at
     t_writer: Optional[StepWriter] = None
     t_cap: int = 0
     branch: Optional[Row] = None  # the target fallback branch (branches batch, or parked)
@@ -137,8 +139,8 @@ class FpsrEngine(Engine):
 
     mode = "fpsr"
 
-    def __init__(self, target: LM, draft: LM, verifier_for=None, *, same_tokenizer: bool = False):
-        super().__init__(target, draft, verifier_for, same_tokenizer=same_tokenizer)
+    def __init__(self, target: LM, draft: LM, *, same_tokenizer: bool = False):
+        super().__init__(target, draft, same_tokenizer=same_tokenizer)
         self.target_launch = "auto"
         self.draft_tokens_per_tick = 1
         self.verify_batch = 1
@@ -239,10 +241,11 @@ class FpsrEngine(Engine):
             raise ValueError(f"verify_batch must be >= 1, got {self.verify_batch!r}")
         if int(self.draft_tokens_per_tick) < 1:
             raise ValueError(f"draft_tokens_per_tick must be >= 1, got {self.draft_tokens_per_tick!r}")
-        self.verifier = self.verifier_for(cfg)
+        self.verifier = requests[0].verifier  # the batch shares its verdict settings (checked above)
         self.cfg = cfg
-        self.suffix_len = max(len(self.verifier.suffix_ids("")), len(self.verifier.suffix_ids(cfg.step_delimiter)))
-        sched = Scheduler(window=cfg.window, alpha=cfg.alpha, target_launch=launch,
+        self.suffix_len = self.verifier.reserve
+        # the scheduler is told each verdict as accept / reject (on_verdict): its alpha is a placeholder with "auto"
+        sched = Scheduler(window=cfg.window, alpha=0.5 if cfg.auto_alpha else cfg.alpha, target_launch=launch,
                           max_step_tokens=cfg.max_step_tokens)
         self.sched = sched
         self._make_batches()
@@ -442,14 +445,14 @@ class FpsrEngine(Engine):
         if a.kind == ActionKind.COMMIT_DRAFT:
             w = e.d_writer
             assert e.d_done and e.accepted and e.in_chain
-            step = Step(w.text, "draft", e.cpn, True, len(w.ids))
+            step = Step(w.text, "draft", e.cpn, True, len(w.ids), alpha=e.alpha)
             state.metrics.accepted_steps += 1
             end = w.end
         else:
             w = e.t_writer
             assert e.t_done and e.accepted is False
             step = Step(w.text, "target", e.cpn, False, len(w.ids), rejected_text=e.d_writer.text,
-                        rejected_num_tokens=len(e.d_writer.ids))
+                        rejected_num_tokens=len(e.d_writer.ids), alpha=e.alpha)
             end = w.end
             row = e.branch
             e.branch = None
@@ -459,13 +462,16 @@ class FpsrEngine(Engine):
             assert len(row.ids) == len(req.t_view)
             self._stop_draft(req, req.draft_epoch)
             self.drafts.truncate(req.d_row, min(len(req.d_row.ids), e.d_prefix))
-            req.d_row.ids.extend(w.content_ids if self.same_tokenizer else self.draft.encode_text(w.text))
+            req.d_row.ids.extend(self.draft.step_ids(w, self.same_tokenizer))
             self.chains.release(req.chain)
             req.chain = self.chains.fork(row, len(row.ids))
             req.committed_branch = (a.epoch, row)
         state.metrics.verified_steps += 1
         if math.isnan(e.cpn):
             state.metrics.nonfinite_verdicts += 1
+        state.metrics.alpha_sum += e.alpha
+        state.metrics.alpha_final = e.alpha
+        req.request.judged(bool(e.accepted), e.alpha)  # alpha="auto" learns from resolved steps only (not cancelled ones)
         state.commit(step, end)
         req.epochs.pop(a.epoch, None)
         if self.observer is not None:  # debug hook: the target chain and the draft row (Row objects)
@@ -520,6 +526,8 @@ class FpsrEngine(Engine):
         """Verify every queued drafted step (several per request in one pass), and prefill chains that
         waiting branches need."""
         feeds, jobs = {}, []
+        # calibration: the null step as a private segment right before each step, so it sits at the step's prefix
+        null_ids = self.verifier.null_ids() if self.verifier.calibrate else None
         for req in self.reqs:
             if req.done:
                 continue
@@ -535,8 +543,12 @@ class FpsrEngine(Engine):
                 assert e.t_step_ids is not None and expect == e.t_prefix, (expect, e.t_prefix)
                 expect += len(e.t_step_ids)
                 w = e.d_writer
+                null_seg = None
+                if null_ids is not None:
+                    segs.append((null_ids, False))
+                    null_seg = len(segs) - 1
                 segs += [(e.t_step_ids, True), (self.verifier.suffix_ids(w.text), False)]
-                jobs.append((req, epoch, len(segs) - 1))
+                jobs.append((req, epoch, len(segs) - 1, null_seg))
                 e.in_chain = True
             if queue:
                 req.verify_queue.clear()
@@ -551,11 +563,16 @@ class FpsrEngine(Engine):
             if req.chain in out:
                 req.t_forwards += 1
         if jobs:
-            hidden = torch.stack([out[req.chain][1][j] for req, _, j in jobs])
-            cpn, accept = self.verifier.cpn(hidden, self.cfg.alpha)
-            for (req, epoch, _), c, ok in zip(jobs, cpn.tolist(), accept.tolist()):
+            hidden = torch.stack([out[req.chain][1][j] for req, _, j, _ in jobs])
+            alpha = self.reqs[0].request.alpha()  # fixed, or alpha="auto"'s value (one rule for the batch)
+            if null_ids is None:
+                cpn, accept = self.verifier.cpn(hidden, alpha)
+            else:
+                null = torch.stack([out[req.chain][1][n] for req, _, _, n in jobs])
+                cpn, accept = self.verifier.cpn(hidden, alpha, null)
+            for (req, epoch, _, _), c, ok in zip(jobs, cpn.tolist(), accept.tolist()):
                 e = req.epochs[epoch]
-                e.cpn, e.accepted = float(c), bool(ok)
+                e.cpn, e.accepted, e.alpha = float(c), bool(ok), alpha
                 self._events = True
                 self.sched.on_verdict(req.index, e.slot, epoch, bool(ok))
         return True
@@ -641,7 +658,7 @@ class FpsrEngine(Engine):
             w = e.d_writer
             e.d_done = True
             req.draft_epoch = None
-            e.t_step_ids = w.content_ids if self.same_tokenizer else self.target.encode_text(w.text)
+            e.t_step_ids = self.target.step_ids(w, self.same_tokenizer)
             assert len(req.t_view) == e.t_prefix
             if not verdict_fits(self.target, e.t_prefix, e.t_step_ids, self.verifier.suffix_ids(w.text)):
                 req.overflow_epoch = epoch  # never verified: the request ends here (or a rejection drops it)

@@ -17,11 +17,10 @@ every finite verdict accepts and it is exactly the draft-only text.
 
 from __future__ import annotations
 
-import math
 from typing import Generator
 
-from dreamr.engines.base import (Engine, Request, RequestState, open_sequence, step_cap, timed, verdict_fits,
-                                 write_step)
+from dreamr.engines.base import Engine, RequestState, open_sequence, step_cap, timed, verdict_fits, write_step
+from dreamr.request import Request
 from dreamr.result import Result, Step
 
 
@@ -33,14 +32,13 @@ class SpeculativeEngine(Engine):
         state = RequestState(cfg)
         m = state.metrics
         target, draft = self.target, self.draft
-        verifier = self.verifier_for(cfg)
+        verifier = request.verifier
         t_seq = open_sequence(target, request.target_ids, request.target_inputs, m)
         d_seq = open_sequence(draft, request.draft_ids, request.draft_inputs, m)
         t_sampler, d_sampler = self.sampler(cfg, 0), self.sampler(cfg, 1)
-        reserve = max(len(verifier.suffix_ids("")), len(verifier.suffix_ids(cfg.step_delimiter)))
         try:
             while state.finish_reason is None:
-                cap = step_cap(state, (t_seq, target), (d_seq, draft), reserve=reserve)
+                cap = step_cap(state, (t_seq, target), (d_seq, draft), reserve=verifier.reserve)
                 if cap <= 0:
                     state.finish_reason = "length"
                     break
@@ -48,31 +46,26 @@ class SpeculativeEngine(Engine):
                 with timed("draft_time_s", m):
                     dw = write_step(d_seq, draft, d_sampler, cfg.step_delimiter, cap)
                 m.draft_tokens += len(dw.ids)
-                step_ids = dw.content_ids if self.same_tokenizer else target.encode_text(dw.text)
+                step_ids = target.step_ids(dw, self.same_tokenizer)
                 if not verdict_fits(target, len(t_seq.ids), step_ids, verifier.suffix_ids(dw.text)):
                     # re-tokenized, the step and the verdict prompt overrun the target's context
                     d_seq.truncate(d_committed)
                     state.finish_reason = "length"
                     break
+                alpha = request.alpha()  # fixed, or alpha="auto"'s current value
                 with timed("verify_time_s", m):
-                    cpn, accepted = verifier.verify(t_seq, step_ids, dw.text, alpha=cfg.alpha)
-                m.verified_steps += 1
-                if math.isnan(cpn):
-                    m.nonfinite_verdicts += 1
+                    cpn, accepted = verifier.verify(t_seq, step_ids, dw.text, alpha=alpha)
+                request.judged(accepted)
                 if accepted:
-                    m.accepted_steps += 1
-                    step, end = Step(dw.text, "draft", cpn, True, len(dw.ids)), dw.end
+                    step = state.commit_verified(dw, cpn, alpha=alpha)
                 else:
                     with timed("rollback_time_s", m):
                         d_seq.truncate(d_committed)
                     with timed("target_time_s", m):
                         tw = write_step(t_seq, target, t_sampler, cfg.step_delimiter, cap)
                     m.target_tokens += len(tw.ids)
-                    d_seq.extend(tw.content_ids if self.same_tokenizer else draft.encode_text(tw.text))
-                    step = Step(tw.text, "target", cpn, False, len(tw.ids), rejected_text=dw.text,
-                                rejected_num_tokens=len(dw.ids))
-                    end = tw.end
-                state.commit(step, end)
+                    d_seq.extend(draft.step_ids(tw, self.same_tokenizer))
+                    step = state.commit_verified(dw, cpn, tw, alpha=alpha)
                 if self.observer is not None:
                     self.observer(t_seq, d_seq)
                 yield step

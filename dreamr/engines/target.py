@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dreamr.engines.base import SingleModelEngine
+from dreamr.engines.single import SingleModelEngine
 
 
 class TargetEngine(SingleModelEngine):

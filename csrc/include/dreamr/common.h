@@ -31,10 +31,13 @@ DREAMR_HOST_DEVICE float to_float(__half x) { return __half2float(x); }
 DREAMR_HOST_DEVICE float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 #endif
 
-// accept iff cpn > alpha, with both ends exact: alpha <= 0 accepts every finite verdict (even a cpn
-// that underflowed to 0), alpha >= 1 rejects everything, and a NaN cpn (broken verdict) never accepts.
+// accept iff cpn > alpha, compared in float32 (alpha arrives as a double from Python and is narrowed by
+// the caller), with both ends exact and explicit: alpha >= 1 rejects every step (whatever the cpn, also
+// one that rounded to 1), alpha <= 0 accepts every finite verdict (even a cpn that underflowed to 0), and
+// a NaN cpn (broken verdict) never accepts. dreamr.reference.accepts / accepts_value mirror this in Python.
 DREAMR_HOST_DEVICE bool accepts(float cpn, float alpha) {
   if (cpn != cpn) return false;  // NaN; written this way so --use_fast_math cannot fold it away
+  if (alpha >= 1.f) return false;
   return alpha <= 0.f || cpn > alpha;
 }
 

@@ -1,4 +1,4 @@
-"""CPN verification of reasoning steps by the target model (TBVM with CPN).
+"""CPN verification of reasoning steps by the target model (TBVM with CPN; see ``docs/method.md``).
 
 The target reads the committed context, the drafted step and a verdict prompt ("Is the last step
 correct? Answer Yes or No.\\nAnswer:"). At the verdict position its final hidden state is scored by
@@ -13,87 +13,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-from numbers import Real
 from typing import Optional, Sequence
 
 import torch
 
 from dreamr.cache import CachedSequence
-from dreamr.multimodal import (ImagePrefix, encode_prefix, is_vision_language, prepare_prompt, processor_inputs,
-                               split_processor)
+from dreamr.lm import is_vision_language, logit_softcap, split_processor
+from dreamr.multimodal import ImagePrefix, encode_prefix, prepare_prompt, processor_inputs
+from dreamr.verify.head import NULL_STEP, VerdictHead, calibrated_cpn
+from dreamr.verify.verdicts import (DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE,
+                                    build_verdict_token_ids, check_alpha)
 
-__all__ = [
-    "DEFAULT_TEMPLATE",
-    "DEFAULT_POSITIVE_WORDS",
-    "DEFAULT_NEGATIVE_WORDS",
-    "check_alpha",
-    "build_verdict_token_ids",
-    "StepVerifier",
-]
-
-DEFAULT_TEMPLATE = "Is the last step correct? Answer Yes or No.\nAnswer:"
-DEFAULT_POSITIVE_WORDS = ("Yes",)
-DEFAULT_NEGATIVE_WORDS = ("No",)
-
-
-def check_alpha(alpha, name: str = "alpha") -> float:
-    """Return ``alpha`` as a float, or raise ValueError unless it is a real number in [0, 1]."""
-    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(float(alpha)) \
-            or not 0.0 <= float(alpha) <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1] (accept a step iff cpn > {name}), got {alpha!r}")
-    return float(alpha)
-
-
-def _variants(word: str) -> list[str]:
-    """Each verdict word in common cases, with and without a leading space."""
-    word = word.strip()
-    forms = []
-    for w in (word, word.lower(), word.capitalize(), word.upper()):
-        for f in (w, " " + w):
-            if f not in forms:
-                forms.append(f)
-    return forms
-
-
-def _single_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
-    ids: list[int] = []
-    for form in (f for w in words for f in _variants(w)):
-        encoded = tokenizer.encode(form, add_special_tokens=False)
-        if len(encoded) == 1 and encoded[0] not in ids:
-            ids.append(int(encoded[0]))
-    return ids
-
-
-def build_verdict_token_ids(
-    tokenizer, positive_words: Sequence[str], negative_words: Sequence[str]
-) -> tuple[list[int], list[int]]:
-    """Token ids of the positive and negative verdicts in ``tokenizer``.
-
-    Each word is tried as written, lower-case, capitalised and upper-case, each with and without a
-    leading space; only forms that encode to exactly one token count. Raises ValueError when either
-    set comes out empty, or when the two sets share a token.
-    """
-    for name, words in (("positive_words", positive_words), ("negative_words", negative_words)):
-        if isinstance(words, str) or not all(isinstance(w, str) and w.strip() for w in words) or not words:
-            raise ValueError(f"{name} must be a non-empty list of non-empty strings, got {words!r}")
-    pos = _single_token_ids(tokenizer, positive_words)
-    neg = _single_token_ids(tokenizer, negative_words)
-    for name, words, ids in (("positive_words", positive_words, pos), ("negative_words", negative_words, neg)):
-        if not ids:
-            raise ValueError(
-                f"{name}={list(words)!r}: no form of these words (cases, with or without a leading space) "
-                "is a single token in the target's tokenizer; pick verdict words the tokenizer has as one token"
-            )
-    shared = sorted(set(pos) & set(neg))
-    if shared:
-        raise ValueError(
-            f"positive_words and negative_words share tokens {shared} "
-            f"({[tokenizer.decode([t]) for t in shared]!r}); the verdict sets must be disjoint"
-        )
-    if len(pos) > 64 or len(neg) > 64:
-        raise ValueError(f"at most 64 verdict tokens per side, got {len(pos)} positive and {len(neg)} negative")
-    return pos, neg
+__all__ = ["StepVerifier"]
 
 
 class StepVerifier:
@@ -116,6 +47,15 @@ class StepVerifier:
     processor : transformers processor, optional
         A vision-language target's processor, for :meth:`score_steps` with images (a processor given as
         ``tokenizer`` is taken as both).
+    head : VerdictHead, optional
+        A trained verdict head (:mod:`dreamr.verify.head`) scoring the verdict position's hidden state in
+        place of the LM head's verdict rows; checked against the target and the template (ValueError
+        naming ``verdict_head``).
+    calibrate : bool
+        Contextual calibration: each verdict is corrected by the verdict on the content-free step
+        :data:`dreamr.verify.head.NULL_STEP` at the same prefix, ``cpn = sigmoid(l - l_null)``; the null
+        step is fed on the prefix's KV cache (no second prefill). Always on with a head fitted on
+        calibrated features (``head.calibrated``).
 
     :meth:`score_steps` keeps the image prefix of its last call with images: consecutive calls on the
     same prompt and images (a SAPO row's completions, scored one call each) encode the images once.
@@ -132,6 +72,8 @@ class StepVerifier:
         alpha: float = 0.7,
         delimiter: str = "\n\n",
         processor=None,
+        head: Optional[VerdictHead] = None,
+        calibrate: bool = False,
     ):
         inner_processor, tokenizer = split_processor(tokenizer)
         processor = inner_processor if processor is None else processor
@@ -146,34 +88,75 @@ class StepVerifier:
         self.positive_words = tuple(positive_words or DEFAULT_POSITIVE_WORDS)
         self.negative_words = tuple(negative_words or DEFAULT_NEGATIVE_WORDS)
         self.verdict_ids = build_verdict_token_ids(tokenizer, self.positive_words, self.negative_words)
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if head is None or getattr(head, "weight", None) is None:
+        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if lm_head is None or getattr(lm_head, "weight", None) is None:
             raise ValueError("model: the target has no output embedding (LM head) to score verdicts with")
-        self._head = head
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.logit_softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
+        self._head = lm_head
+        self.logit_softcap = logit_softcap(model)
         # Verdict prompt tokens, with and without the delimiter in front.
         self._suffix = {
             True: tokenizer.encode(self.template, add_special_tokens=False),
             False: tokenizer.encode(delimiter + self.template, add_special_tokens=False),
         }
         self._kept_prefix: Optional[tuple[dict, tuple, ImagePrefix]] = None  # (inputs, weights' state, prefix)
+        if head is not None:
+            if not isinstance(head, VerdictHead):
+                raise ValueError(f"verdict_head: expected a dreamr.verify.VerdictHead, got {type(head).__name__}")
+            head.check_target(model)
+            head.check_template(self.template)
+        self.head = head
+        self.calibrate = bool(calibrate) or (head is not None and head.calibrated)
+        # The content-free step, as a drafted step reads (ending with the delimiter), and its verdict prompt.
+        null_text = NULL_STEP + delimiter
+        self._null_ids = tokenizer.encode(null_text, add_special_tokens=False) + self.suffix_ids(null_text)
 
     def suffix_ids(self, step_text: str) -> list[int]:
         """Token ids of the verdict prompt that follows ``step_text``."""
         return self._suffix[step_text.endswith(self.delimiter)]
 
-    @torch.no_grad()
-    def cpn(self, hidden: torch.Tensor, alpha: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """CPN and acceptance from final hidden states ``[B, H]`` at the verdict positions."""
-        from dreamr import ops
+    def null_ids(self) -> list[int]:
+        """Token ids of the content-free step and its verdict prompt, scored at a step's prefix when
+        calibrating."""
+        return list(self._null_ids)
 
+    @property
+    def reserve(self) -> int:
+        """Room a step leaves in the target's context for its verdict prompt: the longer of the prompt's
+        two forms (with and without the delimiter in front), whichever way the step ends."""
+        return max(len(ids) for ids in self._suffix.values())
+
+    @torch.no_grad()
+    def cpn(self, hidden: torch.Tensor, alpha: Optional[float] = None,
+            null_hidden: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPN and acceptance from final hidden states ``[B, H]`` at the verdict positions.
+
+        ``null_hidden [B, H]``: the null step's hidden states at the same prefixes; required where the
+        verifier calibrates (:attr:`calibrate`), ignored otherwise. The verdict comes from :attr:`head`
+        where there is one, else from the LM head's verdict rows; both through :func:`dreamr.ops.cpn_verify`.
+        """
+        from dreamr import ops
+        from dreamr.reference import accepts
+
+        alpha = self.alpha if alpha is None else alpha
+        if self.calibrate and null_hidden is None:
+            raise ValueError("null_hidden: this verifier calibrates its verdicts (calibrate=True or a calibrated "
+                             "verdict head); pass the null step's hidden states at the same prefixes")
+        null_hidden = null_hidden if self.calibrate else None
+        if self.head is not None:
+            return self.head.cpn(hidden, alpha, null_hidden)
         weight = self._head.weight
         bias = getattr(self._head, "bias", None)
-        return ops.cpn_verify(
-            hidden.to(weight.dtype).contiguous(), weight, *self.verdict_ids,
-            self.alpha if alpha is None else alpha, lm_head_bias=bias, logit_softcap=self.logit_softcap,
-        )
+        if null_hidden is None:
+            return ops.cpn_verify(
+                hidden.to(weight.dtype).contiguous(), weight, *self.verdict_ids,
+                alpha, lm_head_bias=bias, logit_softcap=self.logit_softcap,
+            )
+        both = torch.cat([hidden, null_hidden.expand_as(hidden)]).to(weight.dtype).contiguous()
+        raw, _ = ops.cpn_verify(both, weight, *self.verdict_ids, 0.0, lm_head_bias=bias,
+                                logit_softcap=self.logit_softcap)
+        n = hidden.shape[0]
+        cpn = calibrated_cpn(raw[:n], raw[n:])
+        return cpn, accepts(cpn, float(alpha))
 
     def verify(
         self,
@@ -187,7 +170,8 @@ class StepVerifier:
         """Verify one step against the target's committed sequence ``seq``; one forward pass.
 
         Feeds the pending context, ``step_ids`` and the verdict prompt, scores the last hidden state,
-        then rolls the cache back: the verdict prompt's entries always go. The step is committed to
+        then rolls the cache back (when calibrating, a second, short pass on the same cached prefix scores
+        the null step first): the verdict prompt's entries always go. The step is committed to
         ``seq`` (its ids appended, its cache entries kept) when ``commit`` is True, or, with the default
         ``commit=None``, when it is accepted; otherwise its entries are rolled back too.
 
@@ -195,8 +179,15 @@ class StepVerifier:
         """
         committed = len(seq.ids)
         step_ids = [int(t) for t in step_ids]
+        null_hidden = None
+        if self.calibrate:
+            # The null step first, on the cached prefix (its pending tokens are fed with it and stay cached),
+            # then only its own entries are rolled back: the step's pass below adds no prefill.
+            null_hidden = seq.last_hidden(self._null_ids)
+            seq.uncache_to(committed)
         hidden = seq.last_hidden(step_ids + self.suffix_ids(step_text))
-        cpn_t, accept_t = self.cpn(hidden, alpha)
+        # (a judge swapped in for tests takes (hidden, alpha) only: the null goes only where there is one)
+        cpn_t, accept_t = self.cpn(hidden, alpha) if null_hidden is None else self.cpn(hidden, alpha, null_hidden)
         cpn, accepted = float(cpn_t[0]), bool(accept_t[0])
         keep = accepted if commit is None else commit
         if keep:
