@@ -64,6 +64,7 @@ import torch
 
 from dreamr.eval import (EvalSettings, Variant, ideal_bound, interleaved, prompt_for, run_one, select_problems,
                          summarize as eval_summarize)
+from dreamr.prompts import ANSWER_MARKER
 from dreamr.testing import FixedAcceptance, random_llama
 
 
@@ -255,7 +256,7 @@ def bench_real(args) -> dict:
     from dreamr.reasoner import SpeculativeReasoner
 
     max_new = 16 if args.quick else args.max_new_tokens
-    settings = _settings(args, max_new, "The answer is")
+    settings = _settings(args, max_new, ANSWER_MARKER)
     problems = select_problems(args.data, settings)
     reasoner = SpeculativeReasoner.from_pretrained(dtype=args.dtype, device=args.device, progress=False)
     prompt = prompt_for(problems[0], settings)

@@ -265,9 +265,9 @@ def main(argv=None) -> list[dict]:
     prompts = [prompt_for(pr, settings) for pr in problems]
     reasoner = SpeculativeReasoner.from_pretrained(target=args.target, draft=args.draft, dtype=args.dtype,
                                                    device=args.device)
-    rows = bench_end_to_end(reasoner, prompts, args.modes, alphas=args.alphas, max_new_tokens=max_new,
-                            max_step_tokens=args.max_step_tokens, answer_marker="The answer is",
-                            progress=not args.no_progress)
+    # the generation settings of dreamr.eval (its answer marker, greedy decoding, seed)
+    rows = bench_end_to_end(reasoner, prompts, args.modes, alphas=args.alphas, progress=not args.no_progress,
+                            **settings.generation())
     print(f"\nend-to-end per-step latency ({len(prompts)} problem(s), device {args.device}, "
           f"threads {torch.get_num_threads()}; phases in ms per step)")
     print(format_rows(rows))

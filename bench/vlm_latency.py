@@ -1,7 +1,7 @@
 """Vision-language latency on a tiny random pair: vision encoding per request, and each mode against the target.
 
 No vision-language weights can be had offline here, so the pair is random (the tiny builders of
-:mod:`dreamr.testing_vlm` and :mod:`dreamr.testing`, at larger sizes): a Qwen2-VL target (default
+:mod:`dreamr.testing`, at larger sizes): a Qwen2-VL target (default
 hidden 256, 6 layers, a 2-block vision tower) and a small draft (a 1-layer Qwen2-VL with the same
 processor, or with ``--draft text`` a text-only Qwen2 beside it), on random images of ``--image-size``
 pixels a side (224: 256 patches, 64 image tokens). Every request gets its own image. Reported per mode
@@ -41,12 +41,19 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-step-tokens", type=int, default=16)
-    p.add_argument("--modes", nargs="+", default=["target", "draft", "speculative:0.0", "speculative:1.0",
-                                                   "fpsr:0.0", "fpsr:1.0"],
-                   help="mode or mode:alpha")
+    p.add_argument("--modes", nargs="+", default=["target", "draft", "speculative@0", "speculative@1",
+                                                   "fpsr@0", "fpsr@1"],
+                   help="variants as dreamr.eval writes them: a mode (verifying modes at alpha 0.7) or MODE@ALPHA")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    from dreamr.eval import make_variants
+
+    try:  # the variant specs of dreamr.eval, checked before any model is built
+        args.variants = make_variants(args.modes, [0.7])
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
 
 
 class VisionTimer:
@@ -74,7 +81,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     from dreamr.reasoner import SpeculativeReasoner
     from dreamr.testing import draft_tokenizer, tiny_qwen2
-    from dreamr.testing_vlm import qwen2_vl, random_image, vision_module
+    from dreamr.testing import qwen2_vl, random_image, vision_module
 
     dtype = torch.float32
     target, processor = qwen2_vl(seed=0, layers=a.layers, hidden=a.hidden, heads=4, vision_hidden=128,
@@ -94,14 +101,11 @@ def main(argv=None) -> int:
                 "draft": sum(p.numel() for p in draft.parameters())}
     images = [random_image(100 + i, (a.image_size, a.image_size)) for i in range(a.requests + 1)]
     rows = {}
-    for spec in a.modes:
-        mode, _, alpha = spec.partition(":")
-        if mode == "draft" and a.draft == "text":
+    for v in a.variants:
+        spec, kw = v.name, v.overrides()
+        if v.mode == "draft" and a.draft == "text":
             print(f"{spec}: skipped (a text-only draft alone cannot see the images)", file=sys.stderr)
             continue
-        kw = {"mode": mode}
-        if alpha:
-            kw["alpha"] = float(alpha)
         r.generate(PROMPT, images=[images[-1]], **kw)  # warm-up
         walls, vis, calls, prefixes, acc, tokens = [], [], [], [], [], []
         for img in images[:a.requests]:
@@ -134,7 +138,8 @@ def main(argv=None) -> int:
               f"{row['prefix_s']:>10.4f}{row['vision_share']:>7.1%}{accept:>8}{row['committed_tokens']:>7.0f}")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"args": vars(a), "params": n_params, "modes": rows}, indent=2))
+        args = {k: v for k, v in vars(a).items() if k != "variants"}
+        Path(a.json).write_text(json.dumps({"args": args, "params": n_params, "modes": rows}, indent=2))
     return 0
 
 

@@ -1,9 +1,10 @@
 // The one binding file: the schemas of dreamr's ops (implementations are registered per device in
-// cpu/ops_cpu.cpp and cuda/ops_cuda.cpp), the FPSR scheduler class, and the Python module `dreamr._C`
-// that loads them.
+// cpu/ops_cpu.cpp and cuda/ops_cuda.cpp), the FPSR scheduler class with its enum tables, and the Python
+// module `dreamr._C` that loads them.
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
 #include "ops_checks.h"
@@ -45,6 +46,44 @@ void kv_rollback_check(std::vector<int64_t> lengths, std::vector<int64_t> src_ro
                         time);
 }
 
+// The numbers of the scheduler's enums (csrc/scheduler/fpsr_scheduler.h), by name: dreamr/scheduler.py
+// builds its Python enums from these tables, so no number is copied by hand. Names are Python's
+// (UPPER_SNAKE); "Work" holds the bits of a kCancel action's aux.
+c10::Dict<std::string, int64_t> scheduler_enum_values(const std::string& name) {
+  c10::Dict<std::string, int64_t> d;
+  auto add = [&d](const char* key, auto value) { d.insert(key, static_cast<int64_t>(value)); };
+  if (name == "ActionKind") {
+    add("LAUNCH_DRAFT", ActionKind::kLaunchDraft);
+    add("LAUNCH_VERIFY", ActionKind::kLaunchVerify);
+    add("LAUNCH_TARGET", ActionKind::kLaunchTarget);
+    add("CANCEL", ActionKind::kCancel);
+    add("COMMIT_DRAFT", ActionKind::kCommitDraft);
+    add("COMMIT_TARGET", ActionKind::kCommitTarget);
+    add("FINISH", ActionKind::kFinish);
+  } else if (name == "StepEnd") {
+    add("NONE", StepEnd::kNone);
+    add("EOS", StepEnd::kEos);
+    add("ANSWER_MARKER", StepEnd::kAnswerMarker);
+  } else if (name == "FinishReason") {
+    add("NONE", FinishReason::kNone);
+    add("EOS", FinishReason::kEos);
+    add("ANSWER_MARKER", FinishReason::kAnswerMarker);
+    add("BUDGET", FinishReason::kBudget);
+    add("ABORTED", FinishReason::kAborted);
+  } else if (name == "TargetLaunch") {
+    add("EAGER", TargetLaunch::kEager);
+    add("ON_REJECT", TargetLaunch::kOnReject);
+  } else if (name == "Work") {
+    add("WORK_DRAFT", kWorkDraft);
+    add("WORK_VERIFY", kWorkVerify);
+    add("WORK_TARGET", kWorkTarget);
+  } else {
+    C10_THROW_ERROR(ValueError, "enum_values: name must be one of ActionKind, StepEnd, FinishReason, "
+                                "TargetLaunch, Work; got '" + name + "'");
+  }
+  return d;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(dreamr, m) {
@@ -62,7 +101,8 @@ TORCH_LIBRARY(dreamr, m) {
   m.def("kv_rollback_check(int[] lengths, int[] copy_src_row, int[] copy_src_start, int[] copy_length, int time) -> ()",
         &kv_rollback_check);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
-  register_fpsr_scheduler_class(m);  // torch.classes.dreamr.FpsrScheduler
+  // torch.classes.dreamr.FpsrScheduler, with its enum tables as a static method
+  register_fpsr_scheduler_class(m).def_static("enum_values", &scheduler_enum_values);
 }
 
 }  // namespace dreamr

@@ -1,6 +1,8 @@
 """Command line: ``python -m dreamr "question"`` runs one question through speculative reasoning.
 
-The default pair is gemma-3-270m (target, judge) and SmolLM2-135M-Instruct (draft). Each committed step
+The default pair is gemma-3-270m (target, judge; the base model, not the instruction-tuned one) and
+SmolLM2-135M-Instruct (draft), both from 4-bit GGUF weights dequantized to bf16. ``--target`` and ``--draft``
+also take local folders and Hugging Face model ids (read from the local Hugging Face cache). Each committed step
 is printed marked as accepted (written by the draft) or written by the target, with its cpn, then the
 metrics. ``--json`` prints the result as JSON instead.
 
@@ -23,13 +25,14 @@ import json
 import sys
 from pathlib import Path
 
-from dreamr.eval import SYSTEM_PROMPT
+from dreamr.prompts import ANSWER_MARKER, chat_messages
 
 WEAK_JUDGE_NOTE = (
-    "Note: these small models are weak judges. Measured on this project's machine, SmolLM2-135M-Instruct "
-    "answers 'No' to nearly every step (cpn about 0.18) and gemma-3-270m answers 'Yes' (cpn about 0.85), "
-    "and good and corrupted steps score alike: the run shows the mechanism (drafting, CPN verification, "
-    "rollback, target fallback) working, not good judgement."
+    "Note: these small models are weak judges. Measured on this project's machine with the built-in weights "
+    "(4-bit GGUF dequantized to bf16; gemma-3-270m is the base model, not the instruction-tuned -it), "
+    "SmolLM2-135M-Instruct answers 'No' to nearly every step (cpn about 0.18) and gemma-3-270m answers 'Yes' "
+    "(cpn about 0.85), and good and corrupted steps score alike: the run shows the mechanism (drafting, CPN "
+    "verification, rollback, target fallback) working, not good judgement."
 )
 
 HEAD_NOTE = (
@@ -70,13 +73,17 @@ def _parser() -> argparse.ArgumentParser:
                         "target's own Yes/No verdict) or 'auto' (default: the head shipped for a built-in target)")
     p.add_argument("--calibrate", action="store_true",
                    help="correct each verdict by the verdict on a content-free step at the same prefix")
-    p.add_argument("--target", default=None, help="target model: built-in name or local path (gemma-3-270m)")
+    p.add_argument("--target", default=None,
+                   help="target model: built-in name, local path or Hugging Face model id, read from the local "
+                        "Hugging Face cache ($HF_HUB_CACHE) when it is there (gemma-3-270m)")
     p.add_argument("--draft", default=None,
-                   help="draft model: built-in name, local path, or 'self[:k]' for the target's first k layers "
-                        "(smollm2-135m-instruct)")
+                   help="draft model: built-in name, local path, Hugging Face model id, or 'self[:k]' for the "
+                        "target's first k layers (smollm2-135m-instruct)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-step-tokens", type=int, default=64)
-    p.add_argument("--answer-marker", default="The answer is", help="stop after a step containing this ('' = none)")
+    p.add_argument("--answer-marker", default=ANSWER_MARKER,
+                   help=f"stop after a step containing this ('' = none; default {ANSWER_MARKER!r}, the answer format "
+                        "the system prompt asks for)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
@@ -145,8 +152,8 @@ def main(argv=None) -> int:
     question, reference = _question(args)
     from dreamr.reasoner import SpeculativeReasoner
 
-    prompt = question if args.no_chat else [{"role": "system", "content": SYSTEM_PROMPT},
-                                            {"role": "user", "content": question}]
+    # the system prompt of dreamr.prompts, the one evaluation and SAPO training use
+    prompt = question if args.no_chat else chat_messages(question)
     try:  # bad input (a setting, dtype, device, model name, the question) is a usage error: exit 2, no traceback
         # settings, dtype and device are checked before the models load
         reasoner = SpeculativeReasoner.from_pretrained(

@@ -1,23 +1,45 @@
-"""KV-cache rollback over plain transformers caches, and a token sequence that owns one.
+"""KV caches: rollback over plain transformers caches, the image prefix of a prompt, and a token sequence
+that owns a cache.
 
 Caches are ``transformers.DynamicCache`` objects built without a config, so every layer keeps the full
 sequence (a sliding-window layer that has dropped old positions could not be rolled back). Rollback goes
 through the core op :func:`dreamr.ops.kv_rollback` (every row kept to its length, shorter rows zeroed up
 to the longest, in one call over all layers), then the time axis is cropped with ``DynamicCache.crop(-n)``.
+
+The image prefix
+----------------
+A vision-language model's prompt with images (its processor's inputs, see :mod:`dreamr.multimodal`) is
+encoded once per request: :func:`encode_prefix` runs the model's decoder over the first ``P - 1`` tokens
+with the images (the vision encoder runs there and only there) and returns an :class:`ImagePrefix`, that
+KV cache and the position offset of the text that follows. Every later forward (decode steps,
+verifications, rollbacks, FPSR branches) feeds text tokens only, on top of that cache or of a copy of it;
+the last prompt token stays pending so that the first decode step has something to feed.
+
+Positions: Qwen2-VL and Qwen2.5-VL give image tokens 3-D rotary positions (temporal, height, width)
+computed by the model's ``get_rope_index``; text after the last image continues at ``index + rope_delta``
+on all three axes (``rope_delta <= 0``: an image of ``h x w`` merged patches takes ``h * w`` tokens but
+spans ``max(h, w)`` positions). So once the prefix is cached, the text token at sequence index ``i`` has
+position ``i + offset`` with ``offset = rope_delta`` (0 for LLaVA and text models); the engines pass it as
+``position_ids [B, T]``, which these models broadcast to their three rotary axes. Positions are always
+passed explicitly to a vision-language model: its own ``rope_deltas`` attribute belongs to whichever
+request ran last.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Optional, Sequence, Union
+import time
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from transformers import DynamicCache
 
 from dreamr.lm import decoder_of, is_vision_language
 
-__all__ = ["new_cache", "cache_tensors", "cache_length", "rollback", "cache_kwarg", "CachedSequence"]
+__all__ = ["new_cache", "cache_tensors", "cache_length", "rollback", "cache_kwarg", "ImagePrefix", "encode_prefix",
+           "CachedSequence"]
 
 
 def new_cache() -> DynamicCache:
@@ -108,6 +130,90 @@ def accepts_kwarg(model, name: str) -> bool:
     return name in _forward_params(type(model))
 
 
+@dataclass
+class ImagePrefix:
+    """A model's KV cache of a prompt with images, encoded once per request.
+
+    Attributes
+    ----------
+    ids : list of int
+        The whole prompt, ``P`` tokens, image placeholders expanded.
+    cache : transformers.DynamicCache
+        Keys and values of ``ids[:P - 1]``, each layer ``[1, H_kv, P - 1, D]``; ``ids[P - 1]`` (text) is
+        left pending.
+    position_offset : int
+        The text token at sequence index ``i >= P - 1`` has rotary position ``i + position_offset``.
+    encode_time_s : float
+        Wall seconds of the prefix forward (the vision encoder included).
+    """
+
+    ids: list[int]
+    cache: Any
+    position_offset: int
+    encode_time_s: float
+
+    @property
+    def cached(self) -> int:
+        return len(self.ids) - 1
+
+
+def _rope_index(base, inputs: dict) -> tuple[Optional[torch.Tensor], int]:
+    """The model's own multimodal rotary positions ``[3, 1, P]`` and text offset, or ``(None, 0)``."""
+    fn = getattr(base, "get_rope_index", None)
+    if fn is None:
+        return None, 0
+    params = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in inputs.items() if k in params}
+    position_ids, deltas = fn(**kwargs)
+    return position_ids, int(torch.as_tensor(deltas).reshape(-1)[0])
+
+
+@torch.no_grad()
+def encode_prefix(model, inputs: dict, name: str = "prompt") -> ImagePrefix:
+    """Run ``model``'s base model once over the prompt's first ``P - 1`` tokens with its images.
+
+    Parameters
+    ----------
+    model : a transformers vision-language model (``...ForConditionalGeneration``)
+    inputs : dict
+        Its processor's output for one prompt (:func:`dreamr.multimodal.processor_inputs`): ``input_ids [1, P]``,
+        ``pixel_values`` and whatever else the model's forward takes (``image_grid_thw [N, 3]``,
+        ``mm_token_type_ids [1, P]``, ...).
+    name : str
+        How the caller names the prompt, for the error message.
+
+    Returns
+    -------
+    ImagePrefix
+        The cache of ``input_ids[0, :P - 1]`` and the position offset of the text after it.
+    """
+    start = time.perf_counter()
+    base = decoder_of(model)
+    device = next(model.parameters()).device
+    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+    input_ids = inputs["input_ids"]
+    P = int(input_ids.shape[1])
+    position_ids, offset = _rope_index(base, inputs)
+    if position_ids is not None:
+        last = position_ids[:, 0, -1]
+        if not bool((last == P - 1 + offset).all()):
+            raise ValueError(f"{name}: the last prompt token is not text after the images (its rotary positions are "
+                             f"{last.tolist()}); end a vision-language prompt with text")
+    extra = {}
+    for k, v in inputs.items():
+        if k in ("input_ids", "attention_mask"):
+            continue
+        if isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (1, P):
+            v = v[:, :P - 1]  # per-token inputs (mm_token_type_ids) follow the ids
+        extra[k] = v
+    cache = new_cache()
+    kwargs = {cache_kwarg(base): cache, "use_cache": True}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids[..., :P - 1]
+    base(input_ids=input_ids[:, :P - 1], **extra, **kwargs)
+    return ImagePrefix([int(t) for t in input_ids[0].tolist()], cache, offset, time.perf_counter() - start)
+
+
 class CachedSequence:
     """A model's token sequence and the KV cache of its prefix (batch size 1).
 
@@ -116,7 +222,7 @@ class CachedSequence:
     extending ``ids`` costs nothing until the next forward. ``forward_passes`` counts the model's
     forward calls made through this object.
 
-    ``prefix`` (an image prefix, :class:`dreamr.multimodal.ImagePrefix`, whose ids start ``ids``) hands over the cache
+    ``prefix`` (an :class:`ImagePrefix`, whose ids start ``ids``) hands over the cache
     of a prompt with images, encoded once: the sequence then never rolls back into it, and feeds its
     text with explicit ``position_ids [1, n]`` (index + the prefix's position offset), as it does for
     any vision-language model.
@@ -130,11 +236,11 @@ class CachedSequence:
         self.forward_passes = 0
         self._cache_kw = cache_kwarg(model)
         self._logits_to_keep = accepts_kwarg(model, "logits_to_keep")
-        # Vision-language models get explicit positions (text index + offset; see dreamr.multimodal).
+        # Vision-language models get explicit positions (text index + offset; see "Positions" above).
         self._explicit_positions = is_vision_language(model)
         self.position_offset = 0
         self.min_cached = 0  # the image prefix is never rolled back
-        if prefix is not None:  # a dreamr.multimodal.ImagePrefix: its cache becomes this sequence's
+        if prefix is not None:  # an ImagePrefix: its cache becomes this sequence's
             if list(self.ids[:len(prefix.ids)]) != prefix.ids:
                 raise ValueError("CachedSequence: ids must start with the image prefix's ids")
             self.cache = prefix.cache

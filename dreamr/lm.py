@@ -13,7 +13,8 @@ it sees images, and how a processor splits into processor and tokenizer. See ``d
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Sequence, Union
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 import torch
 
@@ -32,6 +33,9 @@ __all__ = [
     "num_kv_heads",
     "head_dim",
     "decoder_of",
+    "AttentionLayout",
+    "attention_layout",
+    "eager_attention",
     "is_vision_language",
     "split_processor",
 ]
@@ -135,9 +139,80 @@ def decoder_of(model) -> torch.nn.Module:
                      "last_hidden_state")
 
 
-def is_vision_language(model) -> bool:
-    """True for a model whose config has a vision tower (``config.vision_config``)."""
-    return getattr(getattr(model, "config", None), "vision_config", None) is not None
+@dataclass(frozen=True)
+class AttentionLayout:
+    """Which mask each decoder layer of a model takes: what the ragged batches of mode "fpsr" build
+    (``dreamr/engines/ragged.py``; see ``docs/architecture.md``, layer "model facts and text").
+
+    Attributes
+    ----------
+    mask_of_layer : dict of str to str
+        ``{layer type: mask kind}`` for a model whose forward takes one mask per layer type (its config
+        has ``layer_types``: Gemma 2 / 3, Qwen2 and newer Llamas); mask kinds are "full" (causal) and
+        "sliding" (causal within ``sliding_window`` positions). Empty for a model that takes one mask.
+    single_kind : str
+        The kind of that one mask where ``mask_of_layer`` is empty: "sliding" for a Mistral-style config
+        (``sliding_window`` without ``layer_types``: every layer slides), else "full".
+    sliding_window : int or None
+        Positions a sliding layer sees, its own included (a query at position q sees keys at positions
+        ``q - sliding_window < k <= q``, as transformers' sliding masks do).
+    """
+
+    mask_of_layer: dict = field(default_factory=dict)
+    single_kind: str = "full"
+    sliding_window: Optional[int] = None
+
+    @property
+    def kinds(self) -> list[str]:
+        """The mask kinds a forward needs, sorted ("full", "sliding")."""
+        return sorted(set(self.mask_of_layer.values())) if self.mask_of_layer else [self.single_kind]
+
+
+# Layer types whose mask the ragged batches can build; anything else (chunked attention, linear attention,
+# recurrent or convolutional layers of hybrid models) is refused by attention_layout.
+_MASK_KINDS = {"full_attention": "full", "sliding_attention": "sliding"}
+
+
+def attention_layout(model) -> AttentionLayout:
+    """The :class:`AttentionLayout` of ``model``'s text config, or ValueError naming the model type and
+    the feature the ragged masks of mode "fpsr" cannot reproduce.
+
+    Refused: chunked attention (Llama 4's ``attention_chunk_size`` / ``"chunked_attention"`` layers), any
+    layer type other than full and sliding attention, and sliding layers without a window size."""
+    config = text_config(model)
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    window = getattr(config, "sliding_window", None)
+    window = int(window) if window else None
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    chunk = getattr(config, "attention_chunk_size", None)
+    if chunk or "chunked_attention" in layer_types:
+        raise ValueError(f"{model_type}: chunked attention (attention_chunk_size={chunk}) is not supported by mode "
+                         "'fpsr' (its ragged masks are causal or sliding-window only); use mode 'speculative'")
+    unknown = sorted(set(layer_types) - set(_MASK_KINDS))
+    if unknown:
+        raise ValueError(f"{model_type}: layer types {unknown} are not supported by mode 'fpsr' (its ragged masks "
+                         "cover full_attention and sliding_attention layers only); use mode 'speculative'")
+    if "sliding_attention" in layer_types and window is None:
+        raise ValueError(f"{model_type}: sliding_attention layers without a sliding_window size; set "
+                         "config.sliding_window or use mode 'speculative'")
+    if layer_types:
+        return AttentionLayout({lt: _MASK_KINDS[lt] for lt in layer_types}, "full", window)
+    # No layer types: one mask for every layer, sliding where the config names a window (Mistral; its
+    # forward picks create_sliding_window_causal_mask exactly when config.sliding_window is set)
+    return AttentionLayout({}, "sliding" if window is not None else "full", window)
+
+
+def eager_attention(model) -> bool:
+    """True where the model runs eager attention (it adds its mask to the scores: an additive mask),
+    False for sdpa and the other kernels (they take a boolean mask)."""
+    return getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+
+
+def is_vision_language(model_or_config) -> bool:
+    """True for a model, or a model's config, with a vision tower (``config.vision_config``); a config is
+    taken as it is (so that a loader can tell before it picks the model class)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, "vision_config", None) is not None
 
 
 def split_processor(tokenizer: Any) -> tuple[Any, Any]:
@@ -179,8 +254,9 @@ class LM:
     logit_softcap : float (0.0: none)
     logit_scale : float (1.0: none; a multiplier of the logits)
 
-    ``decoder``, ``num_layers``, ``num_kv_heads`` and ``head_dim`` are read on first use: only verification
-    needs the decoder, only mode "fpsr" the KV layout.
+    ``decoder``, ``num_layers``, ``num_kv_heads``, ``head_dim`` and ``attention_layout`` are read on first
+    use: only verification needs the decoder, only mode "fpsr" the KV and attention layouts (where a model's
+    attention cannot be masked by mode "fpsr", reading ``attention_layout`` raises ValueError).
     """
 
     def __init__(self, model, tokenizer, name: str, processor=None):
@@ -212,6 +288,10 @@ class LM:
     @functools.cached_property
     def head_dim(self) -> int:
         return head_dim(self.model)
+
+    @functools.cached_property
+    def attention_layout(self) -> AttentionLayout:
+        return attention_layout(self.model)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt: plain text with the tokenizer's special tokens, or chat messages through

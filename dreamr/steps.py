@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
+__all__ = ["StepEnd", "ends_step", "has_answer", "split_steps", "StepWriter"]
+
 StepEnd = Literal["delimiter", "eos", "cap"]
 
 
@@ -24,6 +26,41 @@ def ends_step(text: str, delimiter: str) -> bool:
 def has_answer(text: str, marker: Optional[str]) -> bool:
     """True when a final-answer marker is configured and ``text`` contains it."""
     return bool(marker) and marker in text
+
+
+def split_steps(text: Optional[str], delimiter: str = "\n\n") -> list[str]:
+    """Split a finished reasoning text into steps at ``delimiter``; each step keeps its trailing delimiter.
+
+    The one step splitter of dreamr (SAPO's step counts and rewards, ``eval_sapo`` and evaluation use it).
+    It agrees with :func:`ends_step`: pieces that are only whitespace are merged into the step before
+    them, so a step is never blank. ``"a\\n\\nb\\n\\n\\n\\nc"`` -> ``["a\\n\\n", "b\\n\\n\\n\\n", "c"]``.
+
+    Parameters
+    ----------
+    text : str or None
+        The text to split; None or blank text has no steps.
+    delimiter : str
+        The step delimiter (a blank line by default).
+
+    Returns
+    -------
+    list of str
+        The steps, in order; ``"".join(steps)`` is ``text`` without its leading whitespace-only pieces.
+    """
+    if not isinstance(delimiter, str) or not delimiter:
+        raise ValueError(f"delimiter: expected a non-empty string, got {delimiter!r}")
+    if not isinstance(text, str) or not text.strip():
+        return []
+    steps: list[str] = []
+    pieces = text.split(delimiter)
+    for i, piece in enumerate(pieces):
+        chunk = piece if i == len(pieces) - 1 else piece + delimiter
+        if not piece.strip():
+            if steps:
+                steps[-1] += chunk
+            continue
+        steps.append(chunk)
+    return steps
 
 
 class StepWriter:

@@ -70,6 +70,21 @@ def test_head_cpn_equals_plain_pytorch(calibrate):
     assert torch.equal(accept, cpn > 0.6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("calibrate", [False, True])
+def test_head_cpn_on_cuda_equals_the_cpu(calibrate):
+    """The head goes through the fused op on CUDA too (its rows moved to the hidden states' device once)."""
+    head = random_head(640, seed=4)
+    hidden = torch.randn(9, 640)
+    null = torch.randn(1, 640).expand(9, -1) if calibrate else None
+    want, want_accept = head.cpn(hidden, 0.5, null)
+    got, accept = head.cpn(hidden.cuda(), 0.5, None if null is None else null.cuda())
+    assert got.is_cuda and accept.is_cuda
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    assert torch.equal(accept.cpu(), want_accept)
+    torch.testing.assert_close(head.reference_cpn(hidden, null), want, rtol=1e-5, atol=1e-6)
+
+
 def test_head_is_the_fused_op_with_two_rows():
     head = random_head(16, seed=5)
     hidden = torch.randn(4, 16)
@@ -316,9 +331,12 @@ def test_cli_fit_and_score(tmp_path, tok, gsm8k_file, capsys):
     tok.save_pretrained(folder)
     out = tmp_path / "head"
     assert main(["fit", "--target", str(folder), "--train", str(gsm8k_file), "--out", str(out), "--max-pairs", "30",
-                 "--heldout", "0.34", "--no-progress", "--seed", "1"]) == 0
+                 "--heldout", "0.34", "--no-progress", "--seed", "1", "--other-out", str(tmp_path / "h")]) == 0
     meta = json.loads((out / "head.json").read_text())
     assert meta["calibrated"] and meta["features"] == "h - h_null" and meta["seed"] == 1
+    other = json.loads((tmp_path / "h" / "head.json").read_text())  # the head on h, from the same features
+    assert not other["calibrated"] and other["features"] == "h" and other["fit"]["heldout_table"] == meta["fit"]["heldout_table"]
+    assert not torch.equal(VerdictHead.load(tmp_path / "h").weight, VerdictHead.load(out).weight)
     assert meta["target"]["hidden_size"] == 32 and meta["template"] == StepVerifier(
         tiny_llama(tok), tok).template
     assert set(meta["fit"]["heldout"]) >= {"auroc", "pair_accuracy", "n_pairs"}
@@ -334,6 +352,17 @@ def test_cli_fit_and_score(tmp_path, tok, gsm8k_file, capsys):
     assert printed == written
     assert {"auroc", "pair_accuracy", "n_pairs", "mean_cpn_good", "mean_cpn_bad"} <= set(written)
     assert written["n_pairs"] == len(read_pairs(pairs)) and written["verifier"]["calibrate"]
+    # --compare: every verifier from one extraction; a head fitted on h - h_null only with the null step
+    fields = ("auroc", "pair_accuracy", "n_pairs", "mean_cpn_good", "mean_cpn_bad")
+    for head_dir, names in ((out, {"target verdict", "target verdict, calibrated", "head, calibrated"}),
+                            (tmp_path / "h", {"target verdict", "target verdict, calibrated", "head", "head, calibrated"})):
+        assert main(["score", "--target", str(folder), "--verdict-head", str(head_dir), "--pairs", str(pairs),
+                     "--compare", "--no-progress"] + (["--calibrate"] if head_dir == out else [])) == 0
+        compared = json.loads(capsys.readouterr().out)
+        assert set(compared["compare"]) == names
+        chosen = compared["compare"]["head, calibrated" if head_dir == out else "head"]
+        assert {k: chosen[k] for k in fields} == {k: compared[k] for k in fields}
+    assert {k: compared["compare"]["head, calibrated"][k] for k in fields} != {k: written[k] for k in fields}
     # the target's own verdict, and a head refused for another target
     assert main(["score", "--target", str(folder), "--pairs", str(pairs), "--no-progress"]) == 0
     other = tmp_path / "other"

@@ -209,3 +209,35 @@ def test_fpsr_with_auto_alpha_carries_one_rule(target, draft, tok_a, tok_b):
     verified = [s for res in results for s in res.steps if s.accepted is not None]
     assert rule.steps == len(verified) > 0
     assert sorted(s.alpha for s in verified) == sorted(rule.history)
+
+
+@pytest.mark.parametrize("mode", ["speculative", "fpsr"])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_calibration_adds_only_the_null_step_on_the_cached_prefix(target, draft, tok_a, tok_b, mode, alpha):
+    """No second prefill: at an alpha where calibration cannot change a verdict (0 accepts every finite
+    verdict, 1 rejects every step) the runs are the same, and the calibrated one feeds the target exactly
+    the null step's tokens more per verified step (mode "speculative": one short pass on the cached prefix;
+    mode "fpsr": a private segment of the chain pass that verifies the step, so no pass more)."""
+    fed = []
+    hook = target.get_input_embeddings().register_forward_hook(lambda mod, args, out: fed.append(args[0].numel()))
+    runs = {}
+    try:
+        for calibrate in (False, True):
+            r = SpeculativeReasoner(target, draft, target_tokenizer=tok_a, draft_tokenizer=tok_b, mode=mode,
+                                    calibrate=calibrate, alpha=alpha, **TINY_SETTINGS)
+            out = []
+            for prompt in PROMPTS[:2]:
+                fed.clear()
+                res = r.generate(prompt)
+                out.append((res, sum(fed)))
+            runs[calibrate] = out
+            null_len = len(r.verifier_for(r.config).null_ids())
+    finally:
+        hook.remove()
+    for (plain, plain_fed), (cal, cal_fed) in zip(runs[False], runs[True]):
+        assert [(s.text, s.source, s.accepted) for s in cal.steps] == [(s.text, s.source, s.accepted) for s in plain.steps]
+        verified = cal.metrics.verified_steps
+        assert verified > 0
+        assert cal_fed == plain_fed + verified * null_len
+        extra_passes = verified if mode == "speculative" else 0
+        assert cal.metrics.target_forward_passes == plain.metrics.target_forward_passes + extra_passes

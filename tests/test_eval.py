@@ -33,6 +33,24 @@ def test_extraction_is_the_shared_one():
     assert not match(None, "#### 18")
 
 
+def test_prompts_ask_for_the_answer_format_the_extractor_reads():
+    from dreamr import answers, prompts
+
+    assert prompts.ANSWER_FORMAT.format(answer="N") in prompts.SYSTEM_PROMPT  # "... End with 'The answer is N.'"
+    assert prompts.format_answer(18) == "The answer is 18." and answers.extract_answer(prompts.format_answer("1,234")) \
+        == "1234"
+    assert ev.SYSTEM_PROMPT is prompts.SYSTEM_PROMPT and ev.EvalSettings().answer_marker == prompts.ANSWER_MARKER
+    p = ev.Problem(0, "0", "How many?", "#### 3")
+    assert ev.prompt_for(p, ev.EvalSettings()) == [{"role": "system", "content": prompts.SYSTEM_PROMPT},
+                                                   {"role": "user", "content": "How many?"}]
+    assert ev.prompt_for(p, ev.EvalSettings(system_prompt=None)) == [{"role": "user", "content": "How many?"}]
+    assert ev.prompt_for(p, ev.EvalSettings(chat=False)) == "How many?"
+    with pytest.raises(ValueError, match="answer"):
+        prompts.format_answer("  ")
+    with pytest.raises(ValueError, match="question"):
+        prompts.chat_messages(None)
+
+
 def test_prediction_is_cut_before_an_invented_question():
     extract, match = ev.answer_functions()
     rec = {"ok": True, "text": " $16.00\nQuestion: Tom has 3 apples and 5 pears.", "reference": "#### 16"}
@@ -280,6 +298,9 @@ class Proxy:
         self.inner, self.calls, self.interrupt_after, self.fail_on = inner, [], interrupt_after, fail_on
         self.target, self.draft, self.config = inner.target, inner.draft, inner.config
 
+    def __getattr__(self, name):  # the rest of the reasoner (its config builder, verifiers, thresholds)
+        return getattr(self.inner, name)
+
     def generate(self, prompt, **kw):
         question = prompt[-1]["content"] if isinstance(prompt, list) else prompt
         if self.interrupt_after is not None and len(self.calls) >= self.interrupt_after:
@@ -429,6 +450,14 @@ def test_cli_on_the_real_pair(tmp_path, capsys):
     (dict(extra={"window": 0}), "window must be an integer >= 1"),
     (dict(modes="speculatve"), "unknown mode"),
     (dict(extra={"alpha": 0.5}), "set per variant"),
+    (dict(extra={"calibrate": True}), "set per variant"),
+    (dict(modes=["speculative@0.5+target_acceptance=0.5"]), "apply to alpha='auto' only"),
+    (dict(modes=["speculative@0.5+calibrat"]), "unknown verifier option 'calibrat'"),
+    (dict(modes=["target@0.5"]), "does not verify"),
+    (dict(modes=["speculative@1.5"]), "alpha must be a number in \\[0, 1\\].*1.5"),
+    (dict(alphas=["auto"], verifiers=["target_acceptance=1.0"]), "target_acceptance must be a number in \\(0, 1\\)"),
+    (dict(alphas=["sometimes"]), "alphas must be a number in \\[0, 1\\] or 'auto'"),
+    (dict(modes=["speculative@0.5+verdict_head=/nonexistent/head"]), "verdict_head.*not a verdict head folder"),
 ])
 def test_bad_settings_raise_before_any_work(reasoner, data, tmp_path, bad, message):
     proxy = Proxy(reasoner)
@@ -487,6 +516,9 @@ def _no_models(monkeypatch):
     (["--question-field", "q"], "no question field 'q'"),
     (["--data", "/nonexistent/x.jsonl"], "no such file"),
     (["--offset", "99"], "no problems selected"),
+    (["--alphas", "autox"], "expected a number in \\[0, 1\\] or 'auto'"),
+    (["--verifiers", "calibrat"], "unknown verifier option 'calibrat'"),
+    (["--modes", "speculative@0.7+target_acceptance=0.4"], "apply to alpha='auto' only"),
 ])
 def test_cli_rejects_bad_input_before_loading_models(data, tmp_path, monkeypatch, capsys, args, message):
     _no_models(monkeypatch)
@@ -513,3 +545,218 @@ def test_cli_fails_when_a_variant_finished_nothing(reasoner, data, tmp_path, mon
     assert json.loads((tmp_path / "o" / ev.RESULTS).read_text())["summary"]["variants"]["target"]["finished"] == 2
     monkeypatch.setattr(SpeculativeReasoner, "from_pretrained", staticmethod(lambda **kw: Proxy(reasoner)))
     assert ev.main(argv + ["--retry-failed"]) == 0
+
+
+# -- verifier variants: a verdict head, calibration and alpha="auto" beside fixed alphas (issue 15) -----------
+
+
+def test_variant_specs_name_the_verifier_and_cross_alphas_and_verifiers():
+    vs = make_variants(["target", "speculative", "fpsr@0.5+calibrate+verdict_head=none"], [0.7, "auto"],
+                       ["default", "calibrate", "target_acceptance=0.3"])
+    assert [v.name for v in vs] == [
+        "target", "speculative@0.7", "speculative@0.7+calibrate", "speculative@auto", "speculative@auto+calibrate",
+        "speculative@auto+target_acceptance=0.3",  # an auto-only option is crossed with the auto alpha only
+        "fpsr@0.5+verdict_head=none+calibrate"]  # its own options, in canonical order; not crossed
+    assert vs[-1].overrides() == {"mode": "fpsr", "alpha": 0.5, "verdict_head": None, "calibrate": True}
+    assert vs[5].overrides() == {"mode": "speculative", "alpha": "auto", "target_acceptance": 0.3}
+    assert vs[5].auto and not vs[1].auto and vs[2].series == "speculative+calibrate"
+    assert ev.parse_verifier("verdict_head=runs/h+calibrate=false") == (("verdict_head", "runs/h"), ("calibrate", False))
+    with pytest.raises(ValueError, match="given twice"):
+        ev.parse_verifier("calibrate+calibrate=false")
+    with pytest.raises(ValueError, match="target_acceptance"):
+        make_variants(["speculative"], [0.7], ["target_acceptance=0.5"])  # no auto alpha to apply it to
+
+
+def test_sweep_keeps_verifier_series_and_auto_variants_apart():
+    cal = (("calibrate", True),)
+    variants = [Variant("target"), Variant("speculative", 0.5), Variant("speculative", 0.5, cal),
+                Variant("speculative", 0.9, cal), Variant("speculative", "auto")]
+    m = _m(num_steps=2, committed_tokens=2, verified_steps=2, accepted_steps=1)
+    auto_m = [dict(m, alpha_sum=1.0, alpha_final=0.45), dict(m, alpha_sum=0.8, alpha_final=0.35)]
+    recs = [_rec("0", "target", 2.0, True, m), _rec("1", "target", 2.0, True, m),
+            _rec("0", "speculative@0.5", 1.0, True, m, [True, False]),
+            _rec("0", "speculative@0.5+calibrate", 1.0, True, m, [True, False]),
+            _rec("0", "speculative@0.9+calibrate", 1.0, True, m, [True, False]),
+            _rec("1", "speculative@auto", 1.0, True, auto_m[1], [True, False]),  # run first
+            _rec("0", "speculative@auto", 1.0, True, auto_m[0], [False, True])]  # run last: its alpha is final
+    s = summarize(recs, variants, verifiers={"speculative@auto": {"label": "yes/no auto->0.5",
+                                                                  "target_acceptance": 0.5}})
+    row = s["variants"]["speculative@auto"]
+    assert row["alpha_mean"] == pytest.approx(1.8 / 4) and row["alpha_final"] == 0.45
+    assert row["target_acceptance"] == 0.5 and row["acceptance_gap"] == pytest.approx(0.5 - 0.5)
+    assert row["verifier"] == "yes/no auto->0.5" and s["variants"]["speculative@0.5"]["verifier"] is None
+    sw = ev.sweep(s)
+    assert set(sw["modes"]) == {"speculative", "speculative+calibrate"}
+    assert [p["alpha"] for p in sw["modes"]["speculative+calibrate"]] == [0.5, 0.9]
+    assert list(sw["auto"]) == ["speculative@auto"] and sw["auto"]["speculative@auto"]["alpha_mean"] == \
+        pytest.approx(0.45)
+
+
+def test_alpha_trajectory_follows_run_order_and_the_last_record_per_problem():
+    v = [Variant("speculative", "auto", (("target_acceptance", 0.25),)), Variant("speculative", 0.5)]
+    name = v[0].name
+    recs = [{"key": "0", "variant": name, "ok": True, "alphas": [0.5, 0.6], "accepted": [True, True]},
+            {"key": "1", "variant": name, "ok": False},  # failed, then retried below
+            {"key": "0", "variant": "speculative@0.5", "ok": True, "alphas": [0.5], "accepted": [True]},
+            {"key": "1", "variant": name, "ok": True, "alphas": [None, 0.7, 0.4], "accepted": [None, False, True]}]
+    t = ev.alpha_trajectories(recs, v)
+    assert list(t) == [name]  # fixed-alpha variants have no trajectory
+    assert t[name]["alpha"] == [0.5, 0.6, 0.7, 0.4] and t[name]["accepted"] == [True, True, False, True]
+    assert t[name]["acceptance"] == pytest.approx([1.0, 1.0, 2 / 3, 3 / 4])
+    assert t[name]["target_acceptance"] == 0.25 and t[name]["steps"] == 4
+    assert ev.alpha_trajectories(recs, v[1:]) == {}
+
+
+def _tiny_head(model, tokenizer, folder, *, calibrated: bool, seed: int = 0):
+    """A random verdict head made for ``model`` (its identity and verdict template), saved to ``folder``."""
+    import torch
+
+    from dreamr.verify import StepVerifier, VerdictHead
+    from dreamr.verify.head import target_identity
+
+    g = torch.Generator().manual_seed(seed)
+    hidden = model.config.hidden_size
+    head = VerdictHead(torch.randn(2, hidden, generator=g, dtype=torch.float32),
+                       torch.randn(2, generator=g, dtype=torch.float32), calibrated=calibrated)
+    head.meta.update(target=target_identity(model, "tiny"), template=StepVerifier(model, tokenizer).template)
+    return head.save(folder)
+
+
+@pytest.mark.filterwarnings("ignore:no '(target|draft)' mode in modes:RuntimeWarning")  # runs without a baseline on purpose
+def test_evaluation_runs_head_calibration_and_auto_alpha_beside_fixed_alpha(reasoner, data, tmp_path):
+    folder = _tiny_head(reasoner.target.model, reasoner.target.tokenizer, tmp_path / "head", calibrated=False)
+    head = f"verdict_head={folder}"
+    out = tmp_path / "run"
+    modes = ["target", "speculative", f"speculative@0+{head}", "speculative@auto+target_acceptance=0.5"]
+    proxy = Proxy(reasoner)
+    report = ev.evaluate(proxy, data, out, **{**KW, "modes": modes, "alphas": [0.0], "verifiers": ["", "calibrate"],
+                                              "limit": 3, "max_new_tokens": 16, "warmup": True})
+    rows = report["summary"]["variants"]
+    names = ["target", "speculative@0", "speculative@0+calibrate", f"speculative@0+{head}",
+             "speculative@auto+target_acceptance=0.5"]
+    assert list(rows) == names
+    # each variant's calls carried its verifier options to generate
+    assert {(q, m, a) for q, m, a in proxy.calls if a == "auto"} and all(r["finished"] == 3 for r in rows.values())
+    ver = report["verifiers"]
+    assert "target" not in ver
+    assert ver["speculative@0"]["label"] == "yes/no alpha=0" and not ver["speculative@0"]["calibrate"]
+    assert ver["speculative@0+calibrate"]["label"] == "yes/no+cal alpha=0"
+    assert ver[f"speculative@0+{head}"]["label"] == "head:tiny alpha=0"
+    assert ver[f"speculative@0+{head}"]["verdict_head"] == str(folder)
+    auto = ver["speculative@auto+target_acceptance=0.5"]
+    assert auto["label"] == "yes/no auto->0.5" and auto["alpha"] == "auto" and auto["target_acceptance"] == 0.5
+    table = ev.format_table(report)
+    for name in names[1:]:
+        line = next(ln for ln in table.splitlines() if ln.startswith(name + " "))
+        assert line.rstrip().endswith(ver[name]["label"])  # the table says which verifier each variant used
+    # the verifier options reach the verifier: the same drafted first step gets other verdicts
+    recs = {(r["key"], r["variant"]): r for r in ev.read_records(out / ev.RECORDS)}
+    first = {name: [recs[(k, name)]["cpn"][0] for k in "012"] for name in names[1:4]}
+    assert first["speculative@0"] != first["speculative@0+calibrate"]
+    assert first["speculative@0"] != first[f"speculative@0+{head}"]
+    assert all(recs[(k, "speculative@0+calibrate")]["verifier"] == ver["speculative@0+calibrate"]["id"] for k in "012")
+    # alpha="auto": one threshold carried across the problems in run order, started afresh by the evaluation
+    # (after the warm-up, which judged a step with it)
+    name = "speculative@auto+target_acceptance=0.5"
+    traj = report["alpha"][name]
+    assert traj == json.loads((out / ev.ALPHA_JSON).read_text())[name]
+    alphas, flags = traj["alpha"], traj["accepted"]
+    assert traj["steps"] == len(alphas) >= 3 and alphas[0] == pytest.approx(0.5)
+    gamma = reasoner.config.alpha_gamma
+    for t in range(len(alphas) - 1):  # alpha_{t+1} = clip(alpha_t + gamma * (accepted_t - 0.5), 0, 1)
+        assert alphas[t + 1] == pytest.approx(min(1.0, max(0.0, alphas[t] + gamma * (flags[t] - 0.5))))
+    assert rows[name]["alpha_mean"] == pytest.approx(sum(alphas) / len(alphas))
+    assert rows[name]["alpha_final"] == pytest.approx(alphas[-1])
+    assert rows[name]["step_acceptance_rate"] == pytest.approx(sum(flags) / len(flags))
+    assert rows["speculative@0"]["alpha_mean"] == 0.0 and rows["speculative@0"]["alpha_final"] == 0.0
+    assert (out / ev.ALPHA_PNG).read_bytes()[:8] == PNG_MAGIC
+    assert (out / ev.SWEEP_PNG).read_bytes()[:8] == PNG_MAGIC
+    assert list(report["sweep"]["auto"]) == [name]
+    assert any(ln.startswith(f"alpha=auto {name}: acceptance") for ln in table.splitlines())
+
+
+@pytest.mark.filterwarnings("ignore:no '(target|draft)' mode in modes:RuntimeWarning")  # runs without a baseline on purpose
+def test_a_resume_refuses_records_of_another_verifier(reasoner, data, tmp_path):
+    out = tmp_path / "run"
+    kw = {**KW, "modes": ["target", "speculative@0.5"], "limit": 1}
+    ev.evaluate(Proxy(reasoner), data, out, **kw, plot=False)
+    path = out / ev.RECORDS
+    lines = [json.loads(ln) for ln in path.read_text().splitlines()]
+    for rec in lines:
+        if rec["variant"] == "speculative@0.5":
+            rec["verifier"] = "head:other alpha=0.5 /somewhere/else"  # as if run with another default head
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(ValueError, match="variant speculative@0.5 was run with verifier"):
+        ev.evaluate(Proxy(reasoner), data, out, **kw, plot=False)
+
+
+def test_a_head_for_another_target_is_refused_before_any_work(reasoner, data, tmp_path, tok_a):
+    from dreamr.testing import tiny_llama
+
+    folder = _tiny_head(tiny_llama(tok_a, seed=5), tok_a, tmp_path / "other", calibrated=False)
+    proxy = Proxy(reasoner)
+    with pytest.raises(ValueError, match="verdict_head"):
+        ev.evaluate(proxy, data, tmp_path / "run", **{**KW, "modes": [f"speculative@0.5+verdict_head={folder}"]})
+    assert proxy.calls == [] and not (tmp_path / "run").exists()
+
+
+# -- the library never imports its harnesses; the benchmarks reuse evaluation ---------------------------------
+
+
+def test_no_module_of_dreamr_imports_training_bench_or_tests():
+    import ast
+    from pathlib import Path
+
+    import dreamr
+
+    harnesses = {"training", "bench", "tests"}
+    found = []
+    for path in Path(dreamr.__file__).parent.rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            # importlib.import_module("training...") / sys.path tricks: a string naming a harness package
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("import_module", "spec_from_file_location"):
+                names += [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+            found += [f"{path.name}: {n}" for n in names if n.split(".")[0].split("/")[0] in harnesses]
+    assert found == []
+
+
+def _bench(name, monkeypatch):
+    """A benchmark script as a module (registered in sys.modules while the test runs: its dataclasses
+    resolve their annotations there)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmarks_build_their_runs_from_evaluation(reasoner, data, monkeypatch):
+    import argparse
+
+    fpsr = _bench("e2e_fpsr", monkeypatch)
+    args = argparse.Namespace(which="real", alpha=0.5, fpsr_variants=["target_launch=eager"])
+    configs = fpsr.variants(args)
+    assert [v.name for v in configs] == ["target", "speculative", "fpsr", "fpsr[target_launch=eager]"]
+    assert isinstance(configs[1], Variant) and configs[1].overrides() == {"mode": "speculative", "alpha": 0.5}
+    settings = ev.EvalSettings(limit=2, max_new_tokens=12, max_step_tokens=4, system_prompt=None)
+    problems = ev.select_problems(data, settings)
+    records = fpsr.run_modes(reasoner, problems, settings, configs[:2])
+    assert [(r["key"], r["variant"]) for r in records] == [("0", "target"), ("0", "speculative"),
+                                                           ("1", "speculative"), ("1", "target")]  # interleaved
+    rows = fpsr.summarize(records, configs[:2])
+    assert rows["target"]["speedup_vs_target"] == pytest.approx(1.0)
+    assert rows["speculative"]["tokens"] == sum(r["metrics"]["committed_tokens"] for r in records
+                                                if r["variant"] == "speculative")
+    vlm = _bench("vlm_latency", monkeypatch)
+    assert [v.name for v in vlm.parse_args(["--modes", "target", "speculative", "fpsr@1"]).variants] == \
+        ["target", "speculative@0.7", "fpsr@1"]
+    with pytest.raises(SystemExit):
+        vlm.parse_args(["--modes", "speculative:0.5"])  # the old mode:alpha form is not a variant spec

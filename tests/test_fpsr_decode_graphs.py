@@ -1,9 +1,12 @@
 """The FPSR executor's CUDA paths: bucketed decode graphs (dreamr.engines.decode_graphs) and the draft stream.
 
 On a CPU the bucketed static-buffer decode forward runs eagerly (``cuda_graphs="on"``): padded rows,
-column buckets, storage growth and fallbacks must leave the commits those of mode "speculative". On a
-GPU the same checks run with captured graphs and the draft on its own stream (float64 tiny models, so
-batched and padded arithmetic stays exact).
+column buckets, storage growth and fallbacks must leave the commits those of mode "speculative", and the
+storage reserved at a run's start must last the run. On a GPU the same checks run with captured graphs and
+the draft on its own stream (float64 tiny models, so batched and padded arithmetic stays exact; the
+caches are held to a fresh prefill after every commit), then in bfloat16: graphs and stream commit what
+the eager bucketed path commits, a replayed graph writes the cache the eager forward writes, and the host
+copies of both paths do not synchronise (``torch.cuda.set_sync_debug_mode``).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from conftest import PROMPTS
-from test_reasoner_fpsr import assert_same
+from test_reasoner_fpsr import _check_caches, assert_same
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -95,11 +98,12 @@ def test_ragged_storage_grows_and_compacts_in_place(reasoner):
 
 def test_a_long_row_moves_into_a_narrow_batch(reasoner):
     """Moving a row longer than the destination's width and capacity widens and grows it, keeping what
-    the destination held."""
-    from dreamr.engines.ragged import RaggedBatch
+    the destination held; rows move only between batches of one store."""
+    from dreamr.engines.ragged import KVStore, RaggedBatch
 
     lm = reasoner.engine("fpsr").target
-    src, dst = RaggedBatch(lm, "src"), RaggedBatch(lm, "dst")
+    store = KVStore(lm)
+    src, dst = RaggedBatch(lm, "src", store=store), RaggedBatch(lm, "dst", store=store)
     long_row = src.add([3 + i % 50 for i in range(150)])
     short = dst.add([4, 5, 6, 7])
     src.forward({long_row: []})
@@ -109,6 +113,8 @@ def test_a_long_row_moves_into_a_narrow_batch(reasoner):
     assert dst.width == 150 and dst.capacity[1] >= 150 and not long_row.alive
     for (k, v), (k0, v0) in zip(dst.dense(short, 4), kept):
         assert torch.equal(k, k0) and torch.equal(v, v0)
+    with pytest.raises(ValueError, match="another KVStore"):
+        RaggedBatch(lm, "elsewhere").add(moved.ids, src=moved, cached=4)
     want = RaggedBatch(lm, "fresh")
     row = want.add(moved.ids)
     want.forward({row: []})
@@ -122,7 +128,7 @@ def test_rows_never_roll_back_into_an_image_prefix(reasoner):
     start with the prefix's."""
     from dreamr.cache import CachedSequence
     from dreamr.engines.ragged import RaggedBatch
-    from dreamr.multimodal import ImagePrefix
+    from dreamr.cache import ImagePrefix
 
     lm = reasoner.engine("fpsr").target
     ids = [3, 4, 5, 6, 7, 8]
@@ -223,14 +229,19 @@ def test_cuda_graphs_and_draft_stream_commit_what_speculative_commits(cuda_pairs
         again = reasoner.generate_batch(PROMPTS, mode="fpsr", alpha=0.5, window=4)  # graphs kept: replayed
         assert [r.text for r in again] == [r.text for r in batch]
         assert engine.last_stats["drafts_graph_replays"] > 0
+        # what the replayed graphs wrote: the chain and draft caches equal a fresh prefill after every commit
+        checked = []
+        assert_same(_check_caches(reasoner, checked, PROMPTS[1], alpha=0.5, window=4),
+                    reasoner.generate(PROMPTS[1], alpha=0.5))
+        assert checked and engine.last_stats["drafts_graph_replays"] > 0
     finally:
         engine.draft_tokens_per_tick = 1
 
 
 @cuda
 def test_cuda_long_runs_regrow_storage_and_recapture(cuda_pairs, content_judge):
-    """Widths past the first storage and column buckets: storage regrows, graphs are captured again, the
-    commits stay those of mode "speculative"."""
+    """Widths past the first column buckets: a graph is captured for each new bucket (the storage reserved
+    at the run's start holds them all), the commits stay those of mode "speculative"."""
     reasoner = cuda_pairs[0]
     content_judge(reasoner)
     kw = dict(alpha=0.5, max_new_tokens=160, max_step_tokens=8)
@@ -262,3 +273,142 @@ def test_cuda_overlap_thread_excludes_explicit_stream_and_graphs(cuda_pairs, mon
     stats = engine.last_stats
     assert not stats["draft_stream"] and "drafts_graph_replays" not in stats
     engine.free()
+
+
+@pytest.mark.parametrize("graphed", ["reasoner"], indirect=True)
+def test_storage_is_reserved_up_front(graphed, content_judge, monkeypatch):
+    """A long run (widths through several column buckets) never reallocates the storage after its start:
+    the reservation covers it, so captured graphs are not dropped and captured again."""
+    from dreamr.engines import ragged
+
+    content_judge(graphed)
+    versions = []
+    orig = ragged.RaggedBatch.forward
+
+    def forward(self, feeds):
+        versions.append((self.name, self.storage_version, self.width))
+        return orig(self, feeds)
+
+    monkeypatch.setattr(ragged.RaggedBatch, "forward", forward)
+    graphed.engine("fpsr").free()
+    graphed.generate_batch(PROMPTS[:2], mode="fpsr", alpha=0.5, window=3, max_new_tokens=160, max_step_tokens=8)
+    for name in ("chains", "branches", "drafts"):
+        seen = [(v, w) for n, v, w in versions if n == name]
+        assert len({v for v, _ in seen}) == 1, name
+        assert max(w for _, w in seen) > 128  # the run did pass the narrower column buckets
+
+
+# -- on a GPU in bfloat16, the dtype of real runs -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_bf16_pair():
+    """A Llama target beside a Qwen2 draft on the GPU in bfloat16."""
+    from conftest import build_tokenizer, tiny_llama, tiny_qwen2
+    from dreamr.reasoner import SpeculativeReasoner
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    tok_a, tok_b = build_tokenizer(400), build_tokenizer(330, reverse=True, bos=False)
+    return SpeculativeReasoner(tiny_llama(tok_a, dtype=torch.bfloat16).to("cuda"),
+                               tiny_qwen2(tok_b, dtype=torch.bfloat16).to("cuda"), target_tokenizer=tok_a,
+                               draft_tokenizer=tok_b, max_step_tokens=6, max_new_tokens=30)
+
+
+@cuda
+def test_cuda_bf16_graphs_and_stream_commit_what_the_eager_path_commits(cuda_bf16_pair, content_judge, monkeypatch):
+    """In bfloat16 batched arithmetic is not exact, so FPSR need not equal mode "speculative"; the graphs
+    and the draft stream must still not change anything: replayed graphs on two streams commit exactly
+    what the same bucketed forwards run eagerly on one stream commit."""
+    from dreamr.engines import fpsr as fpsr_mod
+    from dreamr.engines.decode_graphs import DecodeGraphs
+
+    reasoner = cuda_bf16_pair
+    content_judge(reasoner)
+    engine = reasoner.engine("fpsr")
+    kw = dict(mode="fpsr", alpha=0.5, window=4)
+    try:
+        graphed = reasoner.generate_batch(PROMPTS, **kw)
+        stats = engine.last_stats
+        assert stats["draft_stream"] and stats["drafts_graph_replays"] > 0 and stats["branches_graph_replays"] > 0
+        engine.free()
+        monkeypatch.setattr(fpsr_mod, "DecodeGraphs", lambda batch, sizes: DecodeGraphs(batch, sizes, capture=False))
+        engine.cuda_graphs, engine.draft_stream = "on", "off"
+        eager = reasoner.generate_batch(PROMPTS, **kw)
+        assert engine.last_stats["drafts_graph_replays"] == 0 and engine.last_stats["drafts_bucketed_forwards"] > 0
+    finally:
+        engine.cuda_graphs, engine.draft_stream = "auto", "auto"
+        engine.free()
+    assert [r.text for r in graphed] == [r.text for r in eager]
+    assert [[s.cpn for s in r.steps] for r in graphed] == [[s.cpn for s in r.steps] for r in eager]
+    assert any(r.metrics.committed_tokens for r in graphed)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cuda_graph_replay_writes_the_cache(dtype):
+    """Decode forwards replayed from a captured graph write each row's keys and values into the storage:
+    after several replays the cache equals the one the same forwards write eagerly (bit for bit), and in
+    float64 a fresh prefill of each row's ids."""
+    from conftest import build_tokenizer, tiny_llama
+    from dreamr.engines.decode_graphs import DecodeGraphs
+    from dreamr.engines.ragged import RaggedBatch
+    from dreamr.lm import LM
+
+    tok = build_tokenizer(400)
+    target = LM(tiny_llama(tok, dtype=dtype).to("cuda"), tok, "target")
+
+    def decode(capture: bool):
+        batch = RaggedBatch(target, "t")
+        rows = [batch.add([3, 4, 5 + i, 6, 7 + i][: 3 + i]) for i in range(3)]
+        batch.forward({r: [] for r in rows})  # prefill (eager)
+        batch.graphs = DecodeGraphs(batch, (1, 2, 4), capture=capture)
+        for step in range(5):  # one capture, then replays of the same bucket
+            for i, r in enumerate(rows):
+                r.ids.append(10 + 7 * step + i)
+            batch.forward({r: [] for r in rows})
+        return batch, rows
+
+    graphed, rows = decode(True)
+    assert graphed.graphs.stats["graph_captures"] == 1 and graphed.graphs.stats["graph_replays"] == 5
+    eager, eager_rows = decode(False)
+    for r, e in zip(rows, eager_rows):
+        assert r.cached == e.cached == len(r.ids)
+        for (k, v), (k0, v0) in zip(graphed.dense(r, r.cached), eager.dense(e, e.cached)):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+        if dtype == torch.float64:
+            fresh = RaggedBatch(target, "fresh")
+            f = fresh.add(r.ids)
+            fresh.forward({f: []})
+            for (k, v), (k0, v0) in zip(graphed.dense(r, r.cached), fresh.dense(f, r.cached)):
+                torch.testing.assert_close(k, k0, atol=1e-9, rtol=0)
+                torch.testing.assert_close(v, v0, atol=1e-9, rtol=0)
+
+
+@cuda
+def test_cuda_fpsr_host_to_device_copies_do_not_synchronise(cuda_pairs, content_judge):
+    """The ragged and graph paths copy their inputs from pinned memory: under
+    ``torch.cuda.set_sync_debug_mode`` no synchronisation comes from them, and a run synchronises at
+    most once per forward (the device reads it needs: sampled tokens, the verdicts of a pass)."""
+    import warnings
+
+    reasoner = cuda_pairs[0]
+    content_judge(reasoner)
+    engine = reasoner.engine("fpsr")
+    kw = dict(mode="fpsr", alpha=0.5, window=4)
+    reasoner.generate_batch(PROMPTS, **kw)  # storage reserved and graphs captured outside the count
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            reasoner.generate_batch(PROMPTS, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    staged = [f"{w.filename}:{w.lineno}" for w in syncs if w.filename.endswith(("ragged.py", "decode_graphs.py"))]
+    assert staged == []
+    stats = engine.last_stats
+    assert stats["drafts_graph_replays"] > 0
+    assert len(syncs) <= stats["chain_forwards"] + stats["branch_forwards"] + stats["draft_forwards"], \
+        sorted({f"{w.filename}:{w.lineno}" for w in syncs})

@@ -26,6 +26,7 @@ def test_text_config_of_a_vision_language_config_is_its_text_part():
     assert lm.context_length(vl) == 77
     assert (lm.num_layers(vl), lm.num_kv_heads(vl), lm.head_dim(vl)) == (3, 2, 8)
     assert lm.is_vision_language(vl) and not lm.is_vision_language(_model(text))
+    assert lm.is_vision_language(vl.config) and not lm.is_vision_language(text)  # a config alone, too
 
 
 def test_eos_ids_are_the_union_of_tokenizer_generation_config_and_config():

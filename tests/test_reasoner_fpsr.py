@@ -98,6 +98,126 @@ def test_real_verdicts_without_judge(pair):
         assert_same(pair.generate(PROMPTS[2], alpha=alpha, mode="fpsr"), spec)
 
 
+# Alphas inside each pair's spread of real cpns (the random tiny targets score steps between about 0.59
+# and 0.63), found by running mode "speculative": each gives accepted and rejected steps over PROMPTS.
+MIXING_ALPHA = {"other_tokenizer": 0.615, "same_tokenizer": 0.61, "gemma3_target": 0.601}
+
+
+@pytest.fixture(params=list(MIXING_ALPHA))
+def real_pair(request, reasoner, same_tok_reasoner, gemma_reasoner):
+    pairs = {"other_tokenizer": reasoner, "same_tokenizer": same_tok_reasoner, "gemma3_target": gemma_reasoner}
+    return pairs[request.param], MIXING_ALPHA[request.param]
+
+
+def test_real_verifier_at_a_mixing_alpha(real_pair):
+    """The real StepVerifier (no judge swapped in) at an alpha that accepts some steps and rejects others:
+    FPSR commits what mode "speculative" commits, under both launch policies and several windows."""
+    pair, alpha = real_pair
+    engine = pair.engine("fpsr")
+    sources = []
+    try:
+        for prompt in PROMPTS:
+            spec = pair.generate(prompt, alpha=alpha)
+            sources += [s.source for s in spec.steps]
+            for window, launch in ((3, "eager"), (2, "on_reject"), (4, "eager")):
+                engine.target_launch = launch
+                assert_same(pair.generate(prompt, alpha=alpha, mode="fpsr", window=window), spec)
+    finally:
+        engine.target_launch = "auto"
+    assert "draft" in sources and "target" in sources, sources
+
+
+def _check_caches(pair, result_holder, prompt, **kw):
+    """Run ``prompt`` in mode "fpsr" and hold the target chain and the draft row to a fresh prefill of
+    their ids after every commit (AssertionError where they differ)."""
+    from dreamr.cache import CachedSequence, cache_tensors
+
+    def check(row, model):
+        if row.cached == 0:
+            return
+        got = [t for kv in row.batch.dense(row, row.cached) for t in kv]
+        seq = CachedSequence(model, row.ids[:row.cached])
+        seq.ids.append(0)  # one pending token so that the whole prefix is cached
+        seq.next_logits()
+        want = cache_tensors(seq.cache)
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w[:, :, :row.cached], atol=1e-9, rtol=0)
+
+    def observer(chain, d_row):
+        check(chain, pair.target.model)
+        check(d_row, pair.draft.model)
+        result_holder.append(1)
+
+    engine = pair.engine("fpsr")
+    engine.observer = observer
+    try:
+        return pair.generate(prompt, mode="fpsr", **kw)
+    finally:
+        engine.observer = None
+
+
+def test_fpsr_fails_without_kv_rollback(reasoner, content_judge, monkeypatch):
+    """The ragged batches' forks, moves and truncations go through ops.kv_rollback: with the op replaced
+    by a no-op the caches no longer equal a fresh prefill and the commits leave mode "speculative"'s."""
+    from dreamr import ops
+
+    content_judge(reasoner)
+    kw = dict(alpha=0.5, window=3)
+    spec = reasoner.generate(PROMPTS[1], alpha=0.5)
+    checked = []
+    assert_same(_check_caches(reasoner, checked, PROMPTS[1], **kw), spec)
+    assert any(s.source == "target" for s in spec.steps) and checked
+    calls = []
+    monkeypatch.setattr(ops, "kv_rollback", lambda *a, **k: calls.append(1))
+    with pytest.raises(AssertionError):
+        _check_caches(reasoner, [], PROMPTS[1], **kw)
+    with pytest.raises(AssertionError):
+        assert_same(reasoner.generate(PROMPTS[1], mode="fpsr", **kw), spec)
+    assert calls
+
+
+def test_ragged_fork_move_truncate_match_a_recomputed_cache(reasoner, monkeypatch):
+    """Between two batches of one store: a fork, a move and a truncation (kv_rollback calls) leave each
+    row's cache equal to a fresh prefill of its ids, and a truncated row's dropped columns zeroed; a
+    no-op kv_rollback breaks both."""
+    from dreamr import ops
+    from dreamr.engines.ragged import KVStore, RaggedBatch
+
+    lm = reasoner.engine("fpsr").target
+
+    def fresh(ids, n):
+        b = RaggedBatch(lm, "fresh")
+        r = b.add(ids)
+        b.forward({r: []})
+        return b.dense(r, n)
+
+    def run():
+        store = KVStore(lm)
+        chains, branches = RaggedBatch(lm, "chains", store=store), RaggedBatch(lm, "branches", store=store)
+        a = chains.add([3 + i for i in range(9)])
+        b = chains.add([20 + i for i in range(5)])
+        chains.forward({a: [([40, 41], False)], b: []})  # a private segment: a row with a gap
+        a.ids += [7, 8]
+        chains.forward({a: []})
+        fork = branches.fork(a, 10)
+        moved = chains.move(b, branches)
+        col = int(torch.nonzero(chains.pos[a.index] == 6)[0])
+        chains.truncate(a, 6)
+        branches.forward({fork: []})
+        for row, n in ((fork, 10), (moved, 5), (a, 6)):
+            for (k, v), (k0, v0) in zip(row.batch.dense(row, n), fresh(row.ids, n)):
+                torch.testing.assert_close(k, k0, atol=1e-12, rtol=0)
+                torch.testing.assert_close(v, v0, atol=1e-12, rtol=0)
+        for t in chains.keys + chains.values:  # the truncated positions are erased from the storage
+            assert not t[a.index, :, col:chains.width].any()
+
+    run()
+    monkeypatch.setattr(ops, "kv_rollback", lambda *a, **k: None)
+    with pytest.raises(AssertionError):
+        run()
+
+
 def test_batch_equals_one_at_a_time(reasoner, content_judge):
     content_judge(reasoner)
     batch = reasoner.generate_batch(PROMPTS, mode="fpsr", alpha=0.5)

@@ -9,12 +9,17 @@ cpn 0.73-0.77, so alpha 0.755 accepts the first drafted step and rejects the nex
 writes those steps (a fallback across two tokenizers, the draft catching up on re-tokenized text). These
 small models do not finish a problem within an affordable CPU budget (both keep writing past the answer),
 so the runs end by length; the draft-only run reaches a step that ends at the blank-line delimiter.
+Those measured verdicts are the target's own Yes/No verdict, so the ``real`` pair states its judge
+(``verdict_head=None``); the pair loaded with the defaults judges with the head dreamr ships for
+gemma-3-270m (``dreamr/heads/gemma-3-270m/``), tested on its own below.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,8 @@ DATA = Path(__file__).resolve().parent.parent / "examples" / "gsm8k_dev_sample.j
 SYSTEM = ("Solve the problem step by step. Write each step as one short paragraph and leave a blank line "
           "between steps. End with 'The answer is N.'")
 SETTINGS = dict(max_new_tokens=72, max_step_tokens=24, answer_marker="The answer is")
+MAIN_JOB = dict(max_new_tokens=256, max_step_tokens=64, alpha=0.7)
+"""The settings of ``python -m dreamr --gsm8k 0`` (its defaults)."""
 
 
 def gsm8k_prompt(index: int = 0):
@@ -36,11 +43,28 @@ def gsm8k_prompt(index: int = 0):
 def real():
     from dreamr.reasoner import SpeculativeReasoner
 
+    # the raw judge (the target's Yes/No verdict): the verdicts the runs below were picked from
+    return SpeculativeReasoner.from_pretrained(dtype="float32", progress=False, verdict_head=None, **SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def headed():
+    """The default pair as the CLI loads it: the built-in target judges with its shipped verdict head."""
+    from dreamr.reasoner import SpeculativeReasoner
+
     return SpeculativeReasoner.from_pretrained(dtype="float32", progress=False, **SETTINGS)
 
 
 def structure(result):
     return [(s.text, s.num_tokens) for s in result.steps]
+
+
+def loops(text: str) -> bool:
+    """A repetition loop, as SmolLM2 writes once it degenerates: some run of four words occurs three
+    times or more ("the amount of money she makes from the amount of money she makes from ...")."""
+    words = re.findall(r"[a-z']+", text.lower())
+    runs = Counter(tuple(words[i:i + 4]) for i in range(len(words) - 3))
+    return bool(runs) and max(runs.values()) >= 3
 
 
 def test_gsm8k_problem_end_to_end_with_accepted_and_target_steps(real):
@@ -114,6 +138,9 @@ def test_self_draft_pair_shares_weights_and_keeps_alpha_ends():
 
     r = SpeculativeReasoner.from_pretrained(draft="self", dtype="float32", progress=False, **SETTINGS)
     assert r.same_tokenizer  # steps pass as token ids, no re-tokenization
+    head = r.verdict_head(r.config)  # the built-in target judges with the head dreamr ships for it
+    assert head is not None and head.meta["target"]["name"] == "smollm2-135m-instruct"
+    assert r.verifier_for(r.config).calibrate == head.calibrated
     target_ptrs = {p.data_ptr() for p in r.target.model.parameters()}
     assert {p.data_ptr() for p in r.draft.model.parameters()} <= target_ptrs  # no second copy
     prompt = gsm8k_prompt(3)
@@ -123,3 +150,57 @@ def test_self_draft_pair_shares_weights_and_keeps_alpha_ends():
     assert len(written.steps) >= 3 and structure(written) == structure(target_only)
     result = r.generate(prompt)
     assert all(s.cpn is not None and math.isfinite(s.cpn) for s in result.steps)
+
+
+def test_main_job_with_the_shipped_head(headed, real):
+    """``python -m dreamr --gsm8k 0`` as the CLI runs it: the shipped, calibrated head judges each drafted
+    step by the target's hidden state at the verdict position minus the null step's at the same prefix
+    (checked against a plain-PyTorch recomputation from fresh prefills), and accepts no repetition loop."""
+    from dreamr.cache import CachedSequence
+
+    head = headed.verdict_head(headed.config)
+    assert head is not None and head.calibrated and head.meta["target"]["name"] == "gemma-3-270m"
+    assert real.verdict_head(real.config) is None  # verdict_head=None: the raw judge
+    verifier = headed.verifier_for(headed.config)
+    assert verifier.head is head and verifier.calibrate
+    engine = headed.engine("speculative")
+    seen = []
+    engine.observer = lambda t_seq, d_seq: seen.append(list(t_seq.ids))
+    prompt = gsm8k_prompt(0)
+    try:
+        result = headed.generate(prompt, **MAIN_JOB)
+    finally:
+        engine.observer = None
+    steps = result.steps
+    assert steps and len(seen) == len(steps) and result.metrics.nonfinite_verdicts == 0
+    model, prefix = headed.target.model, headed.target.encode_prompt(prompt)
+    for step, after in zip(steps, seen):
+        drafted = step.text if step.accepted else step.rejected_text  # the step the head judged
+        ids = headed.target.encode_text(drafted)
+        hidden = CachedSequence(model, prefix).last_hidden(ids + verifier.suffix_ids(drafted))
+        null = CachedSequence(model, prefix).last_hidden(verifier.null_ids())
+        assert step.cpn == pytest.approx(float(head.reference_cpn(hidden, null)[0]), abs=1e-4)
+        assert step.accepted == (step.cpn > MAIN_JOB["alpha"]) and step.alpha == MAIN_JOB["alpha"]
+        assert not (step.accepted and loops(step.text))
+        prefix = after
+    assert result.metrics.accepted_steps < result.metrics.verified_steps  # the head rejects some drafted steps
+
+
+def test_shipped_head_rejects_the_repetition_loops_the_raw_judge_accepts(real, headed):
+    """The main job with the raw judge accepts SmolLM2's repetition loops (cpn about 0.75 > 0.7); the
+    shipped head, judging those same steps after the same committed text, rejects every one."""
+    from dreamr.cache import CachedSequence
+
+    prompt = gsm8k_prompt(0)
+    raw = real.generate(prompt, **MAIN_JOB)
+    looped = [s for s in raw.steps if s.accepted and loops(s.text)]
+    assert looped  # the failure the head is there for
+    verifier = headed.verifier_for(headed.config)
+    seq = CachedSequence(headed.target.model, headed.target.encode_prompt(prompt))
+    verdicts = []
+    for step in raw.steps:  # the raw run's committed text, step by step, judged by the head
+        cpn, accepted = verifier.verify(seq, headed.target.encode_text(step.text), step.text,
+                                        alpha=MAIN_JOB["alpha"], commit=True)
+        verdicts.append((step, cpn, accepted))
+    assert all(not accepted for step, _, accepted in verdicts if step in looped), \
+        [(s.text[:60], cpn) for s, cpn, _ in verdicts]

@@ -1,8 +1,10 @@
-"""dreamr.steps: where a step ends, and the final-answer marker."""
+"""dreamr.steps: where a step ends, the final-answer marker, and the one step splitter."""
 
 from __future__ import annotations
 
-from dreamr.steps import StepWriter, ends_step, has_answer
+import pytest
+
+from dreamr.steps import StepWriter, ends_step, has_answer, split_steps
 
 
 def test_ends_step():
@@ -33,3 +35,17 @@ def test_step_writer_ends_at_delimiter_eos_and_cap(tok_a):
 
     w = StepWriter(tok_a, eos, "\n\n", 3)
     assert [w.add(t) for t in ids[:3]] == [None, None, "cap"] and w.content_ids == ids[:3]
+
+
+def test_split_steps_keeps_delimiters_and_never_makes_a_blank_step():
+    assert split_steps("a\n\nb\n\n\n\nc") == ["a\n\n", "b\n\n\n\n", "c"]
+    assert split_steps("\n\nThe sum is 4.\n\n") == ["The sum is 4.\n\n"]  # a leading blank piece is dropped
+    assert split_steps("x ### y", "###") == ["x ###", " y"]
+    assert split_steps("") == [] and split_steps("  \n\n ") == [] and split_steps(None) == []
+    text = "Step 1: 2 + 2 = 4.\n\nStep 2: 4 * 3 = 12.\n\nThe answer is 12."
+    steps = split_steps(text)
+    assert "".join(steps) == text and len(steps) == 3
+    # every piece but the last ends a step by the same rule the writers use
+    assert all(ends_step(s, "\n\n") for s in steps[:-1]) and not ends_step(steps[-1], "\n\n")
+    with pytest.raises(ValueError, match="delimiter"):
+        split_steps("a", "")

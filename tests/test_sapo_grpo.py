@@ -110,3 +110,27 @@ def test_token_logprobs_equals_log_softmax():
     expected = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(token_logprobs(logits, targets), expected, atol=1e-14)
     assert token_logprobs(logits.float(), targets).dtype == torch.float32
+
+
+def test_sampling_logits_are_transformers_warpers_and_bad_values_raise():
+    """Temperature then top-p, as generate's TemperatureLogitsWarper and TopPLogitsWarper; the nucleus is
+    renormalised by token_logprobs, and a token outside it is -inf."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from training.grpo import sampling_logits
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 50, dtype=torch.float64) * 3
+    flat = logits.reshape(-1, 50)
+    want = TopPLogitsWarper(0.7)(None, TemperatureLogitsWarper(0.8)(None, flat.clone())).reshape(3, 5, 50)
+    got = sampling_logits(logits, 0.8, 0.7)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.isinf(got).any()
+    assert torch.allclose(got[~torch.isinf(got)], want[~torch.isinf(want)], atol=0, rtol=1e-15)
+    targets = torch.randint(0, 50, (3, 5))
+    lp = token_logprobs(logits, targets, temperature=0.8, top_p=0.7)
+    ref = torch.log_softmax(want, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    assert torch.equal(torch.isinf(lp), torch.isinf(ref)) and torch.allclose(lp[~lp.isinf()], ref[~ref.isinf()])
+    assert torch.equal(sampling_logits(logits, 1.0, 1.0), logits)
+    for t, p in ((0.0, 1.0), (1.0, 0.0), (1.0, 1.5)):
+        with pytest.raises(ValueError, match="temperature" if t == 0 else "top_p"):
+            sampling_logits(logits, t, p)

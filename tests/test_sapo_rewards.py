@@ -6,10 +6,12 @@ import pytest
 import torch
 
 from conftest import build_tokenizer
-from training.rewards import (DraftReward, LengthReward, OutcomeReward, SAPOReward, answers_match, extract_answer,
-                              split_steps)
+from dreamr.answers import answers_match, extract_answer
+from dreamr.steps import split_steps
+from training.rewards import DraftReward, LengthReward, OutcomeReward, SAPOReward, reward_funcs
+from training.scoring import StepScorer
 
-# -- answer extraction (shared with evaluation) --------------------------------------------------------
+# -- answer extraction (the library's, dreamr.answers, which SAPO's outcome reward uses) ------------------
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -125,32 +127,33 @@ def controllable_target(tokenizer, strength: float = 60.0):
 
 @pytest.fixture(scope="module")
 def judge():
+    """The controllable target's scorer, judging in the reasoner's context (chat framing, system prompt)."""
     from dreamr.verify import StepVerifier
 
     tok = build_tokenizer(400)
-    assert not set(tok.encode(GOOD, add_special_tokens=False)) & set(
-        tok.encode("Question: Q\nAnswer:" + "Is the last step correct? Answer Yes or No.\nAnswer:",
-                   add_special_tokens=False))
-    return StepVerifier(controllable_target(tok), tok, alpha=0.7)
+    # strength 200: attention is uniform, and the chat context (system prompt) dilutes the step's "right"s
+    scorer = StepScorer(StepVerifier(controllable_target(tok, strength=200.0), tok, alpha=0.7))
+    context = scorer.context("Q")[0] + scorer.verifier.suffix_ids(".\n\n")
+    assert not set(tok.encode(GOOD, add_special_tokens=False)) & set(context)  # only the step says "right"
+    return scorer
 
 
 def test_controllable_target_scores_steps_above_and_below_alpha(judge):
-    pos, neg = judge.verdict_ids
+    pos, neg = judge.verifier.verdict_ids
     neutral = len(pos) / (len(pos) + len(neg))
     assert neutral <= 0.7  # a step without "right" is rejected at alpha 0.7
-    good, bad = judge.score_steps("Question: Q\nAnswer:", [GOOD * 3 + ".\n\n"]), \
-        judge.score_steps("Question: Q\nAnswer:", [BAD * 3 + ".\n\n"])
+    good, bad = judge.score("Q", [GOOD * 3 + ".\n\n"]), judge.score("Q", [BAD * 3 + ".\n\n"])
     assert good[0] > 0.99 and bad[0] == pytest.approx(neutral, abs=1e-6)
 
 
 def test_draft_reward_fraction_and_mean(judge):
     accepted, rejected = GOOD * 3 + ".\n\n", BAD * 3 + ".\n\n"
     completions = [accepted + accepted, rejected + rejected, rejected + accepted, ""]
-    r = DraftReward(judge, mode="fraction", target_prompt=lambda q: f"Question: {q}\nAnswer:")
+    r = DraftReward(judge, mode="fraction")
     out = r(["Q"] * 4, completions)
     assert out == [1.0, 0.0, 0.5, 0.0]
     assert [len(c) for c in r.last_cpns] == [2, 2, 2, 0]
-    pos, neg = judge.verdict_ids
+    pos, neg = judge.verifier.verdict_ids
     neutral = len(pos) / (len(pos) + len(neg))
     mean = DraftReward(judge, mode="mean")(["Q"] * 2, completions[:2])
     assert mean[0] > 0.99 and mean[1] == pytest.approx(neutral, abs=1e-6)
@@ -165,7 +168,7 @@ class FixedJudge:
 
     alpha = 0.7
 
-    def score_steps(self, prompt, steps):
+    def score(self, question, steps, images=None):
         return [float(extract_answer(s)) / 10 for s in steps]
 
 
@@ -184,3 +187,42 @@ def test_sapo_reward_weighted_sum_and_zero_weight_skips_component():
         SAPOReward(OutcomeReward(), None, LengthReward(), (0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="draft weight"):
         SAPOReward(OutcomeReward(), None, LengthReward(), (1.0, 1.0, 1.0))
+
+
+class Float32Judge:
+    """A verifier stand-in whose every step gets the float32 cpn ``value`` (as the kernels store it)."""
+
+    alpha = 0.85
+
+    def __init__(self, value):
+        self.value = float(torch.tensor(value, dtype=torch.float32))
+
+    def score(self, question, steps, images=None):
+        return [self.value] * len(steps)
+
+
+def test_draft_reward_accepts_by_the_kernels_rule():
+    """A float32 cpn of 0.85 is 0.8500000238 as a double, above 0.85; the kernels compare in float32 and
+    reject it (dreamr.reference.accepts_value), and so does the reward."""
+    at = Float32Judge(0.85)
+    assert at.value > 0.85  # what `cpn > alpha` in double would accept
+    assert DraftReward(at, alpha=0.85)(["q"], ["a step\n\n"]) == [0.0]
+    assert DraftReward(Float32Judge(0.8501), alpha=0.85)(["q"], ["a step\n\n"]) == [1.0]
+    assert DraftReward(Float32Judge(float("nan")), alpha=0.0)(["q"], ["a step\n\n"]) == [0.0]
+    with pytest.raises(ValueError, match="scorer"):
+        DraftReward(object())
+
+
+def test_reward_funcs_for_trl_are_the_weighted_components():
+    judge = FixedJudge()
+    comp = ["9\n\n8\n\nThe answer is 4.", "1\n\nThe answer is 5."]
+    funcs, weights = reward_funcs(judge, alpha=0.7, length_max_steps=2, length_max_tokens=100, weights=(1.0, 2.0, 4.0))
+    assert [f.__name__ for f in funcs] == ["outcome_reward", "draft_reward", "length_reward"] and weights == [1.0, 2.0, 4.0]
+    parts = [f(["q", "q"], comp, answer=["4", "4"], completion_ids=[[1] * 5, [1] * 3]) for f in funcs]
+    sapo = SAPOReward(OutcomeReward(), DraftReward(judge), LengthReward(max_steps=2, max_tokens=100), (1.0, 2.0, 4.0))
+    assert [sum(w * p[i] for w, p in zip(weights, parts)) for i in range(2)] == pytest.approx(
+        sapo(["q", "q"], comp, answer=["4", "4"], completion_ids=[[1] * 5, [1] * 3]))
+    no_draft, w = reward_funcs(None, weights=(1.0, 0.0, 1.0))
+    assert [f.__name__ for f in no_draft] == ["outcome_reward", "length_reward"] and w == [1.0, 1.0]
+    with pytest.raises(ValueError, match="scorer"):
+        reward_funcs(None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, tiny_llama, tiny_qwen2
+from dreamr.config import ReasonerConfig
 from training import SAPOConfig, SAPOTrainer
 from training.trainer import Rollout
 from training.train_sapo import main as script_main
@@ -27,10 +29,17 @@ def toks():
     return build_tokenizer(400), build_tokenizer(330, reverse=True, bos=False)
 
 
+REASONER_FIELDS = {f.name for f in dataclasses.fields(ReasonerConfig)}
+
+
 def make(toks, out_dir=None, rows=ROWS, **overrides):
+    """A trainer on the tiny pair; overrides of ReasonerConfig fields (temperature, top_p, alpha, ...) go
+    into the embedded reasoner config."""
     tok_t, tok_d = toks
-    kw = dict(group_size=3, batch_prompts=2, total_steps=2, lr=1e-2, max_new_tokens=8, dtype="float64",
-              length_max_tokens=6, length_max_steps=1)
+    rc = dict(temperature=1.0, max_new_tokens=8)
+    rc.update({k: overrides.pop(k) for k in list(overrides) if k in REASONER_FIELDS})
+    kw = dict(group_size=3, batch_prompts=2, total_steps=2, lr=1e-2, dtype="float64",
+              length_max_tokens=6, length_max_steps=1, reasoner=ReasonerConfig(**rc))
     kw.update(overrides)
     return SAPOTrainer(tiny_qwen2(tok_d), tok_d, tiny_llama(tok_t), tok_t, data=rows, config=SAPOConfig(**kw),
                        out_dir=out_dir, progress=False)
@@ -79,7 +88,7 @@ def test_equal_rewards_give_no_policy_gradient(toks):
 
 
 def test_train_logs_saves_and_output_loads(toks, tmp_path):
-    tr = make(toks, tmp_path / "run", beta=0.1, ppo_epochs=2)
+    tr = make(toks, tmp_path / "run", beta=0.1, num_iterations=2)
     hist = tr.train()
     assert [h["step"] for h in hist] == [1, 2]
     keys = {"reward", "r_outcome", "r_draft", "r_length", "acceptance", "kl", "clip_frac", "tokens_mean",

@@ -401,3 +401,42 @@ def test_random_completion_order_commits_what_sequential_commits(window, launch)
             assert stats["targets_launched"] <= stats["rejected"]
     if window > 1:
         assert total_cancelled > 0  # early stopping really happened
+
+
+def test_enums_are_the_compiled_cores():
+    """The Python enums are built from the tables the C++ core exports (csrc/bindings.cpp), and those hold
+    the numbers the header documents as part of the Python API (csrc/scheduler/fpsr_scheduler.h)."""
+    from dreamr import scheduler
+
+    documented = {
+        "ActionKind": {"LAUNCH_DRAFT": 0, "LAUNCH_VERIFY": 1, "LAUNCH_TARGET": 2, "CANCEL": 3, "COMMIT_DRAFT": 4,
+                       "COMMIT_TARGET": 5, "FINISH": 6},
+        "StepEnd": {"NONE": 0, "EOS": 1, "ANSWER_MARKER": 2},
+        "FinishReason": {"NONE": 0, "EOS": 1, "ANSWER_MARKER": 2, "BUDGET": 3, "ABORTED": 4},
+        "TargetLaunch": {"EAGER": 0, "ON_REJECT": 1},
+        "Work": {"WORK_DRAFT": 1, "WORK_VERIFY": 2, "WORK_TARGET": 4},
+    }
+    for name, values in documented.items():
+        assert scheduler.enum_values(name) == values
+        if name != "Work":
+            assert {m.name: int(m) for m in getattr(scheduler, name)} == values
+    assert (WORK_DRAFT, WORK_VERIFY, WORK_TARGET) == (1, 2, 4)
+    with pytest.raises(ValueError, match="enum_values: name must be one of"):
+        scheduler.enum_values("Colour")
+    # the Python names reach the C++ side as its numbers: an on-reject scheduler launches no target
+    s = Scheduler(window=2, alpha=0.5, target_launch=TargetLaunch.ON_REJECT)
+    s.add_request(10)
+    assert kinds(s.poll()) == [K.LAUNCH_DRAFT]
+
+
+def test_scheduler_module_copies_no_numbers():
+    """dreamr/scheduler.py assigns no enum member a literal number (they come from the core)."""
+    import ast
+    import inspect
+
+    from dreamr import scheduler
+
+    tree = ast.parse(inspect.getsource(scheduler))
+    literal_ints = [node for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                    and isinstance(node.value, ast.Constant) and isinstance(node.value.value, int)]
+    assert literal_ints == []

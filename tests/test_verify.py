@@ -1,4 +1,5 @@
-"""dreamr.verify: verdict token sets, CPN from the target's hidden state, cache hygiene, score_steps."""
+"""dreamr.verify: verdict token sets, CPN from the target's hidden state, cache hygiene (scoring whole
+solutions for SAPO's reward moved to training/scoring.py, tested in tests/test_sapo_scoring.py)."""
 
 from __future__ import annotations
 
@@ -93,26 +94,6 @@ def test_suffix_puts_delimiter_before_template(tok_a, target_model):
     assert tok_a.decode(v.suffix_ids("a step cut at the cap")) == "\n\n" + DEFAULT_TEMPLATE
     # the room a step leaves for its verdict prompt: the longer form, whichever way the step ends
     assert v.reserve == max(len(v.suffix_ids("")), len(v.suffix_ids("\n\n"))) == len(v.suffix_ids("a step"))
-
-
-def test_score_steps_matches_one_at_a_time(tok_a, target_model):
-    v = StepVerifier(target_model, tok_a)
-    prompt = "How many clips did Natalia sell?"
-    steps = ["Step 1: 48 in April.\n\n", "Step 2: 24 in May.\n\n", "The answer is 72."]
-    scores = v.score_steps(prompt, steps)
-    assert len(scores) == 3 and all(0.0 < s < 1.0 for s in scores)
-    pos, neg = v.verdict_ids
-    ids = tok_a.encode(prompt)
-    for step, got in zip(steps, scores):
-        step_ids = tok_a.encode(step, add_special_tokens=False)
-        want = naive_cpn(target_model, ids + step_ids + v.suffix_ids(step), pos, neg)
-        assert got == pytest.approx(want, abs=1e-6)
-        ids += step_ids
-    assert v.score_steps(prompt, []) == []
-    with pytest.raises(ValueError, match="prompt"):
-        v.score_steps("", steps)
-    with pytest.raises(ValueError, match="steps"):
-        v.score_steps(prompt, "one string")
 
 
 def test_nonfinite_hidden_gives_nan_and_rejects(tok_a, target_model):

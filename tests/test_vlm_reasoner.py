@@ -21,8 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import build_tokenizer, tiny_qwen2
-from dreamr.cache import CachedSequence, cache_tensors
-from dreamr.multimodal import ImagePrefix
+from dreamr.cache import CachedSequence, ImagePrefix, cache_tensors
 from dreamr.reasoner import SpeculativeReasoner
 from vlm_models import llava, qwen2_5_vl, qwen2_vl, random_image, vision_module
 
@@ -303,7 +302,8 @@ def test_text_requests_on_a_vision_language_target_after_an_image_request(pair):
 @pytest.mark.parametrize("family", ["qwen2_vl", "llava"])
 def test_image_sequence_rollback_equals_fresh_prefill(family, qwen_vl, llava_vl):
     """Decode, roll back inside the text, decode again: logits equal a fresh prefill; the prefix stays."""
-    from dreamr.multimodal import encode_prefix, prepare_prompt, processor_inputs
+    from dreamr.cache import encode_prefix
+    from dreamr.multimodal import prepare_prompt, processor_inputs
 
     model, processor = qwen_vl if family == "qwen2_vl" else llava_vl
     inputs = processor_inputs(processor, prepare_prompt(PROMPT, [random_image(14)]), "target")

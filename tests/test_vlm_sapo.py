@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import build_tokenizer, tiny_qwen2
+from dreamr.config import ReasonerConfig
 from training import SAPOConfig, SAPOTrainer
 from training.data import load_jsonl
 from vlm_models import qwen2_vl, random_image, vision_module
@@ -32,7 +33,8 @@ def image_data(tmp_path):
 
 
 def config(**kw):
-    base = dict(group_size=2, batch_prompts=3, micro_batch_prompts=3, total_steps=1, lr=1e-2, max_new_tokens=6,
+    base = dict(group_size=2, batch_prompts=3, micro_batch_prompts=3, total_steps=1, lr=1e-2,
+                reasoner=ReasonerConfig(temperature=1.0, max_new_tokens=6),
                 dtype="float64", length_max_tokens=6, length_max_steps=1, shuffle=False, beta=0.04)
     base.update(kw)
     return SAPOConfig(**base)
@@ -100,9 +102,8 @@ def test_text_only_draft_with_a_vision_language_target(image_data, tmp_path):
     assert ro.vision_inputs is None and ro.prompt_ids == tr.prompt_ids(QUESTIONS[0][0])  # the draft reads text
     assert sum(1 for c in ro.cpns if c) > 0 and t_calls.n == 1  # each verification sees the image, encoded once
     # the target's verdicts with the image differ from its verdicts on the text alone
-    text_only = tr.reward.draft.verifier.score_steps("Question: " + QUESTIONS[0][0] + "\nAnswer:", ["Step 1: 4.\n\n"])
-    seen = tr.reward.draft.verifier.score_steps("Question: " + QUESTIONS[0][0] + "\nAnswer:", ["Step 1: 4.\n\n"],
-                                                images=[random_image(0)])
+    text_only = tr.reward.draft.scorer.score(QUESTIONS[0][0], ["Step 1: 4.\n\n"])
+    seen = tr.reward.draft.scorer.score(QUESTIONS[0][0], ["Step 1: 4.\n\n"], images=[random_image(0)])
     assert text_only != seen
     tr.train()
     assert (tmp_path / "out" / "config.json").is_file()
@@ -139,36 +140,38 @@ def test_script_trains_a_vision_language_draft_on_image_rows(image_data, tmp_pat
     assert trained.processor is not None and type(trained.model).__name__ == "Qwen2VLForConditionalGeneration"
 
 
-def test_score_steps_encodes_an_image_prompt_once_for_consecutive_calls():
+def test_scorer_encodes_an_image_prompt_once_for_consecutive_calls():
     """The draft reward scores a row's G completions one call each: the image prefix is encoded once and
-    each call gets its own copy, so the scores equal those of a verifier that encodes it every time."""
+    each call gets its own copy, so the scores equal those of a scorer that encodes it every time."""
     from dreamr.verify import StepVerifier
+    from training.scoring import StepScorer
 
     target, t_proc = qwen2_vl(seed=0, layers=1)
     calls = Calls(target)
-    prompt, image = "Question: " + QUESTIONS[0][0] + "\nAnswer:", random_image(0)
-    completions = [["Step 1: 4.\n\n", "#### 12"], ["Step 1: 3 + 9.\n\n"], ["So 12.\n\n", "Step 2: 7.\n\n", "#### 7"]]
+    prompt, image = QUESTIONS[0][0], random_image(0)
+    completions = [["Step 1: 4.\n\n", "The answer is 12."], ["Step 1: 3 + 9.\n\n"],
+                   ["So 12.\n\n", "Step 2: 7.\n\n", "The answer is 7."]]
 
     def fresh(steps, images, text=prompt):
-        return StepVerifier(target, t_proc).score_steps(text, steps, images=images)
+        return StepScorer(StepVerifier(target, t_proc)).score(text, steps, images=images)
 
-    v = StepVerifier(target, t_proc)
-    assert v.tokenizer is t_proc.tokenizer and v.processor is t_proc
-    reused = [v.score_steps(prompt, steps, images=[image]) for steps in completions]
+    v = StepScorer(StepVerifier(target, t_proc))
+    assert v.verifier.tokenizer is t_proc.tokenizer and v.verifier.processor is t_proc
+    reused = [v.score(prompt, steps, images=[image]) for steps in completions]
     assert calls.n == 1
     calls.n = 0
     assert reused == [fresh(steps, [image]) for steps in completions] and calls.n == 3
     calls.n = 0
     other = random_image(1, (28, 56))  # another image (or prompt) is encoded anew
-    assert v.score_steps(prompt, completions[0], images=[other]) == fresh(completions[0], [other])
+    assert v.score(prompt, completions[0], images=[other]) == fresh(completions[0], [other])
     assert calls.n == 2
-    text = "Question: 2 + 2?\nAnswer:"
-    assert v.score_steps(text, completions[0], images=[other]) == fresh(completions[0], [other], text)
+    text = "What is 2 + 2?"
+    assert v.score(text, completions[0], images=[other]) == fresh(completions[0], [other], text)
     assert calls.n == 4
     calls.n = 0
     with torch.no_grad():  # weights updated in place (an optimizer step): the kept prefix is stale
         next(p for n, p in target.named_parameters() if "visual" in n).mul_(1.5)
-    assert v.score_steps(prompt, completions[0], images=[image]) == fresh(completions[0], [image])
+    assert v.score(prompt, completions[0], images=[image]) == fresh(completions[0], [image])
     assert calls.n == 2
     calls.handle.remove()
 

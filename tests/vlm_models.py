@@ -1,7 +1,4 @@
-"""The tiny vision-language models moved to :mod:`dreamr.testing_vlm` (benchmarks use them too).
+"""The tiny vision-language models live in :mod:`dreamr.testing` (benchmarks use them too); this keeps
+``from vlm_models import ...`` working in the tests that write it."""
 
-Kept for the tests that still write ``from vlm_models import ...``; new code imports dreamr.testing_vlm.
-"""
-
-from dreamr.testing_vlm import *  # noqa: F401,F403
-from dreamr.testing_vlm import __all__  # noqa: F401
+from dreamr.testing import bpe_tokenizer, llava, qwen2_5_vl, qwen2_vl, random_image, vision_module  # noqa: F401

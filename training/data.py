@@ -20,14 +20,10 @@ from typing import Iterable, Optional, Union
 
 import torch
 
-__all__ = ["Example", "Dataset", "load_jsonl", "validate_rows", "DEFAULT_SYSTEM_PROMPT", "draft_messages",
+from dreamr.prompts import SYSTEM_PROMPT, chat_messages
+
+__all__ = ["Example", "Dataset", "load_jsonl", "validate_rows", "draft_messages",
            "global_indices"]
-
-DEFAULT_SYSTEM_PROMPT = (
-    "Solve the math problem step by step. Write each step as a short paragraph and separate steps with a "
-    "blank line. End with the final answer on its own line as '#### <number>'."
-)
-
 
 @dataclass(frozen=True)
 class Example:
@@ -118,14 +114,16 @@ def load_jsonl(path: Union[str, Path], limit: Optional[int] = None) -> Dataset:
     return validate_rows(rows, source=f"data={str(path)!r}", base_dir=p.parent)
 
 
-def draft_messages(question: str, system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT,
-                   n_images: int = 0) -> list[dict]:
-    """Chat messages for the draft: an optional system instruction and the question (after ``n_images``
-    image parts ``{"type": "image"}``, for a vision-language draft's processor)."""
-    msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+def draft_messages(question: str, system_prompt: Optional[str] = SYSTEM_PROMPT, n_images: int = 0) -> list[dict]:
+    """The conversation of one question, as evaluation and ``python -m dreamr`` send it to the reasoner
+    (:func:`dreamr.prompts.chat_messages`: the system prompt asks for blank-line steps and "The answer is
+    N."), so the draft is trained on the prompt it is used with, and the target judges in the same
+    framing (:mod:`training.scoring`). With ``n_images``, the user message holds that many image parts
+    ``{"type": "image"}`` before the question's text (a vision-language model's processor places them)."""
+    messages = chat_messages(question, system_prompt)
     if n_images:
-        return msgs + [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}]
-    return msgs + [{"role": "user", "content": question}]
+        messages[-1] = {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": question}]}
+    return messages
 
 
 def global_indices(n_examples: int, step: int, batch_prompts: int, seed: int, shuffle: bool = True) -> list[int]:

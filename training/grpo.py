@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["group_advantages", "token_logprobs", "kl_k3", "grpo_loss"]
+__all__ = ["group_advantages", "sampling_logits", "token_logprobs", "kl_k3", "grpo_loss"]
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True,
@@ -44,16 +44,55 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Tr
     return centred.masked_fill(equal, 0.0).reshape(-1)
 
 
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] per position: ``logits [N, T, V]``, ``targets [N, T]`` -> ``[N, T]``.
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
+    """The logits of the distribution the draft samples from: divided by ``temperature``, then the
+    nucleus of mass ``top_p`` kept and every other token set to ``-inf``.
+
+    The same transform, in the same order, as ``generate(do_sample=True, temperature=..., top_p=...,
+    top_k=0)`` (transformers' ``TemperatureLogitsWarper`` then ``TopPLogitsWarper``): in ascending order of
+    probability, tokens whose cumulative probability is ``<= 1 - top_p`` are removed, the most probable
+    token always stays. The nucleus is a discrete choice and carries no gradient; the kept logits do.
+
+    Parameters
+    ----------
+    logits : Tensor ``[..., V]``
+    temperature : float > 0
+    top_p : float in (0, 1]; 1 keeps every token
+
+    Returns
+    -------
+    Tensor ``[..., V]``, the dtype of ``logits``
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (the log-probabilities of a sampling distribution), got {temperature!r}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    scaled = logits / temperature if temperature != 1.0 else logits
+    if top_p >= 1.0:
+        return scaled
+    with torch.no_grad():
+        sorted_logits, order = torch.sort(scaled, dim=-1, descending=False)
+        remove_sorted = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= (1.0 - top_p)
+        remove_sorted[..., -1] = False  # the most probable token is always kept
+        remove = remove_sorted.scatter(-1, order, remove_sorted)
+    return scaled.masked_fill(remove, float("-inf"))
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, *, temperature: float = 1.0,
+                   top_p: float = 1.0) -> torch.Tensor:
+    """log-probability of each target under the sampling distribution of ``logits``.
+
+    ``log softmax(sampling_logits(logits, temperature, top_p))[target]`` per position: ``logits [N, T, V]``,
+    ``targets [N, T]`` -> ``[N, T]``. A target outside the nucleus (possible only for a policy other than
+    the one that sampled it) gets ``-inf``. With the defaults it is the plain ``log softmax``.
 
     Computed in float32 at least (float64 stays float64), one row at a time to bound memory.
     """
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     out = []
     for row_logits, row_t in zip(logits, targets):
-        row = row_logits.to(dtype)
-        out.append(row.gather(-1, row_t.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
+        row = torch.log_softmax(sampling_logits(row_logits.to(dtype), temperature, top_p), dim=-1)
+        out.append(row.gather(-1, row_t.unsqueeze(-1)).squeeze(-1))
     return torch.stack(out)
 
 
@@ -92,7 +131,13 @@ def grpo_loss(
 
     Returns ``(loss, stats)`` with ``stats`` (detached sums over unmasked tokens, so they add up across
     micro-batches): ``tokens``, ``kl_sum``, ``clipped_sum`` (tokens whose ratio was clipped, i.e. the
-    clipped term was the smaller one and differed), ``ratio_sum``.
+    clipped term was the smaller one and differed), ``ratio_sum``; and ``ratio_dev_max``, the largest
+    ``|r - 1|`` over unmasked tokens (combine micro-batches with ``max``): 0 where ``old_logp`` is the
+    current policy's own value, as on the first optimisation step of a batch sampled by this policy.
+
+    Shapes: ``logp``, ``old_logp``, ``ref_logp`` and ``mask`` ``[N, T]``; ``advantages`` ``[N]``. ``logp``
+    may be ``-inf`` at a token outside the current policy's nucleus (ratio 0, no gradient); ``old_logp``
+    must be finite where ``mask`` is 1 (the sampler drew those tokens).
     """
     if loss_type not in ("token", "sequence"):
         raise ValueError(f"loss_type must be 'token' or 'sequence', got {loss_type!r}")
@@ -106,6 +151,8 @@ def grpo_loss(
     clipped = torch.clamp(ratio, 1.0 - epsilon, 1.0 + eps_high) * adv
     obj = torch.minimum(unclipped, clipped)
     kl = kl_k3(logp, ref_logp) if ref_logp is not None else torch.zeros_like(logp)
+    # padding may sit outside a nucleus (-inf log-probs): keep its non-finite terms out of the sums
+    kl = torch.where(mask > 0, kl, torch.zeros_like(kl))
     if beta:
         obj = obj - beta * kl
     per_token = -obj
@@ -122,5 +169,6 @@ def grpo_loss(
             "kl_sum": (kl * mask).sum(),
             "clipped_sum": (was_clipped.to(mask.dtype) * mask).sum(),
             "ratio_sum": (ratio * mask).sum(),
+            "ratio_dev_max": ((ratio - 1.0).abs() * mask).max() if mask.numel() else torch.zeros((), dtype=mask.dtype),
         }
     return loss, stats

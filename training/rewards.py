@@ -1,4 +1,4 @@
-"""SAPO rewards: ``R = w_outcome * R_outcome + w_draft * R_draft + w_length * R_length`` (METHOD.md, section 3).
+"""SAPO rewards: ``R = w_outcome * R_outcome + w_draft * R_draft + w_length * R_length`` (docs/method.md, SAPO).
 
 Each component is a plain callable with the signature of TRL GRPOTrainer's ``reward_funcs``::
 
@@ -10,23 +10,24 @@ lists with one entry per completion (the reference answer as ``answer=[...]``). 
 installed; with TRL, pass e.g. ``reward_funcs=[OutcomeReward(), DraftReward(verifier), LengthReward()]``
 and ``reward_weights=[1, 1, 1]``.
 
-The answer extraction used by training and by evaluation lives here, in one place:
-:func:`extract_answer` and :func:`answers_match`.
+Answers are read and compared by :mod:`dreamr.answers` and steps split by :func:`dreamr.steps.split_steps`,
+the library's own, which evaluation and the reasoner use too; a step is accepted by
+:func:`dreamr.reference.accepts_value`, the kernels' rule.
+
+:func:`reward_funcs` gives the three components and their weights for ``trl.GRPOTrainer``.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from decimal import Decimal, InvalidOperation
 from numbers import Real
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from dreamr.answers import answers_match, extract_answer
+from dreamr.reference import accepts_value
+from dreamr.steps import split_steps
 
 __all__ = [
-    "extract_answer",
-    "normalize_number",
-    "answers_match",
-    "split_steps",
     "completion_text",
     "prompt_text",
     "OutcomeReward",
@@ -34,121 +35,12 @@ __all__ = [
     "LengthReward",
     "SAPOReward",
     "check_weights",
+    "reward_funcs",
 ]
 
 # --------------------------------------------------------------------------------------------------
-# Answer extraction (shared with evaluation)
+# Text helpers (answers and steps come from the library: dreamr.answers, dreamr.steps)
 # --------------------------------------------------------------------------------------------------
-
-# A number: optional sign, optional currency, digits with optional thousands commas, optional decimals,
-# then optionally a decimal exponent ("1e3", "2.5E-4") or a fraction bar with an integer denominator
-# ("3/4"; not a date such as "3/4/2020", whose parts stay separate numbers).
-_NUM_CORE = (r"(?:[-\u2212]?\s*\$?\s*(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-\u2212]?\s*\$?\s*\.\d+)"
-             r"(?:[eE][-+]?\d+(?!\w|\.\d))?")
-_NUM = rf"(?:(?<![/\d.]){_NUM_CORE}/\d+(?!/|\d|\.\d)|{_NUM_CORE})"
-_NUM_RE = re.compile(_NUM)
-_HASH_RE = re.compile(r"####\s*(" + _NUM + r")")
-_PHRASE_RE = re.compile(
-    r"(?:final answer|the answer|answer)\s*(?:is|:|=)?\s*[:=]?\s*(?:\\boxed\{)?\s*(" + _NUM + r")",
-    re.IGNORECASE,
-)
-_BOXED_RE = re.compile(r"\\boxed\{\s*(" + _NUM + r")")
-
-
-def normalize_number(text: str) -> Optional[str]:
-    """Canonical form of a number written as text: no sign noise, currency, commas or trailing zeros.
-
-    ``"$1,234.50"`` -> ``"1234.5"``, ``"-18.00"`` -> ``"-18"``, ``"\u22123"`` -> ``"-3"``, ``".5"`` ->
-    ``"0.5"``, ``"1e3"`` -> ``"1000"``, ``"3/4"`` -> ``"0.75"`` (a fraction is divided out; one that does
-    not terminate keeps 28 significant digits, so ``"1/3"`` matches ``"2/6"`` but not ``"0.33"``).
-    Returns None when ``text`` is not a number (or is a fraction over zero).
-    """
-    if text is None:
-        return None
-    s = str(text).strip().replace("\u2212", "-").replace("$", "").replace(",", "").replace(" ", "")
-    s = s.rstrip(".")  # "18." at the end of a sentence
-    if not s:
-        return None
-    num, bar, den = s.partition("/")
-    try:
-        d = Decimal(num)
-        if bar:
-            q = Decimal(den)
-            if not q.is_finite() or q == 0:
-                return None
-            d = d / q
-    except InvalidOperation:
-        return None
-    if not d.is_finite():
-        return None
-    if d.adjusted() > 60:  # too large to write out digit by digit: canonical scientific form
-        return str(d.normalize())
-    if d == d.to_integral_value():
-        return str(int(d))
-    out = format(d.normalize(), "f")
-    return out
-
-
-def extract_answer(text: Optional[str]) -> Optional[str]:
-    """The final numeric answer in ``text``, normalised by :func:`normalize_number`, or None.
-
-    In order of preference: the last GSM8K marker ``#### N``; the last ``\\boxed{N}``; the last
-    "answer is N" / "answer: N" phrase; otherwise the last number in the text. Handles ``$18.00``,
-    ``1,234``, negatives and decimals: ``"#### 18"``, ``"The answer is 18."`` and ``"$18.00"`` all give
-    ``"18"``.
-    """
-    if not isinstance(text, str) or not text.strip():
-        return None
-    for regex in (_HASH_RE, _BOXED_RE, _PHRASE_RE):
-        found = regex.findall(text)
-        if found:
-            value = normalize_number(found[-1])
-            if value is not None:
-                return value
-    found = _NUM_RE.findall(text)
-    for candidate in reversed(found):
-        value = normalize_number(candidate)
-        if value is not None:
-            return value
-    return None
-
-
-def answers_match(pred: Optional[str], ref: Optional[str]) -> bool:
-    """True when ``pred`` and ``ref`` are the same number.
-
-    Each side may be a bare number (``"18"``, ``"18.00"``, ``"$1,234"``) or a text with an answer in it
-    (a GSM8K solution ending ``#### 18``); it is normalised by :func:`extract_answer`. None or text
-    without a number never matches.
-    """
-    a, b = extract_answer(pred), extract_answer(ref)
-    if a is None or b is None:
-        return False
-    return Decimal(a) == Decimal(b)
-
-
-# --------------------------------------------------------------------------------------------------
-# Text helpers
-# --------------------------------------------------------------------------------------------------
-
-
-def split_steps(text: str, delimiter: str = "\n\n") -> list[str]:
-    """Split reasoning into steps at ``delimiter``; each step keeps its trailing delimiter.
-
-    Pieces that are only whitespace are merged into the step before them (a step is never blank).
-    ``"a\\n\\nb\\n\\n\\n\\nc"`` -> ``["a\\n\\n", "b\\n\\n\\n\\n", "c"]``.
-    """
-    if not isinstance(text, str) or not text.strip():
-        return []
-    steps: list[str] = []
-    pieces = text.split(delimiter)
-    for i, piece in enumerate(pieces):
-        chunk = piece if i == len(pieces) - 1 else piece + delimiter
-        if not piece.strip():
-            if steps:
-                steps[-1] += chunk
-            continue
-        steps.append(chunk)
-    return steps
 
 
 def completion_text(completion: Any) -> str:
@@ -254,50 +146,54 @@ class LengthReward:
 class DraftReward:
     """How well the target accepts the completion's steps under CPN (in [0, 1]).
 
-    ``mode="fraction"`` (default): the fraction of steps with ``cpn > alpha``; ``mode="mean"``: the mean
-    cpn. A completion without steps scores 0; a NaN verdict counts as rejected (0 in the mean).
+    ``mode="fraction"`` (default): the fraction of steps the target accepts at ``alpha``
+    (:func:`dreamr.reference.accepts_value`: ``cpn > alpha`` in float32, as the kernels decide);
+    ``mode="mean"``: the mean cpn. A completion without steps scores 0; a NaN verdict counts as rejected
+    (0 in the mean).
 
     Parameters
     ----------
-    verifier : dreamr.verify.StepVerifier, or any object with ``score(prompt, steps) -> list[float]``
-        or ``score_steps(prompt: str, steps) -> list[float]``.
-    alpha : acceptance threshold (defaults to ``verifier.alpha``).
-    target_prompt : callable(question) -> str, optional
-        The text the target reads before the steps (default ``"Question: {q}\\nAnswer:"``, which is
-        what dreamr's plain chat template gives the base gemma-3-270m). The verifier's own
-        ``score_steps`` adds the tokenizer's special tokens (BOS).
+    scorer : training.scoring.StepScorer, a dreamr.verify.StepVerifier, or any object with
+        ``score(question, steps, images=None) -> list[float]``
+        The judge. A StepVerifier is wrapped in a :class:`training.scoring.StepScorer`, which judges each
+        step in the reasoner's context (the question as chat messages with the system prompt, through
+        the target's chat template; then the previous steps; then the verdict prompt).
+    alpha : acceptance threshold (defaults to ``scorer.alpha``).
+    delimiter : the step delimiter.
     """
 
     __name__ = "draft_reward"
 
-    def __init__(self, verifier, alpha: Optional[float] = None, mode: str = "fraction",
-                 target_prompt: Optional[Callable[[str], str]] = None, delimiter: str = "\n\n"):
+    def __init__(self, scorer, alpha: Optional[float] = None, mode: str = "fraction", delimiter: str = "\n\n"):
         if mode not in ("fraction", "mean"):
             raise ValueError(f"mode must be 'fraction' or 'mean', got {mode!r}")
-        if not (hasattr(verifier, "score_steps") or hasattr(verifier, "score")):
-            raise ValueError("verifier must have score_steps(prompt, steps) (a dreamr.verify.StepVerifier)")
-        from dreamr.verify import check_alpha
+        from dreamr.verify import StepVerifier, check_alpha
 
-        self.verifier = verifier
-        self.alpha = check_alpha(getattr(verifier, "alpha", 0.7) if alpha is None else alpha)
+        if isinstance(scorer, StepVerifier):
+            from training.scoring import StepScorer
+
+            scorer = StepScorer(scorer)
+        if not callable(getattr(scorer, "score", None)):
+            raise ValueError(f"scorer must have score(question, steps, images=None) (a training.scoring.StepScorer "
+                             f"or a dreamr.verify.StepVerifier), got {type(scorer).__name__}")
+        self.scorer = scorer
+        self.alpha = check_alpha(getattr(scorer, "alpha", 0.7) if alpha is None else alpha)
         self.mode, self.delimiter = mode, delimiter
-        self.target_prompt = target_prompt or (lambda q: f"Question: {q}\nAnswer:")
         self.last_cpns: list[list[float]] = []  # per completion, the cpn of each step (for logging)
 
-    def scores(self, prompt: str, steps: list[str], images=None) -> list[float]:
+    def scores(self, question: str, steps: list[str], images=None) -> list[float]:
+        """cpn of each step after ``question`` and the steps before it (``images``: what the target sees)."""
         if not steps:
             return []
-        if images:  # the row's images, for a target that sees them (StepVerifier.score_steps(images=...))
-            return list(self.verifier.score_steps(prompt, steps, images=images))
-        if hasattr(self.verifier, "score"):
-            return list(self.verifier.score(prompt, steps))
-        return list(self.verifier.score_steps(prompt, steps))
+        if images:
+            return list(self.scorer.score(question, steps, images=images))
+        return list(self.scorer.score(question, steps))
 
     def reduce(self, cpns: Sequence[float]) -> float:
         if not cpns:
             return 0.0
         if self.mode == "fraction":
-            return sum(1.0 for c in cpns if not math.isnan(c) and c > self.alpha) / len(cpns)
+            return sum(1.0 for c in cpns if accepts_value(c, self.alpha)) / len(cpns)
         return sum(0.0 if math.isnan(c) else c for c in cpns) / len(cpns)
 
     def __call__(self, prompts, completions, images=None, **kwargs) -> list[float]:
@@ -307,7 +203,7 @@ class DraftReward:
         out, self.last_cpns = [], []
         for p, c, imgs in zip(prompts, completions, images):
             steps = split_steps(completion_text(c), self.delimiter)
-            cpns = self.scores(self.target_prompt(prompt_text(p)), steps, imgs)
+            cpns = self.scores(prompt_text(p), steps, imgs)
             self.last_cpns.append(cpns)
             out.append(self.reduce(cpns))
         return out
@@ -356,3 +252,35 @@ class SAPOReward:
 
     def __call__(self, prompts, completions, **kwargs) -> list[float]:
         return self.combine(self.components(prompts, completions, **kwargs))
+
+
+def reward_funcs(scorer=None, *, alpha: float = 0.7, mode: str = "fraction", length_max_steps: int = 8,
+                 length_max_tokens: int = 192, delimiter: str = "\n\n", weights: Sequence[float] = (1.0, 1.0, 1.0),
+                 tokenizer=None) -> tuple[list, list[float]]:
+    """SAPO's rewards as ``trl.GRPOTrainer`` takes them: ``(reward_funcs, reward_weights)``.
+
+    Each function has TRL's signature ``f(prompts, completions, **kwargs) -> list[float]`` (standard or
+    conversational completions; the dataset's ``answer`` column arrives as ``answer=[...]``, TRL's
+    ``completion_ids`` give the token counts). Pass them as ``GRPOTrainer(reward_funcs=funcs, ...)`` with
+    ``GRPOConfig(reward_weights=weights)``; TRL's weighted sum is then SAPO's ``R``. A zero draft weight
+    leaves the draft reward out (no target runs).
+
+    Parameters
+    ----------
+    scorer : StepScorer or StepVerifier, optional
+        The judge (required where the draft weight is > 0).
+    alpha, mode : the draft reward's threshold and reduction (:class:`DraftReward`).
+    length_max_steps, length_max_tokens, delimiter, tokenizer : the length penalty (:class:`LengthReward`).
+    weights : (w_outcome, w_draft, w_length).
+    """
+    w = check_weights(weights)
+    if w[1] > 0 and scorer is None:
+        raise ValueError("scorer is missing: the draft reward (weights[1] > 0) needs the target's verifier; set the "
+                         "draft weight to 0 to train without it")
+    funcs, out_w = [OutcomeReward()], [w[0]]
+    if w[1] > 0:
+        funcs.append(DraftReward(scorer, alpha=alpha, mode=mode, delimiter=delimiter))
+        out_w.append(w[1])
+    funcs.append(LengthReward(length_max_steps, length_max_tokens, tokenizer=tokenizer, delimiter=delimiter))
+    out_w.append(w[2])
+    return funcs, out_w

@@ -26,7 +26,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import torch
 import torch.distributed as dist
 
-from training.data import DEFAULT_SYSTEM_PROMPT, load_jsonl
+from dreamr.prompts import SYSTEM_PROMPT
+from training.data import load_jsonl
+from training.scoring import add_judge_args, judge_config
 from training.trainer import SAPOConfig, SAPOTrainer
 
 
@@ -50,7 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--epsilon", type=float, default=0.2)
     p.add_argument("--epsilon-high", type=float, default=None)
     p.add_argument("--beta", type=float, default=0.0, help="KL coefficient (k3 estimator); 0 = no reference")
-    p.add_argument("--ppo-epochs", type=int, default=1)
+    p.add_argument("--num-iterations", "--ppo-epochs", type=int, default=1, dest="num_iterations",
+                   help="optimizer steps per batch of rollouts (TRL's num_iterations); > 1 lets the ratio clip")
     p.add_argument("--loss-type", choices=["token", "sequence"], default="token")
     p.add_argument("--no-scale-advantages", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -69,7 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=0, help="> 0: train LoRA adapters (peft) instead of all weights")
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--system-prompt", default=DEFAULT_SYSTEM_PROMPT)
+    p.add_argument("--system-prompt", default=SYSTEM_PROMPT,
+                   help="the system message of the conversation both models read (evaluation's and the CLI's)")
+    add_judge_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-shuffle", action="store_true")
     p.add_argument("--save-every", type=int, default=25)
@@ -84,13 +89,15 @@ def parse_args(argv=None):
 
 
 def config_from_args(a) -> SAPOConfig:
+    """The run's settings; the sampling and judging ones go into the reasoner's config, which SAPO embeds."""
+    reasoner = judge_config(a, a.target, temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens,
+                            alpha=a.alpha)
     return SAPOConfig(
-        group_size=a.group_size, batch_prompts=a.batch_prompts, micro_batch_prompts=a.micro_batch_prompts,
+        reasoner=reasoner, group_size=a.group_size, batch_prompts=a.batch_prompts, micro_batch_prompts=a.micro_batch_prompts,
         total_steps=a.total_steps, lr=a.lr, weight_decay=a.weight_decay, warmup_steps=a.warmup_steps,
         max_grad_norm=a.max_grad_norm, epsilon=a.epsilon, epsilon_high=a.epsilon_high, beta=a.beta,
-        ppo_epochs=a.ppo_epochs, loss_type=a.loss_type, scale_advantages=not a.no_scale_advantages,
-        temperature=a.temperature, top_p=a.top_p, max_new_tokens=a.max_new_tokens, weights=tuple(a.weights),
-        alpha=a.alpha, draft_reward_mode=a.draft_reward_mode, length_max_steps=a.length_max_steps,
+        num_iterations=a.num_iterations, loss_type=a.loss_type, scale_advantages=not a.no_scale_advantages,
+        weights=tuple(a.weights), draft_reward_mode=a.draft_reward_mode, length_max_steps=a.length_max_steps,
         length_max_tokens=a.length_max_tokens, dtype=a.dtype, rollout_dtype=a.rollout_dtype, lora_r=a.lora_r, lora_alpha=a.lora_alpha,
         lora_dropout=a.lora_dropout, system_prompt=a.system_prompt or None, seed=a.seed, shuffle=not a.no_shuffle,
         save_every=a.save_every, log_every=a.log_every, fsdp=a.fsdp,

@@ -1,4 +1,4 @@
-"""SAPO trainer: GRPO for the draft model with rewards from the target (METHOD.md, section 3).
+"""SAPO trainer: GRPO for the draft model with rewards from the target (docs/method.md, SAPO).
 
 One optimizer step:
 
@@ -10,7 +10,12 @@ One optimizer step:
 4. group-normalised advantages, then the clipped GRPO objective with optional k3 KL to a frozen
    reference (:mod:`training.grpo`), averaged over all completion tokens of the global batch, with
    gradient accumulation over micro-batches of ``micro_batch_prompts`` prompts, gradient clipping, and
-   AdamW; ``ppo_epochs`` > 1 reuses the rollouts for several updates (only then can the ratio clip).
+   AdamW; ``num_iterations`` > 1 reuses the rollouts for several optimizer steps (as TRL's GRPO).
+
+Log-probabilities are those of the sampling distribution (temperature and top-p applied as
+``generate`` applies them, :func:`training.grpo.sampling_logits`); ``old_logp`` is recorded at rollout
+time from the model that sampled, so the clipped ratio measures how far the policy has moved from the
+sampler (1 on the first optimizer step of a batch, unless a bf16 copy sampled).
 
 Determinism: the prompts of a step and the sampling seed of each prompt depend only on
 ``(seed, step, global prompt index)``, so a resumed run and a data-parallel run sample the same
@@ -33,13 +38,25 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from dreamr.config import ReasonerConfig
+from dreamr.lm import LM, decoder_of, eos_ids, split_processor
+from dreamr.reference import accepts_value
 from training import grpo
-from training.data import DEFAULT_SYSTEM_PROMPT, Dataset, draft_messages, global_indices, validate_rows
-from training.rewards import DraftReward, LengthReward, OutcomeReward, SAPOReward, check_weights, split_steps
-from dreamr.lm import split_processor
+from dreamr.prompts import SYSTEM_PROMPT, format_answer
+from dreamr.steps import split_steps
+from training.data import Dataset, draft_messages, global_indices, validate_rows
+from training.rewards import DraftReward, LengthReward, OutcomeReward, SAPOReward, check_weights
+from training.scoring import StepScorer, verifier_for
 from training.vision import VisionData
 
 __all__ = ["SAPOConfig", "Rollout", "SAPOTrainer", "check_text_exchange"]
+
+
+def _default_reasoner() -> ReasonerConfig:
+    """The reasoner settings SAPO samples and judges with by default: the reasoner's own defaults
+    (verdict prompt and words, alpha 0.7, a blank line between steps), sampled at temperature 1 with a
+    budget of 256 tokens (GRPO needs samples; the reasoner defaults to greedy)."""
+    return ReasonerConfig(temperature=1.0, max_new_tokens=256)
 
 
 @dataclass
@@ -48,33 +65,46 @@ class SAPOConfig:
 
     Attributes
     ----------
+    reasoner : dreamr.config.ReasonerConfig
+        How the trained draft is sampled and judged, in the reasoner's own terms, so training and
+        inference read one set of settings: ``temperature``, ``top_p`` (the sampling distribution of the
+        rollouts, and the one the update's log-probabilities are taken under), ``max_new_tokens`` (the
+        completion budget in draft tokens), ``alpha`` (the acceptance threshold of the draft reward; a
+        number, not "auto"), ``step_delimiter``, ``verdict_template``, ``positive_words`` /
+        ``negative_words``, ``calibrate`` and ``verdict_head`` (the target's verifier, as the reasoner
+        builds it). ``mode``, ``window``, ``seed``, ``answer_marker`` and ``max_step_tokens`` are not used
+        by training.
     group_size : G, completions per prompt (>= 2).
     batch_prompts : prompts per optimizer step, over all processes (the global batch is
         ``batch_prompts * group_size`` completions); must be a multiple of ``world_size *
         micro_batch_prompts``.
     micro_batch_prompts : prompts per forward/backward; gradient accumulation steps per process =
         ``batch_prompts / (world_size * micro_batch_prompts)``.
-    total_steps : optimizer steps to train for.
+    total_steps : training steps (each samples one batch and makes ``num_iterations`` optimizer steps).
     lr, weight_decay, adam_betas, adam_eps, warmup_steps : AdamW and a linear warm-up, then constant.
     max_grad_norm : gradient clipping (global L2 norm); 0 disables.
     epsilon, epsilon_high : the ratio clip range ``[1 - epsilon, 1 + epsilon_high]`` (epsilon_high
         defaults to epsilon).
-    beta : KL coefficient (k3 estimator against a frozen copy of the initial draft); 0 disables and
-        loads no reference.
-    ppo_epochs : optimizer updates per batch of rollouts (1: on-policy, the ratio is 1).
+    beta : KL coefficient (k3 estimator against a frozen copy of the initial draft, both under the
+        sampling distribution); 0 disables and loads no reference. Not with ``top_p < 1``: two nuclei
+        differ in support, where the KL is infinite.
+    num_iterations : optimizer steps per batch of rollouts (TRL's ``num_iterations``, PPO's epochs). The
+        ratio is taken against the log-probabilities recorded when the batch was sampled, so it is 1 on
+        the first step (up to the sampler's precision: a bf16 ``rollout_dtype`` copy differs) and the clip
+        acts from the second on.
     loss_type : "token" (token-level averaging over the global batch) or "sequence".
     scale_advantages : divide by the group's std (False: Dr. GRPO centring only).
-    temperature, top_p, max_new_tokens : sampling of the draft's completions.
     weights : (w_outcome, w_draft, w_length).
-    alpha, draft_reward_mode : CPN threshold; "fraction" of accepted steps or "mean" cpn.
+    draft_reward_mode : "fraction" of accepted steps or "mean" cpn.
     length_max_steps, length_max_tokens : the budget of the length penalty.
     dtype : "float32" or "bfloat16" (bf16 autocast of forward passes, fp32 master weights and AdamW
         state), or "float64" (tests).
     rollout_dtype : None (sample from the policy as is) or "bfloat16": sample from a bf16 copy of the
-        policy, refreshed every step (about 2x faster decoding on CPUs with bf16 units; the update
-        still uses the fp32 policy's log-probs, so the rollouts are very slightly off-policy).
+        policy, refreshed every step (about 2x faster decoding on CPUs with bf16 units). The copy's own
+        log-probabilities are recorded as ``old_logp``, so the ratio corrects for it (importance sampling).
     lora_r, lora_alpha, lora_dropout, lora_target_modules : LoRA via peft when ``lora_r > 0``.
-    system_prompt : the draft's system instruction (None: no system message).
+    system_prompt : the system message of the conversation the draft samples from and the target judges
+        in (default :data:`dreamr.prompts.SYSTEM_PROMPT`, evaluation's and the CLI's; None: no system message).
     seed, shuffle : data order and sampling seeds.
     save_every : checkpoint every N steps (0: only at the end); log_every : console log cadence.
     fsdp : with several processes, shard the policy (and the KL reference) with FSDP2 (``fully_shard``
@@ -82,6 +112,7 @@ class SAPOConfig:
         Not with LoRA (the adapters are small: use DDP).
     """
 
+    reasoner: ReasonerConfig = field(default_factory=_default_reasoner)
     group_size: int = 4
     batch_prompts: int = 1
     micro_batch_prompts: int = 1
@@ -95,25 +126,20 @@ class SAPOConfig:
     epsilon: float = 0.2
     epsilon_high: Optional[float] = None
     beta: float = 0.0
-    ppo_epochs: int = 1
+    num_iterations: int = 1
     loss_type: str = "token"
     scale_advantages: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 256
     weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    alpha: float = 0.7
     draft_reward_mode: str = "fraction"
     length_max_steps: int = 8
     length_max_tokens: int = 192
-    delimiter: str = "\n\n"
     dtype: str = "float32"
     rollout_dtype: Optional[str] = None
     lora_r: int = 0
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: Any = "all-linear"
-    system_prompt: Optional[str] = DEFAULT_SYSTEM_PROMPT
+    system_prompt: Optional[str] = SYSTEM_PROMPT
     seed: int = 0
     shuffle: bool = True
     save_every: int = 0
@@ -121,15 +147,20 @@ class SAPOConfig:
     fsdp: bool = False
 
     def validate(self, world_size: int = 1) -> None:
+        """Raise ValueError naming the first bad setting (all checks run before any model work)."""
         def integer(name, lo):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
 
+        rc = self.reasoner
+        if not isinstance(rc, ReasonerConfig):
+            raise ValueError(f"reasoner must be a dreamr.config.ReasonerConfig, got {type(rc).__name__}; build one "
+                             "with ReasonerConfig(temperature=..., top_p=..., alpha=...)")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 2:
             raise ValueError(f"group_size (G) must be an integer >= 2: GRPO compares completions within a group "
                              f"(a group of one has zero advantage), got {self.group_size!r}")
-        for name in ("batch_prompts", "micro_batch_prompts", "total_steps", "ppo_epochs", "max_new_tokens",
+        for name in ("batch_prompts", "micro_batch_prompts", "total_steps", "num_iterations",
                      "length_max_steps", "length_max_tokens", "log_every"):
             integer(name, 1)
         for name in ("save_every", "warmup_steps", "lora_r", "seed"):
@@ -138,16 +169,21 @@ class SAPOConfig:
             raise ValueError(f"batch_prompts={self.batch_prompts} must be a multiple of world_size * "
                              f"micro_batch_prompts = {world_size} * {self.micro_batch_prompts}")
         for name, lo in (("lr", 0.0), ("weight_decay", 0.0), ("max_grad_norm", 0.0), ("beta", 0.0),
-                         ("epsilon", 0.0), ("temperature", 0.0)):
+                         ("epsilon", 0.0)):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < lo:
                 raise ValueError(f"{name} must be a finite number >= {lo}, got {v!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (GRPO samples its completions), got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if rc.temperature <= 0:
+            raise ValueError(f"reasoner.temperature must be > 0 (GRPO samples its completions), got {rc.temperature!r}")
+        if rc.auto_alpha:
+            raise ValueError("reasoner.alpha='auto' cannot train: the draft reward must be a fixed function of the "
+                             "cpns; give the alpha the draft will be judged at (e.g. 0.7)")
+        if self.beta > 0 and rc.top_p < 1:
+            raise ValueError(f"beta={self.beta} with reasoner.top_p={rc.top_p}: the k3 KL between the policy's and the "
+                             "reference's nucleus-truncated distributions is infinite wherever their nuclei differ; "
+                             "use top_p=1 with a KL term, or beta=0")
         if self.epsilon_high is not None and (not isinstance(self.epsilon_high, (int, float)) or self.epsilon_high < 0):
             raise ValueError(f"epsilon_high must be a number >= 0 or None, got {self.epsilon_high!r}")
         if self.loss_type not in ("token", "sequence"):
@@ -158,11 +194,7 @@ class SAPOConfig:
             raise ValueError(f"rollout_dtype must be None, 'float32' or 'bfloat16', got {self.rollout_dtype!r}")
         if self.dtype not in ("float32", "bfloat16", "float64"):
             raise ValueError(f"dtype must be 'float32', 'bfloat16' or 'float64', got {self.dtype!r}")
-        if not isinstance(self.alpha, (int, float)) or not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha must be a number in [0, 1], got {self.alpha!r}")
         self.weights = check_weights(self.weights)
-        if not isinstance(self.delimiter, str) or not self.delimiter:
-            raise ValueError(f"delimiter must be a non-empty string, got {self.delimiter!r}")
         if self.fsdp and self.lora_r > 0:
             raise ValueError("fsdp with LoRA (lora_r > 0) is not supported: the adapters are small and the frozen "
                              "base needs no optimizer state, so use DDP (drop fsdp), or train all weights with fsdp")
@@ -179,13 +211,16 @@ class Rollout:
     cpns: list[list[float]] = field(default_factory=list)  # per completion, per step
     texts: list[str] = field(default_factory=list)
     vision_inputs: Optional[dict] = None  # a vision-language draft's processor inputs for an image row
+    # per completion, the log-probability ``[len(completion)]`` of each of its tokens under the sampling
+    # distribution of the model that sampled it, recorded at rollout time (the ratio's denominator)
+    old_logps: Optional[list[torch.Tensor]] = None
 
 
 # --------------------------------------------------------------------------------------------------
 # Checks before training
 # --------------------------------------------------------------------------------------------------
 
-_PROBE = "Step 1: 48 / 2 = 24 clips.\n\n#### 72"
+_PROBE = "Step 1: 48 / 2 = 24 clips.\n\n" + format_answer(72)
 
 
 def check_text_exchange(draft_tokenizer, target_tokenizer) -> None:
@@ -210,17 +245,6 @@ def check_text_exchange(draft_tokenizer, target_tokenizer) -> None:
                          f"as {text!r} from the draft and {len(ids) if ids else 0} target tokens")
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
-    eos = set()
-    for src in (getattr(tokenizer, "eos_token_id", None),
-                getattr(getattr(model, "generation_config", None), "eos_token_id", None),
-                getattr(model.config, "eos_token_id", None)):
-        if src is None:
-            continue
-        eos.update([src] if isinstance(src, int) else list(src))
-    return {int(t) for t in eos}
-
-
 def _rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -234,9 +258,8 @@ def _fully_shard(model, mesh) -> None:
 
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names and m is not model]
-    if not layers:  # fall back to the decoder's layer list
-        dec = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
-        layers = list(getattr(dec, "layers", []) or [])
+    if not layers:  # fall back to the decoder's layer list (the decoder as dreamr.lm finds it)
+        layers = list(getattr(decoder_of(model), "layers", []) or [])
     for layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
@@ -258,20 +281,23 @@ class SAPOTrainer:
     Parameters
     ----------
     draft, draft_tokenizer : the policy (a transformers causal LM) and its tokenizer.
-    target, target_tokenizer : the judge, or None when the draft weight is 0. A
-        :class:`dreamr.verify.StepVerifier` (or any object with ``score_steps``) may be given as
-        ``verifier`` instead of building one from ``target``.
+    target, target_tokenizer : the judge, or None when the draft weight is 0. Its verifier is built from
+        ``config.reasoner`` as the reasoner builds it (:func:`training.scoring.verifier_for`); a
+        :class:`dreamr.verify.StepVerifier` may be given as ``verifier`` instead.
     data : a :class:`training.data.Dataset` or a list of ``{"question", "answer"}`` rows.
     config : :class:`SAPOConfig`.
     out_dir : where logs, checkpoints and the final model go (None: nothing written).
-    target_prompt : callable(question) -> str, the text the target reads before the steps.
+    reward : a :class:`training.rewards.SAPOReward` to use instead of the one built from the config.
+
+    The target judges each step as the reasoner does (:class:`training.scoring.StepScorer`: the
+    question in the chat framing of evaluation and ``python -m dreamr``, with ``config.system_prompt``).
 
     All checks (data, G, weights, text exchange, verdict words) run in the constructor, before any
     training.
     """
 
     def __init__(self, draft, draft_tokenizer, target=None, target_tokenizer=None, *, data, config: SAPOConfig,
-                 out_dir=None, verifier=None, target_prompt=None, reward: Optional[SAPOReward] = None,
+                 out_dir=None, verifier=None, reward: Optional[SAPOReward] = None,
                  progress: bool = True):
         self.rank, self.world_size = _rank_world()
         self.config = config
@@ -289,10 +315,7 @@ class SAPOTrainer:
                     raise ValueError("target is missing: the draft reward (weights[1] > 0) needs the target model "
                                      "(or a verifier); set the draft weight to 0 to train without it")
                 check_text_exchange(draft_tokenizer, target_tokenizer)
-                from dreamr.verify import StepVerifier
-
-                verifier = StepVerifier(target, target_tokenizer, alpha=config.alpha, delimiter=config.delimiter,
-                                        processor=target_processor)
+                verifier = verifier_for(target, target_tokenizer, config.reasoner, processor=target_processor)
             else:
                 check_text_exchange(draft_tokenizer, getattr(verifier, "tokenizer", draft_tokenizer))
         elif not callable(getattr(draft_tokenizer, "decode", None)):
@@ -300,20 +323,22 @@ class SAPOTrainer:
                              "must be turned into text for the rewards")
         self.verifier = verifier
         self.tokenizer = draft_tokenizer
-        self.target_prompt = target_prompt
+        self.draft_lm = LM(draft, draft_tokenizer, "draft", draft_processor)  # its prompt encoding
         self.vision = VisionData(self.data, draft, draft_processor, getattr(verifier, "model", target),
                                  target_processor or getattr(verifier, "processor", None))
         self.reward = reward or SAPOReward(
             OutcomeReward(),
-            DraftReward(verifier, alpha=config.alpha, mode=config.draft_reward_mode, target_prompt=target_prompt,
-                        delimiter=config.delimiter) if verifier is not None else None,
-            LengthReward(config.length_max_steps, config.length_max_tokens, delimiter=config.delimiter),
+            DraftReward(StepScorer(verifier, config.system_prompt), alpha=config.reasoner.alpha,
+                        mode=config.draft_reward_mode, delimiter=config.reasoner.step_delimiter)
+            if verifier is not None else None,
+            LengthReward(config.length_max_steps, config.length_max_tokens, delimiter=config.reasoner.step_delimiter),
             config.weights,
         )
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.progress = progress
         self.device = next(draft.parameters()).device
-        self.eos_ids = _eos_ids(draft, draft_tokenizer)
+        # the top-level config: a vision-language draft's generate stops at the ids it names
+        self.eos_ids = eos_ids(draft, draft_tokenizer, draft.config)
         pad = getattr(draft_tokenizer, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
 
@@ -381,34 +406,44 @@ class SAPOTrainer:
         return self.config.lr
 
     def prompt_ids(self, question: str) -> list[int]:
-        tok = self.tokenizer
-        msgs = draft_messages(question, self.config.system_prompt)
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            return list(tok.encode(text, add_special_tokens=False))
-        text = "".join(f"{m['content']}\n\n" for m in msgs[:-1]) + f"Question: {question}\nAnswer:"
-        return list(tok.encode(text, add_special_tokens=True))
+        """The draft's prompt for ``question``, as the reasoner encodes it (:meth:`dreamr.lm.LM.encode_prompt`):
+        the conversation of :func:`training.data.draft_messages` through the draft's chat template, or,
+        for a tokenizer without one, the plain question (as ``python -m dreamr --no-chat`` sends it)."""
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.draft_lm.encode_prompt(draft_messages(question, self.config.system_prompt))
+        return self.draft_lm.encode_prompt(question)
 
     def sample_seed(self, step: int, index: int) -> int:
         return (self.config.seed * 1_000_003 + step * 10_007 + index * 101 + 17) % (2 ** 62)
 
     # -- rollouts ---------------------------------------------------------------------------------
 
+    @property
+    def _sampler(self):
+        """The model that samples the rollouts: the bf16 copy where ``rollout_dtype`` asks for one, else
+        the policy."""
+        return self._rollout_model if self._rollout_model is not None else self.model
+
     @torch.no_grad()
     def sample(self, prompt_ids: list[int], seed: int, vision_inputs: Optional[dict] = None) -> list[list[int]]:
         """G completions of one prompt (token ids, cut after the first EOS, which is kept); ``vision_inputs``:
-        a vision-language draft's processor inputs for an image prompt (training.vision)."""
-        cfg = self.config
+        a vision-language draft's processor inputs for an image prompt (training.vision).
+
+        Sampled at ``reasoner.temperature`` and ``reasoner.top_p`` with no top-k, the distribution that
+        :func:`training.grpo.sampling_logits` reproduces for the update. Other warpers a draft's own
+        ``generation_config`` may name (a repetition penalty, min-p) would make the two differ; the built-in
+        drafts name none (tested: the update's log-probabilities equal ``generate``'s scores)."""
+        cfg, rc = self.config, self.config.reasoner
         torch.manual_seed(seed)
         x = torch.tensor([prompt_ids] * cfg.group_size, dtype=torch.long, device=self.device)
-        model = self._rollout_model if self._rollout_model is not None else self.model
+        model = self._sampler
         # A sharded policy all-gathers in every forward: all processes must run as many forwards as the
         # longest generation (synced_gpus; a finished process samples nothing more, so no RNG drifts).
         synced = {"synced_gpus": True} if self.fsdp and model is self.model else {}
         with self._autocast():
             out = model.generate(
-                input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=cfg.temperature,
-                top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, pad_token_id=self.pad_id,
+                input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=float(rc.temperature),
+                top_p=float(rc.top_p), top_k=0, max_new_tokens=rc.max_new_tokens, pad_token_id=self.pad_id,
                 eos_token_id=sorted(self.eos_ids) or None, **synced,
                 **VisionData.generate_kwargs(vision_inputs, cfg.group_size, self.device),
             )
@@ -429,6 +464,22 @@ class SAPOTrainer:
             else [[] for _ in texts]
         return Rollout([], completion_ids, rewards, comps, cpns, texts)
 
+    @property
+    def records_old_logps(self) -> bool:
+        """Whether rollouts record the sampler's log-probabilities. Not needed (and skipped, as TRL does)
+        where one optimizer step follows each batch and the policy itself sampled: then the sampler's
+        values are the policy's own, which the loss takes, detached, in the same forward."""
+        return self.config.num_iterations > 1 or self.config.rollout_dtype == "bfloat16"
+
+    @torch.no_grad()
+    def record_old_logps(self, rollout: Rollout, model=None) -> Rollout:
+        """Set ``rollout.old_logps``: each completion token's log-probability under the sampling
+        distribution of ``model`` (default: the model that samples now, :attr:`_sampler`). Call it before
+        the policy changes; :meth:`rollout` calls it where :attr:`records_old_logps`."""
+        logp = self._logps(self._sampler if model is None else model, self._batch([rollout]))
+        rollout.old_logps = [logp[i, :len(c)].detach().clone() for i, c in enumerate(rollout.completion_ids)]
+        return rollout
+
     def rollout(self, example, step: int, index: int) -> Rollout:
         # an image row: a vision-language draft reads its processor's inputs, a text-only one the question
         mm, target_images = self.vision.row_inputs(
@@ -437,6 +488,8 @@ class SAPOTrainer:
         completions = self.sample(pids, self.sample_seed(step, index), mm)
         r = self.score(example.question, example.answer, completions, target_images)
         r.prompt_ids, r.vision_inputs = pids, mm
+        if self.records_old_logps:
+            self.record_old_logps(r)
         return r
 
     # -- the update -------------------------------------------------------------------------------
@@ -470,13 +523,18 @@ class SAPOTrainer:
         return ids.to(dev), attn.to(dev), targets.to(dev), mask.to(dev), gather_pos.to(dev), vision
 
     def _logps(self, model, batch) -> torch.Tensor:
+        """Completion tokens' log-probabilities ``[N, T]`` under ``model``'s sampling distribution (the
+        reasoner config's temperature and top-p, :func:`training.grpo.token_logprobs`); 0 at padding."""
         ids, attn, targets, mask, pos = batch[:5]
         vision = batch[5] if len(batch) > 5 else {}
+        rc = self.config.reasoner
         with self._autocast():
             logits = model(input_ids=ids, attention_mask=attn, use_cache=False, **vision).logits
         idx = pos.unsqueeze(-1).expand(-1, -1, logits.size(-1))
         sel = logits.gather(1, idx)
-        return grpo.token_logprobs(sel, targets) * mask.to(torch.float64 if sel.dtype == torch.float64 else torch.float32)
+        lp = grpo.token_logprobs(sel, targets, temperature=float(rc.temperature), top_p=float(rc.top_p))
+        # where, not a product: a padded target outside the nucleus is -inf, and -inf * 0 is NaN
+        return torch.where(mask > 0, lp, torch.zeros_like(lp))
 
     def _ref_logps(self, batch) -> Optional[torch.Tensor]:
         if self.config.beta <= 0:
@@ -487,58 +545,95 @@ class SAPOTrainer:
                     return self._logps(self.model, batch)
             return self._logps(self.ref_model, batch)
 
-    def optimize(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
-        """Update the draft on this process's rollouts (its share of the global batch).
+    def _old_logps(self, rollouts: Sequence[Rollout], mask: torch.Tensor) -> Optional[torch.Tensor]:
+        """The rollouts' recorded log-probabilities as ``[N, T]`` (0 at padding), or None where none are
+        recorded because none are needed (:attr:`records_old_logps`)."""
+        if not self.records_old_logps:
+            return None
+        old = torch.zeros(mask.shape, dtype=torch.float64 if self.config.dtype == "float64" else torch.float32)
+        row = 0
+        for k, r in enumerate(rollouts):
+            if r.old_logps is None or len(r.old_logps) != len(r.completion_ids):
+                raise ValueError(f"rollouts[{k}] has no recorded old_logps for its {len(r.completion_ids)} completions; "
+                                 f"num_iterations={self.config.num_iterations} and rollout_dtype="
+                                 f"{self.config.rollout_dtype!r} take the ratio against the sampler's "
+                                 "log-probabilities: build rollouts with trainer.rollout(...) or call "
+                                 "trainer.record_old_logps(rollout) before the policy changes")
+            for lp in r.old_logps:
+                old[row, :lp.numel()] = lp.to(old.dtype).cpu()
+                row += 1
+        return old.to(mask.device)
 
-        Returns summed statistics over the global batch (loss, KL, clip fraction, grad norm).
-        """
+    def prepare(self, rollouts: Sequence[Rollout]) -> tuple[list[tuple], float]:
+        """This process's micro-batches of ``rollouts`` for the update, and the global batch's token count.
+
+        Each micro-batch is ``(batch, advantages [N], old_logp [N, T] or None, ref_logp [N, T] or None)``
+        (``batch`` as :meth:`_batch` returns it); the KL reference is evaluated once here, not per
+        iteration (it does not change)."""
         cfg = self.config
         mb = cfg.micro_batch_prompts
-        micro = [list(rollouts[i:i + mb]) for i in range(0, len(rollouts), mb)]
-        batches, advs, olds, refs = [], [], [], []
+        micro = []
         local_tokens = 0.0
-        for m in micro:
+        for i in range(0, len(rollouts), mb):
+            m = list(rollouts[i:i + mb])
             b = self._batch(m)
-            batches.append(b)
             rewards = torch.tensor([x for r in m for x in r.rewards], dtype=torch.float64)
-            advs.append(grpo.group_advantages(rewards, cfg.group_size, scale=cfg.scale_advantages).to(self.device))
+            adv = grpo.group_advantages(rewards, cfg.group_size, scale=cfg.scale_advantages).to(self.device)
             local_tokens += float(b[3].sum())
-            olds.append(None)
-            refs.append(self._ref_logps(b))
-        if cfg.ppo_epochs > 1:
-            with torch.no_grad():
-                olds = [self._logps(self.model, b) for b in batches]
+            micro.append((b, adv, self._old_logps(m, b[3]), self._ref_logps(b)))
         total_tokens = self._all_reduce_sum(torch.tensor([local_tokens], dtype=torch.float64))[0].item()
-        n_seqs = cfg.batch_prompts * cfg.group_size
+        return micro, total_tokens
 
-        sums = {"loss": 0.0, "kl_sum": 0.0, "clipped_sum": 0.0, "ratio_sum": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+    def micro_loss(self, micro_batch: tuple, total_tokens: float, model=None) -> tuple[torch.Tensor, dict]:
+        """The loss of one micro-batch from :meth:`prepare` under the current policy (its share of the
+        global-batch loss) and its statistics (:func:`training.grpo.grpo_loss`). Without recorded
+        log-probabilities the ratio is taken against this forward's own detached values (1 by construction,
+        which is exact for one step on a batch the policy itself sampled)."""
+        cfg = self.config
+        b, adv, old, ref = micro_batch
+        logp = self._logps(self.ddp_model if model is None else model, b)
+        # num_tokens (the global batch's) makes "token" averaging exact; "sequence" ignores it
+        loss, st = grpo.grpo_loss(logp, logp.detach() if old is None else old, adv, b[3], epsilon=cfg.epsilon,
+                                  epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref,
+                                  loss_type=cfg.loss_type, num_tokens=total_tokens)
+        if cfg.loss_type == "sequence":  # the micro-batch's share of the global mean
+            loss = loss * (adv.numel() / (cfg.batch_prompts * cfg.group_size))
+        return loss, st
+
+    def optimize(self, rollouts: Sequence[Rollout]) -> dict[str, float]:
+        """Update the draft on this process's rollouts (its share of the global batch):
+        ``num_iterations`` optimizer steps, each accumulating the gradient over the micro-batches.
+
+        Returns statistics over the global batch: of the last iteration (loss, KL, clip fraction, mean
+        ratio, grad norm), and ``ratio_dev_first``, the largest ``|ratio - 1|`` of the first iteration
+        (0 where the policy sampled the batch; a bf16 sampler shows its distance here).
+        """
+        cfg = self.config
+        micro, total_tokens = self.prepare(rollouts)
+        keys = ["loss", "kl_sum", "clipped_sum", "ratio_sum", "tokens"]
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        for _epoch in range(cfg.ppo_epochs):
+        dev_first, norm = 0.0, torch.zeros(())
+        for it in range(cfg.num_iterations):
+            sums = dict.fromkeys(keys, 0.0)
             self.optimizer.zero_grad(set_to_none=True)
-            for k, (b, adv, old, ref) in enumerate(zip(batches, advs, olds, refs)):
-                last = k == len(batches) - 1
+            for k, mbatch in enumerate(micro):
+                last = k == len(micro) - 1
                 if self.fsdp:  # accumulate unsharded gradients locally; reduce-scatter on the last one
                     self.model.set_requires_gradient_sync(last)
                     sync = contextlib.nullcontext()
                 else:
                     sync = contextlib.nullcontext() if (last or self.world_size == 1) else self.ddp_model.no_sync()
                 with sync:
-                    logp = self._logps(self.ddp_model, b)
-                    old_k = logp.detach() if old is None else old
-                    # num_tokens (the global batch's) makes "token" averaging exact; "sequence" ignores it
-                    loss, st = grpo.grpo_loss(logp, old_k, adv, b[3], epsilon=cfg.epsilon,
-                                              epsilon_high=cfg.epsilon_high, beta=cfg.beta, ref_logp=ref,
-                                              loss_type=cfg.loss_type, num_tokens=total_tokens)
-                    if cfg.loss_type == "sequence":  # the micro-batch's share of the global mean
-                        loss = loss * (adv.numel() / n_seqs)
+                    loss, st = self.micro_loss(mbatch, total_tokens)
                     # DDP averages gradients over processes; scale so the result is the global-batch loss.
                     (loss * self.world_size).backward()
-                if _epoch == cfg.ppo_epochs - 1:
-                    sums["loss"] += float(loss.detach())
-                    for key in ("kl_sum", "clipped_sum", "ratio_sum", "tokens"):
-                        sums[key] += float(st[key])
+                sums["loss"] += float(loss.detach())
+                for key in keys[1:]:
+                    sums[key] += float(st[key])
+                if it == 0:
+                    dev_first = max(dev_first, float(st["ratio_dev_max"]))
             if cfg.max_grad_norm > 0:  # sharded (DTensor) gradients: the norm is global, a replicated DTensor
                 norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
             elif self.fsdp:
@@ -546,15 +641,17 @@ class SAPOTrainer:
             else:
                 norm = torch.sqrt(sum((p.grad.detach().double() ** 2).sum() for p in self.params if p.grad is not None))
             self.optimizer.step()
-            sums["grad_norm"] = float(_full_tensor(norm))
         self.optimizer.zero_grad(set_to_none=True)
-        keys = ["loss", "kl_sum", "clipped_sum", "ratio_sum", "tokens"]
         red = self._all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64)).tolist()
+        dev = torch.tensor([dev_first], dtype=torch.float64)
+        if self.world_size > 1:
+            dev = dev.to(self.device)
+            dist.all_reduce(dev, op=dist.ReduceOp.MAX)
         out = dict(zip(keys, red))
         tokens = max(out["tokens"], 1.0)
         return {"loss": out["loss"], "kl": out["kl_sum"] / tokens, "clip_frac": out["clipped_sum"] / tokens,
-                "ratio": out["ratio_sum"] / tokens, "grad_norm": sums["grad_norm"], "lr": lr,
-                "tokens": out["tokens"]}
+                "ratio": out["ratio_sum"] / tokens, "ratio_dev_first": float(dev.cpu()[0]),
+                "grad_norm": float(_full_tensor(norm)), "lr": lr, "tokens": out["tokens"]}
 
     def _all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -609,8 +706,8 @@ class SAPOTrainer:
                     vals[3 + j] += r.components.get(c, [0.0] * len(r.rewards))[i]
                 cp = r.cpns[i] if i < len(r.cpns) else []
                 vals[6] += len(cp)
-                vals[7] += sum(1 for c in cp if c == c and c > self.config.alpha)
-                vals[8] += len(split_steps(r.texts[i], self.config.delimiter)) if r.texts else 0
+                vals[7] += sum(1 for c in cp if accepts_value(c, self.config.reasoner.alpha))
+                vals[8] += len(split_steps(r.texts[i], self.config.reasoner.step_delimiter)) if r.texts else 0
                 vals[9] += len(r.completion_ids[i])
         v = self._all_reduce_sum(torch.tensor(vals, dtype=torch.float64)).tolist()
         n = max(v[0], 1.0)

@@ -7,7 +7,7 @@ Who sees a row's images:
   rollouts (``generate``) and the policy / reference log-probabilities run with the images' pixel values;
 * a text-only draft: the question alone (it cannot see the image), as for a text row;
 * a vision-language target (given with its processor): its CPN verification of every drafted step reads
-  the images with the prompt (``StepVerifier.score_steps(images=...)``), so the draft reward judges
+  the images with the prompt (``training.scoring.StepScorer.score(images=...)``), so the draft reward judges
   steps against the picture even where the draft wrote them blind.
 
 With two text-only models a row's images are ignored (:attr:`VisionData.unseen_image_rows` counts those rows).

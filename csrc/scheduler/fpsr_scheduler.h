@@ -1,5 +1,5 @@
 // The FPSR scheduler: a deterministic state machine for Fully Parallel Speculative Reasoning
-// (METHOD.md, section 2; ARCHITECTURE.md, layer 3).
+// (docs/method.md, FPSR; docs/architecture.md, layer 3).
 //
 // Plain C++17 and the STL only: no torch, no Python, no models. An executor (the Python FPSR engine)
 // drives it: it calls poll() for the work to launch and the commits to make, runs that work on the

@@ -25,6 +25,8 @@
 //   s.accepts(cpn) -> bool; s.done(request) -> bool; s.all_done() -> bool; s.finish_reason(request) -> int
 //   s.slot_epoch(request, slot) -> int; s.info(request) -> Dict[str, int]; s.stats() -> Dict[str, int]
 //   s.num_requests() / s.num_active() / s.num_waiting() -> int; s.window() -> int; s.alpha() -> float
+//   FpsrScheduler.enum_values(name) -> Dict[str, int]   (static; added in csrc/bindings.cpp): the names and
+//       numbers of ActionKind, StepEnd, FinishReason, TargetLaunch and Work (the cancel bits)
 // Bad arguments raise ValueError with the scheduler's message (which names the argument and value).
 #pragma once
 
@@ -126,10 +128,11 @@ struct FpsrSchedulerHolder : torch::CustomClassHolder {
   }
 };
 
-inline void register_fpsr_scheduler_class(torch::Library& m) {
+// Returns the class builder, so that csrc/bindings.cpp can add its static methods (the enum tables).
+inline torch::class_<FpsrSchedulerHolder> register_fpsr_scheduler_class(torch::Library& m) {
   using H = FpsrSchedulerHolder;
   using Self = c10::intrusive_ptr<H>;
-  m.class_<H>("FpsrScheduler")
+  return m.class_<H>("FpsrScheduler")
       .def(torch::init<int64_t, double, int64_t, int64_t, int64_t>(),
            "FPSR scheduler: window (W >= 1), alpha in [0, 1], target_launch (0 eager, 1 on reject), "
            "max_active_requests (0 = no limit), max_step_tokens (0 = no cap)",

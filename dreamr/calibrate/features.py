@@ -24,6 +24,7 @@ from transformers import DynamicCache
 
 from dreamr.cache import cache_kwarg, cache_length
 from dreamr.lm import LM
+from dreamr.prompts import SYSTEM_PROMPT, chat_messages
 from dreamr.verify import StepVerifier
 from dreamr.verify.head import NULL_STEP
 
@@ -32,10 +33,6 @@ __all__ = ["default_system_prompt", "FeatureExtractor"]
 
 def default_system_prompt() -> str:
     """The system prompt dreamr's CLI and evaluation send (:data:`dreamr.prompts.SYSTEM_PROMPT`)."""
-    try:
-        from dreamr.prompts import SYSTEM_PROMPT
-    except ImportError:  # older layout: the prompt lived in dreamr.eval
-        from dreamr.eval import SYSTEM_PROMPT
     return SYSTEM_PROMPT
 
 
@@ -92,12 +89,7 @@ class FeatureExtractor:
 
     def prompt(self, question: str):
         """The prompt as the reasoner receives it: chat messages, or the plain question."""
-        if not self.chat:
-            return question
-        messages = [{"role": "user", "content": question}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return messages
+        return chat_messages(question, self.system_prompt) if self.chat else question
 
     def step_text(self, step: str) -> str:
         """A step as a drafted step reads: ending with the delimiter."""

@@ -37,6 +37,7 @@ __all__ = [
     "fit_direction",
     "fit_head",
     "step_scores",
+    "evaluate",
     "L2_GRID",
 ]
 
@@ -231,7 +232,8 @@ def step_scores(features: FeatureSet, head: Optional[VerdictHead], calibrate: bo
     return good, bad, kinds
 
 
-def _evaluate(features: FeatureSet, head: Optional[VerdictHead], calibrate: bool) -> dict:
+def evaluate(features: FeatureSet, head: Optional[VerdictHead], calibrate: bool) -> dict:
+    """:func:`figures` of ``features`` under one verifier (see :func:`step_scores`)."""
     g, b, k = step_scores(features, head, calibrate)
     return figures(g, b, k)
 
@@ -255,7 +257,7 @@ def fit_head(train: FeatureSet, *, calibrated: bool, seed: int = 0, l2: Optional
             for lam in L2_GRID:
                 d, o = fit_direction(x, y, w, lam, bias=not calibrated)
                 head = VerdictHead.from_direction(d, o, calibrated=calibrated)
-                fig = _evaluate(val_part, head, calibrated)
+                fig = evaluate(val_part, head, calibrated)
                 info["validation"][str(lam)] = {k: fig[k] for k in ("auroc", "pair_accuracy", "n_pairs")}
                 if log:
                     log(f"  l2={lam:g}: validation AUROC {fig['auroc']:.3f}, pair accuracy {fig['pair_accuracy']:.3f}")

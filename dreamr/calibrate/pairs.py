@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from dreamr.jsonl import read_jsonl
+
 __all__ = [
     "KINDS",
     "PAIR_FIELDS",
@@ -123,25 +125,14 @@ def read_problems(path: Union[str, Path], limit: Optional[int] = None) -> list[P
 
     Raises ValueError naming the file and line where a line is not JSON or lacks a field.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"train: no such file {str(path)!r}")
     problems = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n}: not a JSON object ({exc})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("question"), str) \
-                    or not isinstance(item.get("answer"), str):
-                raise ValueError(f"{path}:{n}: a GSM8K line needs string fields 'question' and 'answer'")
-            steps, final = solution_steps(item["answer"])
-            problems.append(Problem(item["question"].strip(), steps, final))
-            if limit is not None and len(problems) >= limit:
-                break
+    for n, item in read_jsonl(path, arg="train"):
+        if not isinstance(item.get("question"), str) or not isinstance(item.get("answer"), str):
+            raise ValueError(f"train: {path}:{n}: a GSM8K line needs string fields 'question' and 'answer'")
+        steps, final = solution_steps(item["answer"])
+        problems.append(Problem(item["question"].strip(), steps, final))
+        if limit is not None and len(problems) >= limit:
+            break
     return problems
 
 
@@ -298,33 +289,21 @@ def read_pairs(path: Union[str, Path], limit: Optional[int] = None) -> list[Pair
     Raises ValueError naming ``pairs``, the file and the line where a line is not a JSON object, lacks
     one of :data:`PAIR_FIELDS`, or holds a field of the wrong type.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"pairs: no such file {str(path)!r}")
     pairs = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"pairs: {path}:{n} is not a JSON object ({exc})") from None
-            if not isinstance(item, dict):
-                raise ValueError(f"pairs: {path}:{n} is not a JSON object")
-            missing = [k for k in PAIR_FIELDS if k not in item]
-            if missing:
-                raise ValueError(f"pairs: {path}:{n} lacks field(s) {missing}; every line needs {list(PAIR_FIELDS)}")
-            ctx = item["context_steps"]
-            if not all(isinstance(item[k], str) for k in ("question", "good_step", "bad_step")) \
-                    or not isinstance(ctx, list) or not all(isinstance(s, str) for s in ctx):
-                raise ValueError(f"pairs: {path}:{n}: question, good_step and bad_step must be strings and "
-                                 "context_steps a list of strings")
-            if not item["question"].strip() or not item["good_step"].strip() or not item["bad_step"].strip():
-                raise ValueError(f"pairs: {path}:{n}: question, good_step and bad_step must not be empty")
-            pairs.append(Pair(item["question"], tuple(ctx), item["good_step"], item["bad_step"], item.get("kind")))
-            if limit is not None and len(pairs) >= limit:
-                break
+    for n, item in read_jsonl(path, arg="pairs"):
+        missing = [k for k in PAIR_FIELDS if k not in item]
+        if missing:
+            raise ValueError(f"pairs: {path}:{n} lacks field(s) {missing}; every line needs {list(PAIR_FIELDS)}")
+        ctx = item["context_steps"]
+        if not all(isinstance(item[k], str) for k in ("question", "good_step", "bad_step")) \
+                or not isinstance(ctx, list) or not all(isinstance(s, str) for s in ctx):
+            raise ValueError(f"pairs: {path}:{n}: question, good_step and bad_step must be strings and "
+                             "context_steps a list of strings")
+        if not item["question"].strip() or not item["good_step"].strip() or not item["bad_step"].strip():
+            raise ValueError(f"pairs: {path}:{n}: question, good_step and bad_step must not be empty")
+        pairs.append(Pair(item["question"], tuple(ctx), item["good_step"], item["bad_step"], item.get("kind")))
+        if limit is not None and len(pairs) >= limit:
+            break
     if not pairs:
         raise ValueError(f"pairs: {path} holds no pairs")
     return pairs

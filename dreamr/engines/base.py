@@ -17,10 +17,9 @@ from typing import Any, Generator, Iterator, Optional, Sequence
 
 import torch
 
-from dreamr.cache import CachedSequence
+from dreamr.cache import CachedSequence, encode_prefix
 from dreamr.config import ReasonerConfig
 from dreamr.lm import LM
-from dreamr.multimodal import encode_prefix
 from dreamr.request import Request
 from dreamr.result import Metrics, Result, Step
 from dreamr.steps import StepWriter, has_answer
@@ -130,7 +129,7 @@ class RequestState:
 
 
 def image_prefix(lm: LM, inputs: Optional[dict], metrics: Optional[Metrics] = None):
-    """``lm``'s image prefix for a request (a :class:`dreamr.multimodal.ImagePrefix`), encoded now, once,
+    """``lm``'s image prefix for a request (a :class:`dreamr.cache.ImagePrefix`), encoded now, once,
     and timed into ``metrics.image_prompt_time_s``; None where ``inputs`` is None (no image for this model)."""
     if inputs is None:
         return None
@@ -143,7 +142,8 @@ def image_prefix(lm: LM, inputs: Optional[dict], metrics: Optional[Metrics] = No
 def open_sequence(lm: LM, ids: Sequence[int], inputs: Optional[dict], metrics: Optional[Metrics] = None
                   ) -> CachedSequence:
     """A model's sequence for a request: its prompt ``ids`` on top of its image prefix, if it has one."""
-    return CachedSequence(lm.model, ids, prefix=image_prefix(lm, inputs, metrics))
+    prefix = image_prefix(lm, inputs, metrics)
+    return CachedSequence(lm.model, ids, prefix=prefix)
 
 
 def step_cap(state: RequestState, *seqs_and_lms: tuple[CachedSequence, LM], reserve: int = 0) -> int:

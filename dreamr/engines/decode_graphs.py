@@ -9,7 +9,8 @@ power of two (columns past the batch's width are masked). One graph per (rows, c
 one memory pool; a batch larger than the largest bucket, or more buckets than ``max_graphs``, runs eagerly.
 
 Nothing here reads the device on the host; each step copies its inputs (ids, positions, masks: a few
-KB) from pageable host memory into the bucket's static tensors on the batch's stream. The storage is
+KB) into the bucket's static tensors on the batch's stream, staged through pinned host memory on CUDA
+(a copy from pageable memory would wait for the stream). The storage is
 written in place (:class:`dreamr.engines.ragged.RaggedKVLayer`), so a captured forward stays valid until
 the batch's storage is reallocated to grow (``storage_version``), which drops the graphs (they are
 captured again on next use). A capture that fails (a model whose forward cannot be captured) is reported
@@ -25,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-from dreamr.engines.ragged import MIN_COLUMNS
+from dreamr.engines.ragged import MIN_COLUMNS, copy_from_host
 
 __all__ = ["DEFAULT_BATCH_SIZES", "DecodeGraphs", "check_batch_sizes"]
 
@@ -180,8 +181,8 @@ class DecodeGraphs:
         ids = torch.zeros(b.rows, 1, dtype=torch.long)
         pos = torch.zeros(b.rows, 1, dtype=torch.long)
         ids[:B], pos[:B] = input_ids, rotary_positions
-        b.input_ids.copy_(ids)
-        b.position_ids.copy_(pos)
+        copy_from_host(b.input_ids, ids)
+        copy_from_host(b.position_ids, pos)
         b.write_col.fill_(width)
         q_valid = torch.ones(B, 1, dtype=torch.bool)
         q_tag = torch.zeros(B, 1, dtype=torch.long)
@@ -189,7 +190,10 @@ class DecodeGraphs:
             m = torch.zeros(b.rows, 1, 1, b.columns, dtype=torch.bool)
             m[:B, :, :, :width + 1] = batch.mask(positions, q_tag, q_valid, kind != "full")
             m[B:, 0, 0, width] = True
-            static.copy_(batch.to_model_mask(m) if batch.additive_mask else m)
+            if batch.additive_mask:
+                static.copy_(batch.to_model_mask(m))
+            else:
+                copy_from_host(static, m)
 
     def _capture(self, b: _Bucket) -> None:
         """Warm up on a side stream (lazy initialisations stay out of the graph), then capture."""

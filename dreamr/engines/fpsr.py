@@ -1,16 +1,18 @@
-"""Mode "fpsr": fully parallel speculative reasoning (METHOD.md, section 2), driven by the C++ scheduler.
+"""Mode "fpsr": fully parallel speculative reasoning (docs/method.md, FPSR), driven by the C++ scheduler.
 
 The scheduler (``csrc/scheduler/fpsr_scheduler.h``, through :mod:`dreamr.scheduler`) decides what runs
 and what is committed; this executor runs its actions on the two models and reports what finished:
 
-    loop until every request is done:
-        apply the scheduler's actions (launch / cancel / commit / finish)
+    loop until every request is done (FpsrEngine._drive; the run's state is one _Run object):
+        apply the scheduler's actions (launch / cancel / commit / finish; commits through
+            RequestState.commit_verified)
         one *chain* forward of the target: the pending verifications of every request, several drafted
             steps of one request in the same pass (a tree mask keeps each verdict prompt private)
         one *branch* forward of the target: one token for every live fallback branch t_i of every open
             slot of every request (one batched forward per token for all of them)
         one forward of the draft: one token for every request's running draft step
-        report finished steps / verdicts to the scheduler
+        report finished steps / verdicts to the scheduler (a request's verdicts of one pass resolved
+            together by ops.cpn_window_accept: its leading accepted run, then the first rejection)
 
 The scheduler's commits are those of the paper's round-by-round loop, whatever the order in which work
 finishes, so with greedy decoding FPSR commits exactly the steps of mode "speculative".
@@ -22,8 +24,11 @@ preallocated storage; see that module). Nothing accepted is recomputed: the targ
 request keeps the committed prefix plus the verified drafted steps, new fallback branches fork from it,
 and a committed fallback branch becomes the next chain (and, in eager mode, continues as the next head's
 branch). Three target batches: ``chains`` (verification), ``branches`` (live fallback decoding) and
-``parked`` (finished branches waiting for their slot to resolve; never run). One draft batch. The
-batches (their storage and captured graphs) are kept by the engine from one run to the next.
+``parked`` (finished branches waiting for their slot to resolve; never run), on one
+:class:`~dreamr.engines.ragged.KVStore`, so that forks, moves and truncations are ``ops.kv_rollback``
+calls inside one storage. One draft batch, on its own store. The batches (their storage and captured
+graphs) are kept by the engine from one run to the next; a run reserves the storage it will need at its
+start.
 
 On CUDA
 -------
@@ -50,13 +55,17 @@ from dataclasses import dataclass, field
 from typing import Generator, Optional, Sequence
 
 import torch
+
+from dreamr import ops
+from dreamr.config import ReasonerConfig
 from dreamr.engines.base import Engine, RequestState, drain, image_prefix, sample_rows, timed, verdict_fits
 from dreamr.engines.decode_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, check_batch_sizes
-from dreamr.engines.ragged import RaggedBatch, Row
+from dreamr.engines.ragged import KVStore, RaggedBatch, Row
 from dreamr.lm import LM
 from dreamr.request import Request
 from dreamr.result import Result, Step
-from dreamr.scheduler import WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, Scheduler, StepEnd, TargetLaunch
+from dreamr.scheduler import (WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, FinishReason, Scheduler, StepEnd,
+                              TargetLaunch)
 from dreamr.steps import StepWriter, has_answer
 
 __all__ = ["FpsrEngine", "RaggedBatch", "Row"]
@@ -163,8 +172,10 @@ class FpsrEngine(Engine):
             raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {value!r}")
         return device.type == "cuda" if value == "auto" else value in ("on", True)
 
-    def _make_batches(self) -> None:
-        """The four ragged batches, reused while the settings that shape them are unchanged."""
+    def _make_batches(self) -> dict:
+        """The four ragged batches, reused while the settings that shape them are unchanged. The target's
+        three share one :class:`~dreamr.engines.ragged.KVStore` (forks and moves between them are
+        ``kv_rollback`` copies inside one storage); the draft's batch has its own, on its stream."""
         use_stream = self._switch("draft_stream", self.draft_stream, self.draft.device)
         use_graphs = self._switch("cuda_graphs", self.cuda_graphs, self.target.device)
         if use_stream and self.draft.device.type != "cuda":
@@ -180,10 +191,10 @@ class FpsrEngine(Engine):
         key = (use_stream, use_graphs, check_batch_sizes(self.graph_batch_sizes))
         if key != self._batch_key:
             stream = torch.cuda.Stream(self.draft.device) if use_stream else None
-            self._batches = {"chains": RaggedBatch(self.target, "chains"),
-                             "branches": RaggedBatch(self.target, "branches"),
-                             "parked": RaggedBatch(self.target, "parked"),
-                             "drafts": RaggedBatch(self.draft, "drafts", stream=stream)}
+            target_store = KVStore(self.target)
+            self._batches = {name: RaggedBatch(self.target, name, store=target_store)
+                             for name in ("chains", "branches", "parked")}
+            self._batches["drafts"] = RaggedBatch(self.draft, "drafts", store=KVStore(self.draft, stream))
             if use_graphs:
                 for name in ("branches", "drafts"):
                     batch = self._batches[name]
@@ -195,8 +206,7 @@ class FpsrEngine(Engine):
             batch.reset()
             if batch.graphs is not None:
                 batch.graphs.reset_stats()
-        self.chains, self.branches = self._batches["chains"], self._batches["branches"]
-        self.parked, self.drafts = self._batches["parked"], self._batches["drafts"]
+        return dict(self._batches)
 
     def _pool(self):
         """One worker thread for the draft's forwards (created on first use, kept with the engine)."""
@@ -225,6 +235,21 @@ class FpsrEngine(Engine):
     def _drive(self, requests: list[Request]):
         if not requests:
             return []
+        run = self._start(requests)
+        try:
+            while True:
+                for item in run.apply_actions():  # launch / cancel / commit / finish
+                    yield item
+                if run.sched.all_done():
+                    break
+                run.turn()  # chain forward, branch forward, draft forward, report
+        finally:
+            self.last_stats = run.close()
+        return [r.result for r in run.reqs]
+
+    def _start(self, requests: list[Request]) -> "_Run":
+        """A run over ``requests``: settings checked, the scheduler and batches ready, each request's
+        rows added (its prompt, on top of its image prefix)."""
         cfg = requests[0].config
         for r in requests[1:]:
             for name in ("window", "alpha", "max_step_tokens", "step_delimiter", "verdict_template",
@@ -241,15 +266,15 @@ class FpsrEngine(Engine):
             raise ValueError(f"verify_batch must be >= 1, got {self.verify_batch!r}")
         if int(self.draft_tokens_per_tick) < 1:
             raise ValueError(f"draft_tokens_per_tick must be >= 1, got {self.draft_tokens_per_tick!r}")
-        self.verifier = requests[0].verifier  # the batch shares its verdict settings (checked above)
-        self.cfg = cfg
-        self.suffix_len = self.verifier.reserve
         # the scheduler is told each verdict as accept / reject (on_verdict): its alpha is a placeholder with "auto"
         sched = Scheduler(window=cfg.window, alpha=0.5 if cfg.auto_alpha else cfg.alpha, target_launch=launch,
                           max_step_tokens=cfg.max_step_tokens)
-        self.sched = sched
-        self._make_batches()
-        reqs: list[_Req] = []
+        batches = self._make_batches()
+        run = _Run(sched=sched, cfg=cfg, verifier=requests[0].verifier,  # shared verdict settings (checked above)
+                   target=self.target, draft=self.draft, same_tokenizer=self.same_tokenizer, mode=self.mode,
+                   observer=self.observer, **batches, ticks=int(self.draft_tokens_per_tick),
+                   verify_batch=int(self.verify_batch), pool=self._pool() if self.overlap else None)
+        self._reserve(run, requests)
         for i, request in enumerate(requests):
             rc = request.config
             rid = sched.add_request(rc.max_new_tokens, 0)
@@ -258,75 +283,132 @@ class FpsrEngine(Engine):
             # an image prompt is encoded once per model here; every row of the request copies its cache
             t_prefix = image_prefix(self.target, request.target_inputs, state.metrics)
             d_prefix = image_prefix(self.draft, request.draft_inputs, state.metrics)
-            reqs.append(_Req(
+            run.reqs.append(_Req(
                 index=i, request=request, state=state,
-                chain=self.chains.add(request.target_ids, owner=i, prefix=t_prefix),
-                d_row=self.drafts.add(request.draft_ids, owner=i, prefix=d_prefix),
+                chain=run.chains.add(request.target_ids, owner=i, prefix=t_prefix),
+                d_row=run.drafts.add(request.draft_ids, owner=i, prefix=d_prefix),
                 t_view=list(request.target_ids),
                 t_sampler=self.sampler(rc, 0), d_sampler=self.sampler(rc, 1),
             ))
-        self.reqs = reqs
-        forwards = {"chain": 0, "branch": 0, "draft": 0}
-        ticks = int(self.draft_tokens_per_tick)
-        pool = self._pool() if self.overlap else None
-        self._multi_verify = 0
-        job = None
-        try:
-            while True:
-                self._events = False
-                live_metrics = [r.state.metrics for r in reqs if not r.done]
-                with timed("scheduler_time_s", *live_metrics):
-                    committed = self._apply(sched.poll())
-                for item in committed:
-                    yield item
-                if sched.all_done():
-                    break
-                worked = False
-                # the draft's forwards (its own stream or thread) while the target's run here
-                live = [(r, r.draft_epoch) for r in reqs if not r.done and r.draft_epoch is not None]
-                job = pool.submit(self._draft_job, live, ticks) if (pool and live) else None
-                launched = self._draft_launch(live) if (live and job is None and self.drafts.stream is not None) else None
-                live_metrics = [r.state.metrics for r in reqs if not r.done]
-                with timed("verify_time_s", *live_metrics):
-                    if self._chain_forward():
-                        forwards["chain"] += 1
-                        worked = True
-                with timed("target_time_s", *live_metrics):
-                    self._materialize_branches()
-                    if self._branch_forward():
-                        forwards["branch"] += 1
-                        worked = True
-                if live:
-                    # with a stream or a thread this is the wait for the draft's work
-                    with timed("draft_time_s", *live_metrics):
-                        if job is not None:
-                            passes, finished = job.result()
-                        else:
-                            passes, finished = self._draft_job(live, ticks, launched)
-                    forwards["draft"] += passes
-                    worked = True
-                    self._draft_finish(finished)
-                if not worked and not self._events:
-                    raise RuntimeError("fpsr: no work to run and no action to apply; scheduler state: "
-                                       + str([sched.info(r.index) for r in reqs if not r.done]))
-        finally:
-            if job is not None and not job.done():
-                job.exception()  # an error on this thread: let the draft's forward finish first
-            stats = dict(sched.stats())
-            stats.update({f"{k}_forwards": v for k, v in forwards.items()})
-            stats["multi_step_verify_passes"] = self._multi_verify
-            stats["draft_stream"] = self.drafts.stream is not None
-            if self.drafts.stream is not None:  # later work on the current stream sees the draft's
-                torch.cuda.current_stream(self.draft.device).wait_stream(self.drafts.stream)
-            for name, batch in self._batches.items():
-                if batch.graphs is not None:
-                    stats.update({f"{name}_{k}": v for k, v in batch.graphs.stats.items()})
-                batch.reset()
-            self.last_stats = stats
-            self.chains = self.branches = self.parked = self.drafts = None
-            self.sched = None
-            self.reqs = []
-        return [r.result for r in reqs]
+        return run
+
+    def _reserve(self, run: "_Run", requests: list[Request]) -> None:
+        """Reserve the batches' storage for the whole run up front (rows for every request's window,
+        columns for its longest row), so that a long run does not reallocate it, which would drop and
+        recapture every CUDA graph.
+
+        A batch's width runs up to twice its longest row before a compaction (ragged.py), and a graph's
+        width bucket is the next power of two: the columns reserved are the bucket of twice the longest
+        row a request can reach. A rare wider forward still grows the storage, as without a reserve.
+
+        Only where decode graphs run (on CUDA by default): without graphs nothing is lost by growing on
+        demand, and the worst case reserved here (every slot's branch live and parked at once) is more
+        than most runs use."""
+        if all(b.graphs is None for b in (run.branches, run.drafts)):
+            return
+        n, window = len(requests), int(run.cfg.window)
+        longest = max(max(len(r.target_ids), len(r.draft_ids)) + r.config.max_new_tokens for r in requests)
+        longest = min(longest + run.suffix_len + int(run.cfg.max_step_tokens),
+                      max(self.target.context_length, self.draft.context_length))
+        columns = 1 << (2 * longest).bit_length()
+        for batch, rows in ((run.chains, n), (run.branches, n * window), (run.parked, n * window),
+                            (run.drafts, n)):
+            if batch.graphs is not None:  # the row bucket the graphs will pad to
+                rows = next((b for b in batch.graphs.batch_sizes if b >= rows), rows)
+            batch.reserve(rows, columns)
+
+
+
+# --------------------------------------------------------------------------------------------------
+# One run: its state in one object, one turn of the loop on one screen
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """The state of one FPSR run (one batch of requests), and the executor's steps over it.
+
+    The engine builds it (:meth:`FpsrEngine._start`) and drives it: :meth:`apply_actions` (the scheduler's poll), then
+    :meth:`turn`, until the scheduler is done.
+    """
+
+    sched: Scheduler
+    cfg: ReasonerConfig  # the batch's shared verdict settings (window, alpha, step delimiter, ...)
+    verifier: object  # dreamr.verify.StepVerifier (or a judge standing in for it)
+    target: LM
+    draft: LM
+    same_tokenizer: bool
+    mode: str
+    observer: object  # the engine's debug hook, or None
+    chains: RaggedBatch  # target: each request's committed prefix + verified open drafted steps
+    branches: RaggedBatch  # target: live fallback branches
+    parked: RaggedBatch  # target: finished branches waiting for their slot to resolve (never run)
+    drafts: RaggedBatch  # draft: each request's committed prefix + open drafted steps
+    ticks: int  # draft tokens per turn
+    verify_batch: int
+    pool: object = None  # the draft's worker thread (overlap=True), or None
+    reqs: list = field(default_factory=list)  # _Req per request, by scheduler id
+    forwards: dict = field(default_factory=lambda: {"chain": 0, "branch": 0, "draft": 0})
+    multi_verify: int = 0  # chain passes that verified several steps of one request
+    events: bool = False  # this turn reported something to the scheduler (or changed its state)
+    job: object = None  # the draft's running forwards on the worker thread
+
+    @property
+    def suffix_len(self) -> int:
+        return self.verifier.reserve
+
+    def metrics(self) -> list:
+        return [r.state.metrics for r in self.reqs if not r.done]
+
+    def turn(self) -> None:
+        """One turn after the actions are applied: the draft's forward is queued first (its own stream or
+        thread), the target's chain and branch forwards run here meanwhile, then the draft's finished
+        steps are reported."""
+        live = [(r, r.draft_epoch) for r in self.reqs if not r.done and r.draft_epoch is not None]
+        self.job = self.pool.submit(self._draft_job, live, self.ticks) if (self.pool and live) else None
+        launched = self._draft_launch(live) if (live and self.job is None and self.drafts.stream is not None) else None
+        worked = False
+        with timed("verify_time_s", *self.metrics()):
+            worked |= self._count("chain", self._chain_forward())  # verify queued drafted steps
+        with timed("target_time_s", *self.metrics()):
+            self._materialize_branches()
+            worked |= self._count("branch", self._branch_forward())  # one token per live fallback branch
+        if live:
+            with timed("draft_time_s", *self.metrics()):  # with a stream or a thread: the wait for the draft
+                passes, finished = self.job.result() if self.job is not None else self._draft_job(live, self.ticks,
+                                                                                                 launched)
+            self.forwards["draft"] += passes
+            worked = True
+            self._draft_finish(finished)  # report finished draft steps
+        if not worked and not self.events:
+            raise RuntimeError("fpsr: no work to run and no action to apply; scheduler state: "
+                               + str([self.sched.info(r.index) for r in self.reqs if not r.done]))
+
+    def _count(self, name: str, ran: bool) -> bool:
+        self.forwards[name] += int(ran)
+        return ran
+
+    def close(self) -> dict:
+        """End the run (normally or on an error): the stats, and every batch emptied for the next run."""
+        if self.job is not None and not self.job.done():
+            self.job.exception()  # an error on this thread: let the draft's forward finish first
+        stats = dict(self.sched.stats())
+        stats.update({f"{k}_forwards": v for k, v in self.forwards.items()})
+        stats["multi_step_verify_passes"] = self.multi_verify
+        stats["draft_stream"] = self.drafts.stream is not None
+        if self.drafts.stream is not None:  # later work on the current stream sees the draft's
+            torch.cuda.current_stream(self.draft.device).wait_stream(self.drafts.stream)
+        for batch in (self.chains, self.branches, self.parked, self.drafts):
+            if batch.graphs is not None:
+                stats.update({f"{batch.name}_{k}": v for k, v in batch.graphs.stats.items()})
+            batch.reset()
+        return stats
+
+    def apply_actions(self) -> list:
+        """Poll the scheduler and apply its actions; the steps committed, as ``(request, Step)``."""
+        self.events = False
+        with timed("scheduler_time_s", *self.metrics()):
+            return self._apply(self.sched.poll())
 
     # -- actions -----------------------------------------------------------------------------------
 
@@ -374,7 +456,7 @@ class FpsrEngine(Engine):
         if cap <= 0:  # a model's context is full: the request ends here (as in mode "speculative")
             req.state.finish_reason = "length"
             self.sched.abort(a.request)
-            self._events = True
+            self.events = True
             return
         e.d_writer = StepWriter(self.draft.tokenizer, self.draft.eos_ids, self.cfg.step_delimiter, cap)
         req.draft_epoch = a.epoch
@@ -440,20 +522,15 @@ class FpsrEngine(Engine):
                 and not e.t_waiting and self.sched.slot_epoch(req.index, e.slot) != epoch)
 
     def _commit(self, req: _Req, a) -> Optional[Step]:
+        """Commit the head step of ``req`` (a COMMIT_DRAFT or COMMIT_TARGET action) through
+        :meth:`RequestState.commit_verified`; a committed fallback branch becomes the request's chain."""
         e = req.epochs[a.epoch]
-        state = req.state
         if a.kind == ActionKind.COMMIT_DRAFT:
-            w = e.d_writer
             assert e.d_done and e.accepted and e.in_chain
-            step = Step(w.text, "draft", e.cpn, True, len(w.ids), alpha=e.alpha)
-            state.metrics.accepted_steps += 1
-            end = w.end
+            fallback = None
         else:
-            w = e.t_writer
+            fallback = e.t_writer
             assert e.t_done and e.accepted is False
-            step = Step(w.text, "target", e.cpn, False, len(w.ids), rejected_text=e.d_writer.text,
-                        rejected_num_tokens=len(e.d_writer.ids), alpha=e.alpha)
-            end = w.end
             row = e.branch
             e.branch = None
             # the committed prefix becomes P + t_i in both models
@@ -462,21 +539,16 @@ class FpsrEngine(Engine):
             assert len(row.ids) == len(req.t_view)
             self._stop_draft(req, req.draft_epoch)
             self.drafts.truncate(req.d_row, min(len(req.d_row.ids), e.d_prefix))
-            req.d_row.ids.extend(self.draft.step_ids(w, self.same_tokenizer))
+            req.d_row.ids.extend(self.draft.step_ids(fallback, self.same_tokenizer))
             self.chains.release(req.chain)
             req.chain = self.chains.fork(row, len(row.ids))
             req.committed_branch = (a.epoch, row)
-        state.metrics.verified_steps += 1
-        if math.isnan(e.cpn):
-            state.metrics.nonfinite_verdicts += 1
-        state.metrics.alpha_sum += e.alpha
-        state.metrics.alpha_final = e.alpha
         req.request.judged(bool(e.accepted), e.alpha)  # alpha="auto" learns from resolved steps only (not cancelled ones)
-        state.commit(step, end)
+        step = req.state.commit_verified(e.d_writer, e.cpn, fallback, alpha=e.alpha)
         req.epochs.pop(a.epoch, None)
         if self.observer is not None:  # debug hook: the target chain and the draft row (Row objects)
             self.observer(req.chain, req.d_row)
-        if state.finish_reason is None:
+        if req.state.finish_reason is None:
             self._end_at_overflow(req)
         return step
 
@@ -489,12 +561,12 @@ class FpsrEngine(Engine):
         req.overflow_epoch = None
         req.state.finish_reason = "length"
         self.sched.abort(req.index)
-        self._events = True
+        self.events = True
 
     def _finish(self, req: _Req, a) -> None:
         state = req.state
         if state.finish_reason is None:
-            state.finish_reason = {1: "eos", 2: "answer"}.get(a.aux, "length")
+            state.finish_reason = {FinishReason.EOS: "eos", FinishReason.ANSWER_MARKER: "answer"}.get(a.aux, "length")
         for e in req.epochs.values():
             if e.branch is not None:
                 e.branch.batch.release(e.branch)
@@ -537,7 +609,7 @@ class FpsrEngine(Engine):
             if req.draft_epoch is not None and len(queue) < int(self.verify_batch):
                 queue = []  # wait for more drafted steps: one pass verifies them together
             if len(queue) > 1:
-                self._multi_verify += 1
+                self.multi_verify += 1
             for epoch in queue:
                 e = req.epochs[epoch]
                 assert e.t_step_ids is not None and expect == e.t_prefix, (expect, e.t_prefix)
@@ -566,16 +638,40 @@ class FpsrEngine(Engine):
             hidden = torch.stack([out[req.chain][1][j] for req, _, j, _ in jobs])
             alpha = self.reqs[0].request.alpha()  # fixed, or alpha="auto"'s value (one rule for the batch)
             if null_ids is None:
-                cpn, accept = self.verifier.cpn(hidden, alpha)
+                cpn, _ = self.verifier.cpn(hidden, alpha)
             else:
                 null = torch.stack([out[req.chain][1][n] for req, _, _, n in jobs])
-                cpn, accept = self.verifier.cpn(hidden, alpha, null)
-            for (req, epoch, _, _), c, ok in zip(jobs, cpn.tolist(), accept.tolist()):
-                e = req.epochs[epoch]
-                e.cpn, e.accepted, e.alpha = float(c), bool(ok), alpha
-                self._events = True
-                self.sched.on_verdict(req.index, e.slot, epoch, bool(ok))
+                cpn, _ = self.verifier.cpn(hidden, alpha, null)
+            self._resolve_windows(jobs, cpn, alpha)
         return True
+
+    def _resolve_windows(self, jobs: list, cpn: torch.Tensor, alpha: float) -> None:
+        """Turn the verdicts of one chain pass into accept / reject per drafted step, window by window.
+
+        ``jobs`` are ``(req, epoch, ...)`` in step order within each request, ``cpn [len(jobs)]`` their
+        scores. :func:`dreamr.ops.cpn_window_accept` takes each request's verified steps as one row of a
+        ``[R, W]`` window and gives its leading accepted run: the steps before the first rejection are
+        accepted, that one rejected; the steps after it are not reported (the rejection cancels them:
+        docs/method.md, FPSR: early stopping).
+        """
+        cpn = cpn.detach().float().cpu()  # one device read for the whole pass
+        rows: dict[int, list[int]] = {}
+        for j, (req, _, _, _) in enumerate(jobs):
+            rows.setdefault(req.index, []).append(j)
+        width = max(len(v) for v in rows.values())
+        window = torch.zeros(len(rows), width, dtype=torch.float32)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool)
+        for r, js in enumerate(rows.values()):
+            window[r, :len(js)] = cpn[js]
+            valid[r, :len(js)] = True
+        num_accepted, _ = ops.cpn_window_accept(window, valid, alpha)
+        for js, n in zip(rows.values(), num_accepted.tolist()):
+            for w, j in enumerate(js[:n + 1]):  # the accepted run, then its first rejection (if any)
+                req, epoch, _, _ = jobs[j]
+                e = req.epochs[epoch]
+                e.cpn, e.accepted, e.alpha = float(cpn[j]), w < n, alpha
+                self.events = True
+                self.sched.on_verdict(req.index, e.slot, epoch, w < n)
 
     def _branch_forward(self) -> bool:
         live = [(req, epoch, e) for req in self.reqs for epoch, e in req.epochs.items()
@@ -596,7 +692,7 @@ class FpsrEngine(Engine):
             if w.end is not None:
                 e.t_done = True
                 e.branch = self.branches.move(e.branch, self.parked)
-                self._events = True
+                self.events = True
                 self.sched.on_target_step(req.index, e.slot, epoch, len(w.ids), self._step_end(w))
         return True
 
@@ -665,5 +761,5 @@ class FpsrEngine(Engine):
                 self._end_at_overflow(req)
                 continue
             req.t_view.extend(e.t_step_ids)
-            self._events = True
+            self.events = True
             self.sched.on_draft_step(req.index, e.slot, epoch, len(w.ids), self._step_end(w))

@@ -9,9 +9,23 @@ rows fed private tokens (verdict prompts) live side by side:
 - a forward feeds each row a different number of tokens (padded to the longest) at columns
   ``[width, width + S)`` with explicit ``position_ids`` and a 4-D attention mask built from the flags and
   positions (causal by position, per-row sliding windows by position, private segments seen only by
-  themselves), so any model whose forward takes a prepared 4-D mask works (Llama, Qwen2, Gemma 3);
-- rolling a row back only clears flags; a released row is dropped and the batch compacted (one gather
-  per layer tensor, written back in place) before the next forward; a fork copies a row's prefix.
+  themselves), so any model whose forward takes a prepared 4-D mask works (Llama, Qwen2, Gemma 3,
+  Mistral); which layers slide, and how far, is :attr:`dreamr.lm.LM.attention_layout` (a layout these
+  masks cannot reproduce, such as chunked attention, is refused there with a ValueError);
+- rolling a row back clears its flags and erases the dropped entries from the storage; a released row
+  is dropped and the batch compacted (one gather per layer tensor, written back in place) before the next
+  forward; a fork or a move copies a row's prefix into a new row.
+
+The storage belongs to a :class:`KVStore`: one set of per-layer tensors per model, in which each batch of
+that model owns a block of rows. The target's batches of mode "fpsr" (chains, branches, parked) share
+one store, so a row's cache passes from one batch to another inside one tensor: forks, moves and
+truncations are :func:`dreamr.ops.kv_rollback` calls (every layer in one call; see
+``docs/architecture.md``). Compaction closes the gaps inside each row (a row's entries move left within
+the row itself), which ``kv_rollback`` does not do (a row that receives a copy is never a source): it
+stays one gather per layer tensor.
+
+Host inputs (ids, positions, masks, index plans) reach a CUDA device through pinned memory
+(:func:`host_to_device`), so that no copy waits for the stream.
 
 The storage is written in place (:class:`RaggedKVLayer`), never reallocated except to grow, so a decode
 forward (one token per row) has fixed tensor addresses for a given batch size and column bucket: that is
@@ -26,9 +40,11 @@ from typing import Optional, Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from dreamr import ops
 from dreamr.cache import cache_kwarg
+from dreamr.lm import LM, eager_attention
 
-__all__ = ["RaggedBatch", "RaggedKVLayer", "Row"]
+__all__ = ["KVStore", "RaggedBatch", "RaggedKVLayer", "Row", "copy_from_host", "host_to_device"]
 
 MIN_COLUMNS = 64  # first storage width (it doubles when outgrown); also the narrowest graph width bucket
 
@@ -95,11 +111,6 @@ class RaggedKVLayer(CacheLayerMixin):
         return self.keys.shape[2]
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _grown(have: int, need: int, least: int) -> int:
     """A capacity of at least ``need``: doubling ``have`` (amortised growth), never below ``least``."""
     if need <= have:
@@ -107,46 +118,173 @@ def _grown(have: int, need: int, least: int) -> int:
     return max(need, 2 * have, least)
 
 
+def host_to_device(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Host tensors on ``device``, copied on the current stream. On CUDA each is staged through pinned
+    memory and copied without blocking the host (a copy from pageable memory waits for the stream); the
+    caching host allocator keeps a pinned block until the copy that reads it has run."""
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    return [t.pin_memory().to(device, non_blocking=True) for t in tensors]
+
+
+def copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """``dst.copy_(src)`` for a host ``src``; into a CUDA ``dst`` staged through pinned memory without
+    blocking the host (see :func:`host_to_device`)."""
+    if dst.device.type == "cuda":
+        dst.copy_(src.pin_memory(), non_blocking=True)
+    else:
+        dst.copy_(src)
+
+
+def _kv_rollback(tensors: list[torch.Tensor], lengths: list[int], src_row: list[int], src_start: list[int],
+                 length: list[int]) -> None:
+    """:func:`dreamr.ops.kv_rollback` over ``tensors`` (all ``[R, H_kv, T, D]``), one call per group of one
+    shape and layout of at most ``ops.MAX_CACHE_TENSORS`` tensors (as ``dreamr.cache.rollback`` groups)."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((tuple(t.shape), t.stride(), t.dtype), []).append(t)
+    for group in groups.values():
+        for start in range(0, len(group), ops.MAX_CACHE_TENSORS):
+            ops.kv_rollback(group[start:start + ops.MAX_CACHE_TENSORS], lengths, copy_src_row=src_row,
+                            copy_src_start=src_start, copy_length=length)
+
+
+class KVStore:
+    """The KV storage of one model, shared by the :class:`RaggedBatch` objects that pass rows to each other.
+
+    Per layer one key and one value tensor ``[R, H_kv, L, D]`` (zeros where never written); each attached
+    batch owns the rows ``[batch.base_row, batch.base_row + batch.row_capacity)`` and all share the L columns.
+    Growing any block or the columns reallocates the whole storage (doubling, contents kept) and bumps
+    ``version`` (captured CUDA graphs of every batch go stale).
+
+    Parameters
+    ----------
+    lm : dreamr.lm.LM
+        The model; its KV layout (layers, KV heads, head size), device and dtype size the storage.
+    stream : torch.cuda.Stream, optional
+        Where the storage and every attached batch's device work live.
+    """
+
+    def __init__(self, lm: LM, stream=None):
+        self.lm, self.stream = lm, stream
+        self.num_layers, self.kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
+        self.device, self.dtype = lm.device, lm.dtype
+        self.keys: list[torch.Tensor] = []  # per layer [R, H_kv, L, D]
+        self.values: list[torch.Tensor] = []
+        self.columns = 0
+        self.version = 0
+        self.batches: list["RaggedBatch"] = []
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
+
+    def attach(self, batch: "RaggedBatch") -> None:
+        """Give ``batch`` a block (empty until it reserves rows)."""
+        batch.base_row, batch.row_capacity = self.rows, 0
+        self.batches.append(batch)
+        batch.keys, batch.values = self._views(batch)
+
+    def _views(self, batch: "RaggedBatch") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        lo, hi = batch.base_row, batch.base_row + batch.row_capacity
+        return [k[lo:hi] for k in self.keys], [v[lo:hi] for v in self.values]
+
+    def reserve(self, batch: "RaggedBatch", rows: int, columns: int) -> None:
+        """Grow (doubling) so that ``batch``'s block holds ``rows`` rows and the storage ``columns``
+        columns; what every batch has in use is kept."""
+        if self.keys and rows <= batch.row_capacity and columns <= self.columns:
+            return
+        capacity = {id(b): b.row_capacity for b in self.batches}
+        capacity[id(batch)] = _grown(batch.row_capacity, rows, 4)
+        L2 = _grown(self.columns, columns, MIN_COLUMNS)
+        shape = (sum(capacity.values()), self.kv_heads, L2, self.head_dim)
+        with self.on_stream():
+            # zeros, not empty: masked columns still meet the value matrix (0 * NaN would poison a row)
+            keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+            values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
+            base = 0
+            for b in self.batches:
+                B, T = len(b.rows), b.width
+                if self.keys and B and T:
+                    for new, old in zip(keys + values, self.keys + self.values):
+                        new[base:base + B, :, :T].copy_(old[b.base_row:b.base_row + B, :, :T])
+                b.base_row, b.row_capacity = base, capacity[id(b)]
+                base += b.row_capacity
+        self.keys, self.values, self.columns = keys, values, L2
+        self.version += 1
+        for b in self.batches:
+            b.keys, b.values = self._views(b)
+
+    @contextlib.contextmanager
+    def on_stream(self):
+        """This store's stream made current, after the caller's queued work; nothing without a stream."""
+        if self.stream is None:
+            yield
+            return
+        caller = torch.cuda.current_stream(self.device)
+        if caller != self.stream:
+            self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            yield
+
+    def rollback(self, columns: int, keep: dict[int, int], copies: Optional[dict[int, tuple[int, int, int]]] = None
+                 ) -> None:
+        """One :func:`dreamr.ops.kv_rollback` over every row of the storage, columns ``[0, columns)``.
+
+        ``keep`` maps a storage row to the columns it keeps (``[0, keep)``; the rest up to ``columns`` is
+        zeroed); ``copies`` maps a storage row to ``(src_row, src_start, n)``: it then receives the source's
+        columns ``[src_start, src_start + n)`` at its kept length. Every other row keeps all ``columns``
+        (so the zeroed span always reaches ``columns``). A source must not receive a copy itself.
+        """
+        R = self.rows
+        lengths, src, start, length = [columns] * R, [-1] * R, [0] * R, [0] * R
+        for row, n in keep.items():
+            lengths[row] = n
+        for row, (s, first, n) in (copies or {}).items():
+            src[row], start[row], length[row] = s, first, n
+        with self.on_stream():
+            _kv_rollback([t[:, :, :columns] for t in self.keys + self.values], lengths, src, start, length)
+
+
 class RaggedBatch:
     """A batched KV cache with ragged rows (see the module docstring).
 
     Parameters
     ----------
-    lm : dreamr.engines.base.LM
-        The model (a causal LM whose ``base_model`` takes ``position_ids`` and a 4-D mask).
+    lm : dreamr.lm.LM
+        The model (a causal LM whose decoder takes ``position_ids`` and a 4-D mask). Its attention layout
+        (:attr:`dreamr.lm.LM.attention_layout`) must be one these masks reproduce: ValueError otherwise.
     name : str
         For messages and tests ("chains", "branches", "parked", "drafts").
     stream : torch.cuda.Stream, optional
         Where this batch's device work runs (the FPSR draft runs on its own stream); every tensor of the
-        batch is allocated and used there.
+        batch is allocated and used there. Taken from ``store`` where one is given.
+    store : KVStore, optional
+        The storage to take a block of; rows are copied only between batches of one store. Default: a
+        store of its own.
     """
 
-    def __init__(self, lm, name: str = "", *, stream=None):
+    def __init__(self, lm: LM, name: str = "", *, stream=None, store: Optional[KVStore] = None):
         self.lm, self.name = lm, name
-        model = lm.model
-        base = getattr(model, "base_model", None)
-        if base is None or base is model:
-            raise ValueError(f"{lm.name}: FPSR needs a causal LM with a separate base model (model.base_model)")
-        self.base = base
-        self._cache_kw = cache_kwarg(base)
-        config = _text_config(model)
-        self.layer_types = list(getattr(config, "layer_types", None) or [])
-        # the mask each layer type takes: its own sliding-window mask, else the full causal one
-        self._mask_of_layer = {lt: "sliding_attention" if lt == "sliding_attention" else "full" for lt in self.layer_types}
-        self.sliding_window = getattr(config, "sliding_window", None)
-        self.additive_mask = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
-        self.head = model.get_output_embeddings()
-        self.softcap = float(getattr(config, "final_logit_softcapping", None) or 0.0)
-        self.num_layers = int(config.num_hidden_layers)
-        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+        self.layout = lm.attention_layout  # ValueError for attention these masks cannot reproduce
+        self.base = lm.decoder
+        self._cache_kw = cache_kwarg(self.base)
+        self.additive_mask = eager_attention(lm.model)
+        self.head = lm.model.get_output_embeddings()
         self.device, self.dtype = lm.device, lm.dtype
-        self.stream = stream
+        if store is None:
+            store = KVStore(lm, stream)
+        elif store.lm is not lm or (stream is not None and stream != store.stream):
+            raise ValueError(f"RaggedBatch {name!r}: store belongs to another model or stream; give batches of one "
+                             "model and one stream the same KVStore")
+        self.store, self.stream = store, store.stream
         self.rows: list[Row] = []
-        # storage, per layer [R, H_kv, L, D]; rows [0, len(rows)) and columns [0, width) in use
+        # this batch's block of the store's per-layer [R, H_kv, L, D] storage, set by the store (views);
+        # rows [0, len(rows)) and columns [0, width) in use
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self.storage_version = 0  # bumped when the storage is reallocated (captured graphs go stale)
+        self.base_row, self.row_capacity = 0, 0  # the block: storage rows [base_row, base_row + row_capacity)
+        store.attach(self)
         self.valid = torch.zeros(0, 0, dtype=torch.bool)  # [B, width] on the host
         self.pos = torch.zeros(0, 0, dtype=torch.long)  # [B, width] logical positions, -1 where invalid
         self.graphs = None  # a DecodeGraphs runs one-token-per-row forwards (CUDA graphs) when set
@@ -161,37 +299,21 @@ class RaggedBatch:
     @property
     def capacity(self) -> tuple[int, int]:
         """(rows, columns) the storage holds without growing."""
-        return (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
+        return (self.row_capacity, self.store.columns) if self.keys else (0, 0)
 
-    @contextlib.contextmanager
+    @property
+    def storage_version(self) -> int:
+        """Bumped when the storage is reallocated (captured graphs go stale)."""
+        return self.store.version
+
     def on_stream(self):
         """A context that makes this batch's stream current, after the work already queued on the caller's
         stream (so inputs made there are ready); nothing on a CPU or without a stream."""
-        if self.stream is None:
-            yield
-            return
-        caller = torch.cuda.current_stream(self.device)
-        if caller != self.stream:
-            self.stream.wait_stream(caller)
-        with torch.cuda.stream(self.stream):
-            yield
+        return self.store.on_stream()
 
     def reserve(self, rows: int, columns: int) -> None:
         """Grow the storage (doubling) so that it holds ``rows`` x ``columns``; what is in use is kept."""
-        R, L = self.capacity
-        if self.keys and rows <= R and columns <= L:
-            return
-        R2, L2 = _grown(R, rows, 4), _grown(L, columns, MIN_COLUMNS)
-        B, T = len(self.rows), self.width
-        shape = (R2, self.kv_heads, L2, self.head_dim)
-        with self.on_stream():
-            # zeros, not empty: masked columns still meet the value matrix (0 * NaN would poison a row)
-            keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-            values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
-            for new, old in zip(keys + values, self.keys + self.values):
-                new[:B, :, :T].copy_(old[:B, :, :T])
-        self.keys, self.values = keys, values
-        self.storage_version += 1
+        self.store.reserve(self, rows, columns)
 
     def reset(self) -> None:
         """Drop every row (between runs); the storage and any captured graphs are kept for the next."""
@@ -207,40 +329,50 @@ class RaggedBatch:
         return int(sum(r.cached for r in self.rows if r.alive))
 
     def dense(self, row: Row, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of ``row``'s first ``n`` cached positions, each ``[1, H_kv, n, D]``."""
+        """Keys and values of ``row``'s first ``n`` cached positions, each ``[1, H_kv, n, D]`` (a copy, for
+        inspection: rows pass between batches with :meth:`add` / :meth:`fork` / :meth:`move`)."""
         assert row.batch is self and row.alive and n <= row.cached
         b = row.index
         cols = torch.nonzero(self.valid[b] & (self.pos[b] < n)).flatten()
         assert cols.numel() == n, (cols.numel(), n)
         with self.on_stream():
-            cols = cols.to(self.device)
+            (cols,) = host_to_device(self.device, cols)
             return [(k[b:b + 1].index_select(2, cols), v[b:b + 1].index_select(2, cols))
                     for k, v in zip(self.keys, self.values)]
 
+    def _span(self, row: Row, n: int) -> int:
+        """Columns ``[0, span)`` of ``row`` hold its first ``n`` cached positions (and only gaps besides):
+        a row's valid entries lie in position order along the columns."""
+        kept = torch.nonzero(self.valid[row.index] & (self.pos[row.index] < n)).flatten()
+        assert kept.numel() == n, (kept.numel(), n)
+        return int(kept[-1]) + 1 if n else 0
+
     def add(self, ids: Sequence[int], *, src: Optional[Row] = None, cached: int = 0, owner=None,
             prefix=None) -> Row:
-        """A new row standing for ``ids``; its first ``cached`` positions are copied from ``src``'s, or
-        from ``prefix`` (a :class:`dreamr.multimodal.ImagePrefix`: an image prompt encoded once, whose
+        """A new row standing for ``ids``; its first ``cached`` positions are copied from ``src``'s (a row of
+        a batch on the same :class:`KVStore`: one :func:`dreamr.ops.kv_rollback` call for all layers), or
+        from ``prefix`` (a :class:`dreamr.cache.ImagePrefix`: an image prompt encoded once, whose
         position offset the row keeps; forks and moves carry it on)."""
         row = Row(ids, owner)
-        kv = src.batch.dense(src, cached) if (src is not None and cached > 0) else None
-        if kv is not None and src.batch.stream is not None and src.batch.stream != self.stream:
-            # dense() ran on the source's stream: this batch's copy must come after it
-            torch.cuda.current_stream(self.device).wait_stream(src.batch.stream)
+        kv, span = None, cached
         if src is not None:
             if cached < src.floor:
                 raise ValueError(f"add: copying {cached} positions would cut into the source's image prefix "
                                  f"({src.floor} positions)")
+            if src.batch.store is not self.store:
+                raise ValueError(f"add: the source row is in batch {src.batch.name!r} on another KVStore than "
+                                 f"{self.name!r}; rows are copied only between batches of one store")
             row.offset, row.floor = src.offset, src.floor
+            span = src.batch._span(src, cached) if cached > 0 else 0
         elif prefix is not None:
             if list(ids[:prefix.cached]) != list(prefix.ids[:prefix.cached]):
                 raise ValueError(f"add: the row's ids do not start with its image prefix's {prefix.cached} ids")
             kv = [(layer.keys, layer.values) for layer in prefix.cache.layers]
             cached, row.offset = prefix.cached, int(prefix.position_offset)
-            row.floor = cached
+            span = row.floor = cached
         if self._dirty and src is not None and src.batch is not self:
             self.compact()  # released rows go before the batch grows
-        self._append_row(row, kv, cached)
+        self._append_row(row, kv, cached, span, src)
         return row
 
     def fork(self, src: Row, n: int) -> Row:
@@ -250,14 +382,28 @@ class RaggedBatch:
             raise ValueError(f"fork: n={n} outside [1, {len(src.ids)}]")
         return self.add(src.ids[:n], src=src, cached=min(src.cached, n - 1), owner=src.owner)
 
-    def _append_row(self, row: Row, kv, cached: int) -> None:
+    def _append_row(self, row: Row, kv, cached: int, span: int, src: Optional[Row]) -> None:
+        """Row ``B`` gets columns ``[0, span)``: ``src``'s (its positions < cached kept, gaps as in the
+        source) or, from an image prefix's cache ``kv``, its ``cached`` positions."""
         B, T = len(self.rows), self.width
-        self.reserve(B + 1, max(T, cached))
-        if cached > T:  # widen every row (the new columns are invalid for the rows already here)
-            self.valid = torch.cat([self.valid.reshape(B, T), torch.zeros(B, cached - T, dtype=torch.bool)], dim=1)
-            self.pos = torch.cat([self.pos.reshape(B, T), torch.full((B, cached - T), -1, dtype=torch.long)], dim=1)
-            T = cached
-        if kv is not None:
+        self.reserve(B + 1, max(T, span, src.batch.width if src is not None else 0))
+        if span > T:  # widen every row (the new columns are invalid for the rows already here)
+            self.valid = torch.cat([self.valid.reshape(B, T), torch.zeros(B, span - T, dtype=torch.bool)], dim=1)
+            self.pos = torch.cat([self.pos.reshape(B, T), torch.full((B, span - T), -1, dtype=torch.long)], dim=1)
+            T = span
+        valid = torch.zeros(1, T, dtype=torch.bool)
+        pos = torch.full((1, T), -1, dtype=torch.long)
+        if src is not None and cached > 0:
+            sb = src.batch
+            # one call for every layer: the new row's columns [0, span) become the source's, the rest of
+            # its columns (up to the wider of the two batches) are zeroed
+            columns = max(T, sb.width)
+            self.store.rollback(columns, keep={self.base_row + B: 0},
+                                copies={self.base_row + B: (sb.base_row + src.index, 0, span)})
+            keep = sb.valid[src.index, :span] & (sb.pos[src.index, :span] < cached)
+            valid[0, :span] = keep
+            pos[0, :span] = torch.where(keep, sb.pos[src.index, :span], -1)
+        elif kv is not None:
             with self.on_stream():
                 for store, (k, v) in zip(zip(self.keys, self.values), kv):
                     store[0][B, :, :cached].copy_(k[0])
@@ -265,17 +411,17 @@ class RaggedBatch:
                     if self.stream is not None:  # made on another stream: not reused before this copy ran
                         k.record_stream(self.stream)
                         v.record_stream(self.stream)
-        valid = torch.zeros(1, T, dtype=torch.bool)
-        valid[0, :cached] = True
-        pos = torch.full((1, T), -1, dtype=torch.long)
-        pos[0, :cached] = torch.arange(cached)
+            valid[0, :cached] = True
+            pos[0, :cached] = torch.arange(cached)
         self.valid = torch.cat([self.valid.reshape(B, T), valid], dim=0)
         self.pos = torch.cat([self.pos.reshape(B, T), pos], dim=0)
         row.cached, row.batch, row.index = cached, self, B
         self.rows.append(row)
 
     def truncate(self, row: Row, n: int) -> None:
-        """``row`` keeps its first ``n`` ids; cache entries past them are dropped (flags cleared)."""
+        """``row`` keeps its first ``n`` ids; cache entries past them are dropped: flags cleared and the
+        storage rolled back (one :func:`dreamr.ops.kv_rollback` call: the row keeps the columns of its
+        first ``n`` positions, the rest of its width is zeroed)."""
         assert row.batch is self and row.alive
         if not row.floor <= n <= len(row.ids):
             raise ValueError(f"truncate: n={n} outside [{row.floor}, {len(row.ids)}] (an image prefix is never rolled "
@@ -283,10 +429,12 @@ class RaggedBatch:
         del row.ids[n:]
         if row.cached > n:
             b = row.index
+            keep = self._span(row, n)
             drop = self.pos[b] >= n
             self.valid[b] &= ~drop
             self.pos[b][drop] = -1
             row.cached = n
+            self.store.rollback(self.width, keep={self.base_row + b: keep})
             self._dirty = True
 
     def uncache_to(self, row: Row, n: int) -> None:
@@ -305,14 +453,16 @@ class RaggedBatch:
         self._dirty = True
 
     def move(self, row: Row, dst: "RaggedBatch") -> Row:
-        """The same sequence in ``dst`` (cache copied, nothing recomputed); ``row`` is released."""
+        """The same sequence in ``dst`` (a batch on the same store: cache copied, nothing recomputed);
+        ``row`` is released."""
         new = dst.add(row.ids, src=row, cached=row.cached, owner=row.owner)
         self.release(row)
         return new
 
     def compact(self) -> None:
         """Drop released rows and invalid columns: every live row's entries left-aligned, one gather per
-        layer tensor, written back into the same storage."""
+        layer tensor, written back into the same storage (the entries of a row move within the row, which
+        :func:`dreamr.ops.kv_rollback` does not do)."""
         live = [r for r in self.rows if r.alive]
         counts = [r.cached for r in live]
         width = max(counts, default=0)
@@ -323,8 +473,8 @@ class RaggedBatch:
                 assert cols.numel() == r.cached
                 index[i, :r.cached] = cols
             with self.on_stream():
-                rows_idx = torch.tensor([r.index for r in live], dtype=torch.long, device=self.device)
-                gather = index.to(self.device)
+                rows_idx, gather = host_to_device(self.device, torch.tensor([r.index for r in live], dtype=torch.long),
+                                                  index)
                 for t in self.keys + self.values:
                     picked = t.index_select(0, rows_idx)
                     idx = gather[:, None, :, None].expand(len(live), t.shape[1], width, t.shape[3])
@@ -352,28 +502,30 @@ class RaggedBatch:
         m = (k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
              & ((k_tag[:, None, :] == 0) | (k_tag[:, None, :] == q_tag[:, :, None]))
              & (k_col[None, None, :] <= q_col[None, :, None]))
-        if sliding and self.sliding_window:
-            m &= (q_pos[:, :, None] - k_pos[:, None, :]) < int(self.sliding_window)
+        if sliding:  # the window of transformers' sliding masks: q - window < k <= q
+            m &= (q_pos[:, :, None] - k_pos[:, None, :]) < int(self.layout.sliding_window)
         # padding queries see themselves only (no empty rows in the softmax)
         m[:, torch.arange(S), q_col] |= ~q_valid
         return m[:, None]
 
     def mask_kinds(self) -> list[str]:
-        """The masks a forward passes: one per attention kind of the model ("full", "sliding_attention")."""
-        return sorted(set(self._mask_of_layer.values())) or ["full"]
+        """The masks a forward passes: one per attention kind of the model ("full", "sliding"; see
+        :class:`dreamr.lm.AttentionLayout`)."""
+        return self.layout.kinds
 
     def to_model_mask(self, m: torch.Tensor) -> torch.Tensor:
         """A host bool mask as the model takes it: on the device, additive for eager attention."""
-        m = m.to(self.device)
+        (m,) = host_to_device(self.device, m)
         if self.additive_mask:
             return torch.zeros(m.shape, dtype=self.dtype, device=self.device).masked_fill_(~m, torch.finfo(self.dtype).min)
         return m
 
     def model_masks(self, masks: dict):
-        """``{kind: mask}`` as the model's ``attention_mask``: a dict by layer type where the model has them."""
-        if not self._mask_of_layer:
-            return masks["full"]
-        return {lt: masks[kind] for lt, kind in self._mask_of_layer.items()}
+        """``{kind: mask}`` as the model's ``attention_mask``: a dict by layer type where the model has them,
+        else its one mask (sliding for a Mistral-style config)."""
+        if not self.layout.mask_of_layer:
+            return masks[self.layout.single_kind]
+        return {lt: masks[kind] for lt, kind in self.layout.mask_of_layer.items()}
 
     def cache_view(self, rows: int, past: int, columns: int, write_cols: torch.Tensor) -> Cache:
         """A transformers cache over storage rows ``[0, rows)`` and columns ``[0, columns)`` that writes the
@@ -451,8 +603,8 @@ class RaggedBatch:
                                      for kind in self.mask_kinds()})
         write_cols = torch.arange(T, T + S, device=self.device)
         cache = self.cache_view(B, T, T + S, write_cols)
-        out = self.base(input_ids=input_ids.to(self.device), attention_mask=mask,
-                        position_ids=positions.to(self.device), use_cache=True,
+        input_ids, positions = host_to_device(self.device, input_ids, positions)
+        out = self.base(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                         **{self._cache_kw: cache})
         return out.last_hidden_state
 
@@ -506,9 +658,13 @@ class RaggedBatch:
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Next-token logits from final hidden states ``[N, H]`` (LM head, soft-capping as the model does)."""
+        """Next-token logits from final hidden states ``[N, H]``: the LM head, then logit scaling (Cohere,
+        Granite) and soft-capping (Gemma) as the model's own forward applies them (:mod:`dreamr.lm`)."""
+        scale, softcap = self.lm.logit_scale, self.lm.logit_softcap
         with self.on_stream():
             logits = self.head(hidden.to(self.head.weight.dtype))
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            if scale != 1.0:
+                logits = logits * scale
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
         return logits

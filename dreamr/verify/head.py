@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -303,7 +302,3 @@ class VerdictHead:
         fit = self.meta.get("fit") or {}
         return {"target": (self.meta.get("target") or {}).get("name"), "features": self.meta.get("features"),
                 "calibrated": self.calibrated, "heldout": fit.get("heldout")}
-
-
-def _finite(x: float) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -11,18 +11,18 @@ committed context).
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 from dreamr.cache import CachedSequence
-from dreamr.lm import is_vision_language, logit_softcap, split_processor
-from dreamr.multimodal import ImagePrefix, encode_prefix, prepare_prompt, processor_inputs
+from dreamr.lm import logit_scale, logit_softcap, split_processor
 from dreamr.verify.head import NULL_STEP, VerdictHead, calibrated_cpn
 from dreamr.verify.verdicts import (DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE,
                                     build_verdict_token_ids, check_alpha)
+
+if TYPE_CHECKING:  # for the annotation only: the config imports dreamr.verify
+    from dreamr.config import ReasonerConfig
 
 __all__ = ["StepVerifier"]
 
@@ -45,8 +45,8 @@ class StepVerifier:
     delimiter : str
         The step delimiter (default a blank line).
     processor : transformers processor, optional
-        A vision-language target's processor, for :meth:`score_steps` with images (a processor given as
-        ``tokenizer`` is taken as both).
+        A vision-language target's processor, kept as :attr:`processor` for the callers that encode an
+        image prompt for this target (a processor given as ``tokenizer`` is taken as both).
     head : VerdictHead, optional
         A trained verdict head (:mod:`dreamr.verify.head`) scoring the verdict position's hidden state in
         place of the LM head's verdict rows; checked against the target and the template (ValueError
@@ -56,9 +56,6 @@ class StepVerifier:
         :data:`dreamr.verify.head.NULL_STEP` at the same prefix, ``cpn = sigmoid(l - l_null)``; the null
         step is fed on the prefix's KV cache (no second prefill). Always on with a head fitted on
         calibrated features (``head.calibrated``).
-
-    :meth:`score_steps` keeps the image prefix of its last call with images: consecutive calls on the
-    same prompt and images (a SAPO row's completions, scored one call each) encode the images once.
     """
 
     def __init__(
@@ -93,12 +90,19 @@ class StepVerifier:
             raise ValueError("model: the target has no output embedding (LM head) to score verdicts with")
         self._head = lm_head
         self.logit_softcap = logit_softcap(model)
+        # Cohere / Granite scale the LM head's logits. Without a head bias, scaling the hidden state scales
+        # the logits exactly (soft-capping, if any, comes after), so the fused op still scores them; a biased
+        # head would need the scale between the product and the bias, which the op does not take.
+        self.logit_scale = logit_scale(model)
+        if self.logit_scale != 1.0 and getattr(lm_head, "bias", None) is not None:
+            model_type = getattr(getattr(model, "config", None), "model_type", "?")
+            raise ValueError(f"model: {model_type} scales its logits (logit scaling {self.logit_scale}) and its LM head "
+                             "has a bias; CPN cannot score that combination")
         # Verdict prompt tokens, with and without the delimiter in front.
         self._suffix = {
             True: tokenizer.encode(self.template, add_special_tokens=False),
             False: tokenizer.encode(delimiter + self.template, add_special_tokens=False),
         }
-        self._kept_prefix: Optional[tuple[dict, tuple, ImagePrefix]] = None  # (inputs, weights' state, prefix)
         if head is not None:
             if not isinstance(head, VerdictHead):
                 raise ValueError(f"verdict_head: expected a dreamr.verify.VerdictHead, got {type(head).__name__}")
@@ -109,6 +113,25 @@ class StepVerifier:
         # The content-free step, as a drafted step reads (ending with the delimiter), and its verdict prompt.
         null_text = NULL_STEP + delimiter
         self._null_ids = tokenizer.encode(null_text, add_special_tokens=False) + self.suffix_ids(null_text)
+
+    @classmethod
+    def for_config(cls, model, tokenizer, config: "ReasonerConfig", *, head: Optional[VerdictHead] = None,
+                   processor=None) -> "StepVerifier":
+        """The verifier of ``config``'s verdict settings: template, verdict words, step delimiter, calibration,
+        and ``alpha`` (0.5 stands in for alpha="auto", whose value each request's threshold supplies).
+
+        The one place a :class:`dreamr.config.ReasonerConfig` becomes a verifier (the reasoner and SAPO's
+        scorer both call it). ``head`` is the resolved verdict head (None: the target's own Yes/No verdict);
+        resolving ``config.verdict_head`` ("auto", a folder) is the caller's, as it depends on the model's name.
+
+        Example
+        -------
+        >>> from dreamr.config import ReasonerConfig                      # doctest: +SKIP
+        >>> v = StepVerifier.for_config(model, tokenizer, ReasonerConfig(alpha=0.8))  # doctest: +SKIP
+        """
+        return cls(model, tokenizer, template=config.verdict_template, positive_words=config.positive_words,
+                   negative_words=config.negative_words, alpha=0.5 if config.auto_alpha else config.alpha,
+                   delimiter=config.step_delimiter, processor=processor, head=head, calibrate=config.calibrate)
 
     def suffix_ids(self, step_text: str) -> list[int]:
         """Token ids of the verdict prompt that follows ``step_text``."""
@@ -146,6 +169,9 @@ class StepVerifier:
             return self.head.cpn(hidden, alpha, null_hidden)
         weight = self._head.weight
         bias = getattr(self._head, "bias", None)
+        if self.logit_scale != 1.0:  # see __init__: exact for a head without bias
+            hidden = hidden * self.logit_scale
+            null_hidden = None if null_hidden is None else null_hidden * self.logit_scale
         if null_hidden is None:
             return ops.cpn_verify(
                 hidden.to(weight.dtype).contiguous(), weight, *self.verdict_ids,
@@ -199,72 +225,3 @@ class StepVerifier:
         return cpn, accepted
 
     verify = torch.no_grad()(verify)
-
-    @torch.no_grad()
-    def score_steps(self, prompt: str, steps: Sequence[str], images=None) -> list[float]:
-        """cpn of each step ``i`` given ``prompt + steps[:i]``, reusing one KV cache across the steps.
-
-        Steps are concatenated as given (include their separators, e.g. a trailing blank line). One
-        forward pass per step; NaN where a verdict was not finite. With ``images`` (one or a list: PIL
-        images, paths, tensors ``[C, H, W]``; a vision-language target with its processor), the prompt
-        becomes one user message, the images then the text, through the processor's chat template;
-        the images are encoded once and the steps follow the generation prompt; the next call on the
-        same prompt and images reuses that encoding (a copy of its cache; see :meth:`clear_prefix_cache`).
-        """
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError("prompt must be a non-empty string")
-        if isinstance(steps, str):
-            raise ValueError("steps must be a sequence of step strings, not one string")
-        mm = prepare_prompt(prompt, images)
-        if mm is None:
-            seq = CachedSequence(self.model, self.tokenizer.encode(prompt, add_special_tokens=True))
-        else:
-            if not is_vision_language(self.model):
-                raise ValueError(f"images: {len(mm.images)} image(s) given but the target model "
-                                 f"({type(self.model).__name__}) is text-only and cannot see them")
-            if self.processor is None:
-                raise ValueError("images: the target is a vision-language model but the verifier has no processor; "
-                                 "pass processor=AutoProcessor.from_pretrained(...) (or the processor as tokenizer)")
-            prefix = self._image_prefix(processor_inputs(self.processor, mm, "target"))
-            seq = CachedSequence(self.model, prefix.ids, prefix=prefix)
-        scores = []
-        for step in steps:
-            ids = self.tokenizer.encode(step, add_special_tokens=False)
-            cpn, _ = self.verify(seq, ids, step, commit=True)
-            scores.append(cpn)
-        return scores
-
-    def _weights_state(self) -> tuple:
-        """Changes whenever the target's parameters are replaced, moved or updated in place."""
-        return tuple((id(p), p.device, p.dtype, p._version) for p in self.model.parameters())
-
-    def _image_prefix(self, inputs: dict) -> ImagePrefix:
-        """The image prefix of ``inputs`` (a copy of its cache: scoring extends it), encoded once for
-        consecutive calls with equal inputs while the target's weights stay as they were."""
-        state = self._weights_state()
-        kept = self._kept_prefix
-        if kept is None or kept[1] != state or not _same_inputs(kept[0], inputs):
-            self._kept_prefix = None  # free the old prefix before encoding the new one
-            kept = self._kept_prefix = (inputs, state, encode_prefix(self.model, inputs))
-        prefix = kept[2]
-        return dataclasses.replace(prefix, cache=copy.deepcopy(prefix.cache))
-
-    def clear_prefix_cache(self) -> None:
-        """Drop the kept image prefix (its KV cache); needed only where the target's weights were changed
-        without autograd seeing it (through ``.data``), which the reuse check cannot detect."""
-        self._kept_prefix = None
-
-
-def _same_inputs(a: dict, b: dict) -> bool:
-    """Two processor outputs hold the same keys and equal values (tensors compared element-wise)."""
-    if a.keys() != b.keys():
-        return False
-    for k, v in a.items():
-        w = b[k]
-        if isinstance(v, torch.Tensor) or isinstance(w, torch.Tensor):
-            if not (isinstance(v, torch.Tensor) and isinstance(w, torch.Tensor) and v.shape == w.shape
-                    and v.dtype == w.dtype and torch.equal(v, w)):
-                return False
-        elif v != w:
-            return False
-    return True
