@@ -51,15 +51,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _problems(path: Path, n: int) -> list[dict]:
+def _problems(path: Path, n: int):
+    """The first ``n`` problems of ``path``, read by the evaluation's loader (its errors name the line)."""
+    from dreamr.eval import load_problems
+
     if n < 1:
         raise ValueError(f"problems must be >= 1, got {n}")
-    if not path.is_file():
-        raise ValueError(f"data: no such file {str(path)!r}")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if len(rows) < n:
-        raise ValueError(f"problems: {path} holds {len(rows)} problems, fewer than {n}")
-    return rows[:n]
+    problems = load_problems(path, limit=n)
+    if len(problems) < n:
+        raise ValueError(f"problems: {path} holds {len(problems)} problems, fewer than {n}")
+    return problems
 
 
 def plot(trajectory: list[dict], boundaries: list[int], target: float, band: float, path: Path, title: str) -> None:
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
           f"{'alpha final':>11} {'wall s':>7}")
     for i, item in enumerate(problems):
         start = time.perf_counter()
-        result = reasoner.generate(chat_messages(item["question"]))
+        result = reasoner.generate(chat_messages(item.question))
         verified = [s for s in result.steps if s.accepted is not None]
         for s in verified:
             accepted_total += bool(s.accepted)

@@ -25,6 +25,8 @@ import json
 import sys
 from pathlib import Path
 
+from dreamr.answers import extract_answer
+from dreamr.jsonl import read_jsonl
 from dreamr.prompts import ANSWER_MARKER, chat_messages
 
 WEAK_JUDGE_NOTE = (
@@ -96,11 +98,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _question(args) -> tuple[str, str | None]:
     if args.gsm8k is not None:
-        lines = [ln for ln in args.gsm8k_file.read_text().splitlines() if ln.strip()]
-        if not 0 <= args.gsm8k < len(lines):
-            raise SystemExit(f"--gsm8k: index {args.gsm8k} outside [0, {len(lines)}) of {args.gsm8k_file}")
-        item = json.loads(lines[args.gsm8k])
-        return item["question"], item["answer"].split("####")[-1].strip()
+        items = [item for _, item in read_jsonl(args.gsm8k_file, arg="--gsm8k-file")]
+        if not 0 <= args.gsm8k < len(items):
+            raise SystemExit(f"--gsm8k: index {args.gsm8k} outside [0, {len(items)}) of {args.gsm8k_file}")
+        item = items[args.gsm8k]
+        if not isinstance(item.get("question"), str) or not isinstance(item.get("answer"), str):
+            raise SystemExit(f"--gsm8k-file: line {args.gsm8k} of {args.gsm8k_file} needs string fields "
+                             "'question' and 'answer'")
+        return item["question"], extract_answer(item["answer"])
     if not args.question:
         raise SystemExit("give a question, or --gsm8k INDEX")
     return args.question, None
@@ -149,7 +154,10 @@ def _judge_note(reasoner) -> str:
 def main(argv=None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    question, reference = _question(args)
+    try:
+        question, reference = _question(args)
+    except ValueError as exc:  # a missing or malformed --gsm8k-file
+        parser.error(str(exc))
     from dreamr.reasoner import SpeculativeReasoner
 
     # the system prompt of dreamr.prompts, the one evaluation and SAPO training use

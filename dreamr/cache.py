@@ -3,8 +3,9 @@ that owns a cache.
 
 Caches are ``transformers.DynamicCache`` objects built without a config, so every layer keeps the full
 sequence (a sliding-window layer that has dropped old positions could not be rolled back). Rollback goes
-through the core op :func:`dreamr.ops.kv_rollback` (every row kept to its length, shorter rows zeroed up
-to the longest, in one call over all layers), then the time axis is cropped with ``DynamicCache.crop(-n)``.
+through the core op :func:`dreamr.ops.kv_rollback` where rows keep different lengths (every row kept to its
+length, shorter rows zeroed up to the longest, in one call over all layers), then the time axis is cropped
+with ``DynamicCache.crop(-n)``; where all rows keep the same length (batch size 1) the crop is all it takes.
 
 The image prefix
 ----------------
@@ -71,8 +72,8 @@ def cache_length(cache) -> int:
 def rollback(cache, lengths: Union[int, Sequence[int]]) -> None:
     """Roll ``cache`` back so that row ``b`` keeps its first ``lengths[b]`` positions.
 
-    Calls :func:`dreamr.ops.kv_rollback` once per group of tensors of one shape and layout (usually one
-    group: all layers), then crops the time axis to ``max(lengths)``. Rows shorter than the new time axis are
+    Where rows keep different lengths, calls :func:`dreamr.ops.kv_rollback` once per group of tensors of one
+    shape and layout (usually one group: all layers); then crops the time axis to ``max(lengths)``. Rows shorter than the new time axis are
     zero past their length; the caller masks them (batch size 1 needs no mask).
 
     Raises ValueError where a length is negative or past the cache's end, or where a layer keeps only
@@ -102,13 +103,16 @@ def rollback(cache, lengths: Union[int, Sequence[int]]) -> None:
                 "rollback: the cache has a sliding-window layer, which drops old positions and cannot be "
                 "rolled back; build the cache with dreamr.cache.new_cache() (DynamicCache() without config)"
             )
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for t in cache_tensors(cache):
-        groups.setdefault((tuple(t.shape), t.stride(), t.dtype, t.device), []).append(t)
-    for tensors in groups.values():  # crop() leaves strided views: the op takes them as they are
-        for start in range(0, len(tensors), ops.MAX_CACHE_TENSORS):
-            ops.kv_rollback(tensors[start:start + ops.MAX_CACHE_TENSORS], lengths)
     new_max = max(lengths)
+    # The op zeroes each row's dead span up to the longest kept row; where every row keeps the same
+    # length (always at batch size 1, mode "speculative") there is no such span and crop() below does all.
+    if min(lengths) < new_max:
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for t in cache_tensors(cache):
+            groups.setdefault((tuple(t.shape), t.stride(), t.dtype, t.device), []).append(t)
+        for tensors in groups.values():  # crop() leaves strided views: the op takes them as they are
+            for start in range(0, len(tensors), ops.MAX_CACHE_TENSORS):
+                ops.kv_rollback(tensors[start:start + ops.MAX_CACHE_TENSORS], lengths)
     if new_max < current:
         cache.crop(new_max - current)
 

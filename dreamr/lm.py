@@ -33,6 +33,7 @@ __all__ = [
     "num_kv_heads",
     "head_dim",
     "decoder_of",
+    "lm_head_of",
     "AttentionLayout",
     "attention_layout",
     "eager_attention",
@@ -115,6 +116,17 @@ def head_dim(model) -> int:
     attention heads."""
     config = text_config(model)
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def lm_head_of(model, arg: str = "model") -> torch.nn.Module:
+    """The LM head of ``model`` (its output embedding, with a ``weight [V, H]`` and maybe a ``bias [V]``).
+
+    Raises ValueError naming ``arg`` where the model has none (CPN scores the verdict rows of this head)."""
+    head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
+    if head is None or getattr(head, "weight", None) is None:
+        raise ValueError(f"{arg}: {type(model).__name__} has no output embedding (LM head) to score verdicts "
+                         "with; dreamr needs a transformers causal LM")
+    return head
 
 
 def decoder_of(model) -> torch.nn.Module:

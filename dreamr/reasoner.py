@@ -26,10 +26,10 @@ import torch
 from dreamr.cache import CachedSequence
 from dreamr.config import VERIFIED_MODES, ReasonerConfig
 from dreamr.engines import ENGINES
-from dreamr.lm import LM, Prompt, decoder_of, split_processor
+from dreamr.lm import LM, Prompt, split_processor
 from dreamr.request import Request, build as build_request
 from dreamr.result import Result, Step
-from dreamr.verify import AdaptiveAlpha, StepVerifier, VerdictHead, shipped_head_dir
+from dreamr.verify import AdaptiveAlpha, StepVerifier, VerdictHead, resolve_verdict_head
 
 __all__ = ["ReasonerConfig", "SpeculativeReasoner", "StepStream"]
 
@@ -201,7 +201,7 @@ class SpeculativeReasoner:
         self._heads: dict[str, VerdictHead] = {}
         self._thresholds: dict[tuple, AdaptiveAlpha] = {}
         self._engines = {}
-        decoder_of(t_model)  # the judge's hidden states come from its decoder (ValueError now if it has none)
+        self.target.decoder  # the judge's hidden states come from its decoder (ValueError now if it has none)
         self.verifier_for(self.config)  # verdict words are checked now, not at the first request
 
     @classmethod
@@ -229,7 +229,8 @@ class SpeculativeReasoner:
         ``verdict_head``: "auto" (default) uses the verdict head dreamr ships for a built-in target
         (``dreamr/heads/<name>/``; fitted and calibrated, see :mod:`dreamr.verify.head`) and none for
         other targets; a folder written by ``python -m dreamr.calibrate fit``; or None / "none" for the
-        target's own Yes/No verdict. It becomes the config's ``verdict_head``.
+        target's own Yes/No verdict. It becomes the config's ``verdict_head``; with ``config=`` given, the
+        config's own ``verdict_head`` is kept unless ``verdict_head`` is passed explicitly.
 
         ``target`` defaults to gemma-3-270m and ``draft`` to SmolLM2-135M-Instruct. ``draft="self"`` or
         ``"self:<k>"`` makes an early-exit self-draft from the target's first k layers (sharing its
@@ -260,12 +261,13 @@ class SpeculativeReasoner:
                             arg_name="target")
             d = models.load(draft, dtype=dtype, device=device, progress=progress, cache_dir=cache_dir,
                             arg_name="draft")
-        if isinstance(verdict_head, str) and verdict_head == "auto":
-            verdict_head = shipped_head_dir(t.name) if t.name.lower() in models.BUILTIN_MODELS else None
-        if verdict_head is not None:
-            if kwargs.get("config") is not None:
-                kwargs["config"] = dataclasses.replace(kwargs["config"], verdict_head=verdict_head)
-            else:
+        if kwargs.get("config") is not None:
+            if not (isinstance(verdict_head, str) and verdict_head == "auto"):  # named explicitly: it wins
+                kwargs["config"] = dataclasses.replace(kwargs["config"],
+                                                       verdict_head=resolve_verdict_head(verdict_head, t.name))
+        else:
+            verdict_head = resolve_verdict_head(verdict_head, t.name)
+            if verdict_head is not None:
                 kwargs["verdict_head"] = verdict_head
         return cls(t, d, **kwargs)
 

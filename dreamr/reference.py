@@ -2,7 +2,9 @@
 
 These are the definitions the compiled kernels are tested against: short, obviously right and slow.
 They take the same arguments as the ops in :mod:`dreamr.ops` (but do little input checking) and return
-the same outputs. Nothing in the library calls them on a hot path.
+the same outputs. Nothing in the library calls the op references on a hot path; :func:`accepts` and
+:func:`accepts_value` are the exception: they are the library's acceptance rule in Python (the mirror of
+``dreamr::accepts`` in ``csrc/include/dreamr/common.h``), used wherever Python decides on a cpn.
 """
 
 from __future__ import annotations

@@ -184,8 +184,8 @@ def build(prompt: Prompt, images, config: ReasonerConfig, *, target: LM, draft: 
     elif not isinstance(prompt, str) and any(not isinstance(m["content"], str) for m in prompt):
         prompt = [{**m, "content": text_of(m["content"])} for m in prompt]  # text parts only
     if threshold is None and config.auto_alpha and verifier is not None:
-        from dreamr.verify.threshold import AdaptiveAlpha as _Adaptive  # a request on its own: a fresh rule
-        threshold = _Adaptive(config.target_acceptance, config.alpha_gamma)
+        # a request on its own: a fresh rule
+        threshold = AdaptiveAlpha(config.target_acceptance, config.alpha_gamma)
     t_ids, t_inputs = _encode(target, prompt, mm, name) if target in used else ([], None)
     d_ids, d_inputs = _encode(draft, prompt, mm, name) if draft in used else ([], None)
     return Request(prompt=prompt, config=config, verifier=verifier,

@@ -11,29 +11,19 @@ import torch
 from dreamr.cache import CachedSequence
 from dreamr.config import ReasonerConfig
 from dreamr.reasoner import SpeculativeReasoner
-from dreamr.testing import TINY_SETTINGS, PROMPTS, draft_tokenizer, target_tokenizer, tiny_llama, tiny_qwen2
+from dreamr.testing import TINY_SETTINGS, PROMPTS, target_tokenizer, tiny_llama
 from dreamr.verify import AdaptiveAlpha, StepVerifier, VerdictHead
 from dreamr.verify.head import calibrated_cpn, target_identity
 
 
 @pytest.fixture(scope="module")
-def tok_a():
-    return target_tokenizer()
+def target(target_model):  # conftest's tiny pair (tok_a / tok_b are conftest's too)
+    return target_model
 
 
 @pytest.fixture(scope="module")
-def tok_b():
-    return draft_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def target(tok_a):
-    return tiny_llama(tok_a)
-
-
-@pytest.fixture(scope="module")
-def draft(tok_b):
-    return tiny_qwen2(tok_b)
+def draft(draft_model):
+    return draft_model
 
 
 def head_for(model, calibrated: bool, seed: int = 0) -> VerdictHead:

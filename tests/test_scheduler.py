@@ -13,6 +13,7 @@ import random
 import zlib
 
 import pytest
+import torch
 
 from dreamr.scheduler import (WORK_DRAFT, WORK_TARGET, WORK_VERIFY, Action, ActionKind as K, FinishReason,
                               Scheduler, StepEnd, TargetLaunch)
@@ -232,6 +233,10 @@ def test_acceptance_rule_ends():
     assert not Scheduler(alpha=1.0).accepts(1.0)
     s = Scheduler(alpha=0.7)
     assert s.accepts(0.7000001) and not s.accepts(0.7)
+    # the kernels' rule (dreamr::accepts): float32, so a float32 cpn of 0.85 does not pass alpha 0.85, and
+    # alpha 1 rejects even a cpn above 1
+    assert not Scheduler(alpha=0.85).accepts(torch.tensor(0.85).item())
+    assert not Scheduler(alpha=1.0).accepts(1.5)
 
 
 @pytest.mark.parametrize("kwargs,needle", [

@@ -23,7 +23,7 @@ from dreamr.config import ReasonerConfig
 from dreamr.lm import LM
 from dreamr.prompts import SYSTEM_PROMPT
 from dreamr.request import build
-from dreamr.verify import StepVerifier, VerdictHead
+from dreamr.verify import StepVerifier, VerdictHead, resolve_verdict_head
 from training.data import draft_messages
 
 __all__ = ["StepScorer", "verifier_for"]
@@ -173,21 +173,6 @@ def add_judge_args(parser) -> None:
                              "or a folder written by python -m dreamr.calibrate fit")
     parser.add_argument("--calibrate", action="store_true",
                         help="correct each verdict by the verdict on a content-free step at the same prefix")
-
-
-def resolve_verdict_head(choice, target_name: str):
-    """``--verdict-head`` as the reasoner's ``from_pretrained(verdict_head=...)`` reads it: "auto" is the
-    head shipped for a built-in target (None for any other target), "none" or None is None, anything
-    else a head folder."""
-    from dreamr import models
-    from dreamr.verify import shipped_head_dir
-
-    if choice is None or (isinstance(choice, str) and choice.strip().lower() in ("", "none")):
-        return None
-    if isinstance(choice, str) and choice == "auto":
-        name = str(target_name).lower()
-        return shipped_head_dir(name) if name in models.BUILTIN_MODELS else None
-    return choice
 
 
 def judge_config(args, target_name: str, **fields) -> ReasonerConfig:

@@ -1,6 +1,8 @@
 // The FPSR scheduler's state machine; the rules are documented in fpsr_scheduler.h.
 #include "fpsr_scheduler.h"
 
+#include "dreamr/common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <sstream>
@@ -67,8 +69,9 @@ FpsrScheduler::FpsrScheduler(const Config& config) : config_(config) {
 }
 
 bool FpsrScheduler::accepts(double cpn) const {
-  if (std::isnan(cpn)) return false;
-  return config_.alpha <= 0.0 || cpn > config_.alpha;
+  // The one acceptance rule, dreamr::accepts: cpn and alpha narrowed to float32 as the kernels compare
+  // them (a float32 cpn equal to alpha rejects), alpha >= 1 rejects everything, NaN never accepts.
+  return dreamr::accepts(static_cast<float>(cpn), static_cast<float>(config_.alpha));
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -25,8 +25,8 @@
 //     long as fewer than W steps are open, d_i did not end the answer (EOS / answer marker), d_i is not
 //     known to be rejected, and the budget left on that prefix is at least one token.
 //   * c_i is launched as soon as d_i finishes; verdicts may return in any order.
-//   * accept iff cpn > alpha, ends exact: alpha <= 0 accepts every non-NaN cpn (even 0), alpha = 1
-//     rejects every step, NaN always rejects (the rule of dreamr::accepts in common.h, in double).
+//   * accept iff cpn > alpha, decided by dreamr::accepts (csrc/include/dreamr/common.h): both narrowed to
+//     float32, alpha <= 0 accepts every non-NaN cpn (even 0), alpha >= 1 rejects every step, NaN rejects.
 //   * Early stopping: as soon as c_i rejects, every position after i is cancelled (its draft, verify
 //     and target work), whether or not earlier positions are resolved: nothing past a rejection can
 //     ever be committed.

@@ -636,6 +636,7 @@ void test_alpha_ends() {
     FpsrScheduler s(cfg(4, 1.0));
     CHECK(!s.accepts(1.0));  // alpha = 1 rejects everything
     CHECK(!s.accepts(0.999999));
+    CHECK(!s.accepts(1.5));  // explicit, not through cpn <= 1
     CHECK(!s.accepts(nan));
     RequestId r = s.add_request(1000);
     std::vector<int64_t> ep;
@@ -649,7 +650,8 @@ void test_alpha_ends() {
   {
     FpsrScheduler s(cfg(4, 0.7));
     CHECK(!s.accepts(0.7));  // strict: cpn == alpha rejects
-    CHECK(s.accepts(std::nextafter(0.7, 1.0)));
+    CHECK(s.accepts(std::nextafter(0.7f, 1.0f)));  // the next float32 above alpha
+    CHECK(!s.accepts(std::nextafter(0.7, 1.0)));  // the next double rounds to 0.7f: float32, as the kernels
   }
 }
 

@@ -299,7 +299,7 @@ def _score(args) -> int:
 def _pairs(args) -> int:
     from dreamr.calibrate.pairs import build_groups, groups_to_pairs, read_problems, write_pairs
 
-    problems = read_problems(args.data, limit=args.limit)
+    problems = read_problems(args.data, limit=args.limit, arg="data")
     groups = build_groups(problems, seed=args.seed, positions=_positions(args.positions))
     n = write_pairs(args.out, groups_to_pairs(groups))
     print(f"wrote {n} pairs from {len(problems)} problems to {args.out}")

@@ -78,7 +78,7 @@ class FeatureExtractor:
 
     @property
     def hidden_size(self) -> int:
-        return int(self.verifier._head.weight.shape[1])
+        return self.verifier.hidden_size
 
     def framing(self) -> dict:
         """How the prompt is framed, for a head's metadata."""

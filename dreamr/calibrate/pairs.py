@@ -120,15 +120,16 @@ def solution_steps(answer: str) -> tuple[tuple[str, ...], str]:
     return tuple(steps), final
 
 
-def read_problems(path: Union[str, Path], limit: Optional[int] = None) -> list[Problem]:
+def read_problems(path: Union[str, Path], limit: Optional[int] = None, *, arg: str = "train") -> list[Problem]:
     """The problems of a GSM8K-format jsonl file (``question`` and ``answer`` on each line).
 
-    Raises ValueError naming the file and line where a line is not JSON or lacks a field.
+    Raises ValueError naming ``arg`` (the option the file came from), the file and line where a line is not
+    JSON or lacks a field.
     """
     problems = []
-    for n, item in read_jsonl(path, arg="train"):
+    for n, item in read_jsonl(path, arg=arg):
         if not isinstance(item.get("question"), str) or not isinstance(item.get("answer"), str):
-            raise ValueError(f"train: {path}:{n}: a GSM8K line needs string fields 'question' and 'answer'")
+            raise ValueError(f"{arg}: {path}:{n}: a GSM8K line needs string fields 'question' and 'answer'")
         steps, final = solution_steps(item["answer"])
         problems.append(Problem(item["question"].strip(), steps, final))
         if limit is not None and len(problems) >= limit:

@@ -67,6 +67,7 @@ from dreamr.result import Result, Step
 from dreamr.scheduler import (WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, FinishReason, Scheduler, StepEnd,
                               TargetLaunch)
 from dreamr.steps import StepWriter, has_answer
+from dreamr.verify import StepVerifier
 
 __all__ = ["FpsrEngine", "RaggedBatch", "Row"]
 
@@ -256,6 +257,13 @@ class FpsrEngine(Engine):
                          "positive_words", "negative_words"):
                 if getattr(r.config, name) != getattr(cfg, name):
                     raise ValueError(f"fpsr: all requests of a batch must share {name}")
+            # one verifier and one threshold judge the whole batch (a verify pass scores all its steps)
+            if r.verifier is not requests[0].verifier:
+                raise ValueError("fpsr: all requests of a batch must share the verifier (verdict_head, calibrate "
+                                 "and the verdict settings); run requests with other judges in another batch")
+            if r.threshold is not requests[0].threshold:
+                raise ValueError("fpsr: all requests of a batch must share the threshold (alpha, target_acceptance, "
+                                 "alpha_gamma); run requests with other thresholds in another batch")
         policy = self.target_launch
         if policy == "auto":
             policy = "eager" if (self.overlap or self.target.device.type == "cuda") else "on_reject"
@@ -334,7 +342,7 @@ class _Run:
 
     sched: Scheduler
     cfg: ReasonerConfig  # the batch's shared verdict settings (window, alpha, step delimiter, ...)
-    verifier: object  # dreamr.verify.StepVerifier (or a judge standing in for it)
+    verifier: StepVerifier  # the batch's one verifier (tests may swap its cpn for a fixed judge)
     target: LM
     draft: LM
     same_tokenizer: bool

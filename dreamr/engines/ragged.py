@@ -42,7 +42,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from dreamr import ops
 from dreamr.cache import cache_kwarg
-from dreamr.lm import LM, eager_attention
+from dreamr.lm import LM, eager_attention, lm_head_of
 
 __all__ = ["KVStore", "RaggedBatch", "RaggedKVLayer", "Row", "copy_from_host", "host_to_device"]
 
@@ -270,7 +270,7 @@ class RaggedBatch:
         self.base = lm.decoder
         self._cache_kw = cache_kwarg(self.base)
         self.additive_mask = eager_attention(lm.model)
-        self.head = lm.model.get_output_embeddings()
+        self.head = lm_head_of(lm.model)
         self.device, self.dtype = lm.device, lm.dtype
         if store is None:
             store = KVStore(lm, stream)

@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
-from dreamr.eval import report as report_mod
+import dreamr.eval.report as report_mod  # a module reference: tests swap its plot functions
 from dreamr.eval.data import (ALPHA_JSON, ALPHA_PNG, META, RECORDS, RESULTS, SWEEP_JSON, SWEEP_PNG, Problem,
                               ends_mid_line, prompt_for, read_records, select_problems, sha256)
 from dreamr.eval.environment import GpuMonitor, environment, models_info

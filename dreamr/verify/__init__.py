@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dreamr.verify.verdicts import (DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE,
                                     build_verdict_token_ids, check_alpha)
-from dreamr.verify.head import NULL_STEP, VerdictHead, shipped_head_dir
+from dreamr.verify.head import NULL_STEP, VerdictHead, resolve_verdict_head, shipped_head_dir
 from dreamr.verify.threshold import AdaptiveAlpha
 from dreamr.verify.verifier import StepVerifier
 
@@ -20,5 +20,6 @@ __all__ = [
     "VerdictHead",
     "NULL_STEP",
     "shipped_head_dir",
+    "resolve_verdict_head",
     "AdaptiveAlpha",
 ]

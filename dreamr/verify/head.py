@@ -52,10 +52,9 @@ _PROBE_WIDTH = 8
 
 
 def _lm_head_weight(model) -> torch.Tensor:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or getattr(head, "weight", None) is None:
-        raise ValueError("verdict_head: the target has no output embedding (LM head) to identify it by")
-    return head.weight
+    from dreamr.lm import lm_head_of
+
+    return lm_head_of(model, arg="verdict_head").weight  # the target is identified by its LM head
 
 
 def _text_config(model):
@@ -113,6 +112,23 @@ def shipped_head_dir(name: str) -> Optional[Path]:
     """The folder of the head shipped for built-in target ``name`` (``dreamr/heads/<name>/``), or None."""
     folder = Path(__file__).resolve().parent.parent / "heads" / str(name).lower()
     return folder if (folder / HEAD_META).is_file() and (folder / HEAD_WEIGHTS).is_file() else None
+
+
+def resolve_verdict_head(choice, target_name: str):
+    """A ``verdict_head`` setting as the front reads it (``from_pretrained``, ``--verdict-head``, SAPO's judge).
+
+    "auto" is the head shipped for a built-in target (:func:`shipped_head_dir`; None for any other
+    target), "none" / "" / None is None (the target's own Yes/No verdict), anything else (a folder, a
+    :class:`VerdictHead`) is returned as it is, to be loaded and checked against the target later.
+    """
+    from dreamr import models
+
+    if choice is None or (isinstance(choice, str) and choice.strip().lower() in ("", "none")):
+        return None
+    if isinstance(choice, str) and choice == "auto":
+        name = str(target_name).lower()
+        return shipped_head_dir(name) if name in models.BUILTIN_MODELS else None
+    return choice
 
 
 @dataclass

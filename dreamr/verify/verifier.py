@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Optional, Sequence
 import torch
 
 from dreamr.cache import CachedSequence
-from dreamr.lm import logit_scale, logit_softcap, split_processor
+from dreamr.lm import lm_head_of, logit_scale, logit_softcap, split_processor
 from dreamr.verify.head import NULL_STEP, VerdictHead, calibrated_cpn
 from dreamr.verify.verdicts import (DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE,
                                     build_verdict_token_ids, check_alpha)
@@ -85,9 +85,7 @@ class StepVerifier:
         self.positive_words = tuple(positive_words or DEFAULT_POSITIVE_WORDS)
         self.negative_words = tuple(negative_words or DEFAULT_NEGATIVE_WORDS)
         self.verdict_ids = build_verdict_token_ids(tokenizer, self.positive_words, self.negative_words)
-        lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if lm_head is None or getattr(lm_head, "weight", None) is None:
-            raise ValueError("model: the target has no output embedding (LM head) to score verdicts with")
+        lm_head = lm_head_of(model)
         self._head = lm_head
         self.logit_softcap = logit_softcap(model)
         # Cohere / Granite scale the LM head's logits. Without a head bias, scaling the hidden state scales
@@ -141,6 +139,11 @@ class StepVerifier:
         """Token ids of the content-free step and its verdict prompt, scored at a step's prefix when
         calibrating."""
         return list(self._null_ids)
+
+    @property
+    def hidden_size(self) -> int:
+        """H, the size of the hidden states :meth:`cpn` scores (the LM head's input size)."""
+        return int(self._head.weight.shape[1])
 
     @property
     def reserve(self) -> int:
