@@ -246,33 +246,7 @@ def test_caches_match_fresh_prefill_after_every_commit(pair, content_judge):
     """The executor's target chain and draft rows hold exactly the KV of a fresh prefill of their ids."""
     content_judge(pair)
     checked = []
-
-    def check(row, model):
-        batch = row.batch
-        if row.cached == 0:
-            return
-        got = batch.dense(row, row.cached)
-        from dreamr.cache import CachedSequence, cache_tensors
-        seq = CachedSequence(model, row.ids[:row.cached])
-        seq.ids.append(0)  # one pending token so that the whole prefix is cached
-        seq.next_logits()
-        want = cache_tensors(seq.cache)
-        flat = [t for kv in got for t in kv]
-        assert len(flat) == len(want)
-        for g, w in zip(flat, want):
-            torch.testing.assert_close(g, w[:, :, :row.cached], atol=1e-9, rtol=0)
-
-    def observer(chain, d_row):
-        check(chain, pair.target.model)
-        check(d_row, pair.draft.model)
-        checked.append(1)
-
-    engine = pair.engine("fpsr")
-    engine.observer = observer
-    try:
-        result = pair.generate(PROMPTS[1], alpha=0.5, mode="fpsr")
-    finally:
-        engine.observer = None
+    result = _check_caches(pair, checked, PROMPTS[1], alpha=0.5)
     assert len(checked) == len(result.steps) >= 3
 
 
