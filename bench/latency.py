@@ -9,8 +9,9 @@
 
 Each row times an op and its baseline side by side in the same process (interleaved repetitions, median
 of each), so machine noise hits both alike. Baselines: the plain PyTorch references in
-dreamr/reference.py; for CPN also the naive way (full LM head over the vocabulary, softmax, gather), and
-for rollback the per-layer loop a transformers user would write. A WARNING row follows each op whose
+dreamr/reference.py; for CPN also the naive way (full LM head over the vocabulary, softmax, gather), for
+rollback the per-layer loop a transformers user would write, and for compaction the per-layer
+``index_select`` + ``gather`` that FPSR's ragged batches ran before ``kv_compact``. A WARNING row follows each op whose
 speedup is below its aim (:data:`AIMS`).
 
 The end-to-end section (bench/e2e_latency.py) runs by default: per-step latency of each mode (target,
@@ -172,6 +173,38 @@ def bench_rollback(device, dtype, layers, batch, heads, time_len, head_dim, repe
     yield Record("kv_rollback+branch copy", "per-layer PyTorch loop", device.type, shape, a, b, b / a)
 
 
+def bench_compact(device, dtype, layers, batch, heads, time_len, head_dim, repeats):
+    """FPSR's ragged-batch compaction: of B rows two were released, and every live row has three private
+    verdict segments of 8 columns to close (what RaggedBatch.compact asks of the op)."""
+    cache = [torch.randn(batch, heads, time_len, head_dim).to(device=device, dtype=dtype) for _ in range(2 * layers)]
+    g = torch.Generator().manual_seed(3)
+    released = set(torch.randperm(batch, generator=g)[:2].tolist())
+    rows = [b for b in range(batch) if b not in released]
+    keep = torch.ones(len(rows), time_len, dtype=torch.bool)
+    for i in range(len(rows)):
+        for start in torch.randperm(time_len - 8, generator=g)[:3].tolist():
+            keep[i, start:start + 8] = False
+    counts = keep.sum(dim=1)
+    width = int(counts.max())
+    columns = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :width].contiguous()
+    src_rows = torch.tensor(rows, dtype=torch.long)
+    plan = [t.to(device) for t in (src_rows, columns, counts)]
+
+    def per_layer_gather():
+        # RaggedBatch.compact before kv_compact: per layer tensor a row gather, a column gather, a copy back
+        index = plan[1][:, None, :, None].expand(len(rows), heads, width, head_dim)
+        for t in cache:
+            t[:len(rows), :, :width].copy_(torch.gather(t.index_select(0, plan[0]), 2, index))
+
+    shape = f"layers={layers} B={batch}->{len(rows)} H_kv={heads} T={time_len} D={head_dim} " \
+            f"{str(dtype).replace('torch.', '')}"
+    fast = lambda: ops.kv_compact(cache, *plan)  # noqa: E731
+    for name, base in (("reference", lambda: reference.kv_compact(cache, *plan)),
+                       ("per-layer index_select+gather", per_layer_gather)):
+        a, b = compare(fast, base, device, repeats)
+        yield Record("kv_compact", name, device.type, shape, a, b, b / a)
+
+
 def bench_sampling(device, batch, k, vocab, repeats):
     g = torch.Generator().manual_seed(2)
     q = torch.softmax(torch.randn(batch, k, vocab, generator=g), -1).to(device)
@@ -221,9 +254,10 @@ def main(argv=None) -> list[Record]:
         bench_cpn(device, dtype, hidden, vocab, batches, repeats, naive_repeats=max(2, repeats // 5)),
         bench_window(device, repeats),
         bench_rollback(device, dtype, layers, 8, 8, time_len, 128 if not args.quick else 16, repeats),
+        bench_compact(device, dtype, layers, 8, 8, time_len, 128 if not args.quick else 16, repeats),
         bench_sampling(device, 32 if not args.quick else 4, 5, 32000 if not args.quick else 1000, repeats),
     ]
-    header = f"{'op':<24} {'baseline':<26} {'shape':<52} {'op ms':>9} {'base ms':>10} {'speedup':>8} {'aim':>6}"
+    header = f"{'op':<24} {'baseline':<29} {'shape':<56} {'op ms':>9} {'base ms':>10} {'speedup':>8} {'aim':>6}"
     print(f"device: {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
           f"torch {torch.__version__}, threads {threads}")
     print(header)
@@ -235,7 +269,7 @@ def main(argv=None) -> list[Record]:
             r.meets_aim = None if r.aim is None else r.speedup >= r.aim
             records.append(r)
             aim = "-" if r.aim is None else f"{r.aim:g}x"
-            print(f"{r.op:<24} {r.baseline:<26} {r.shape:<52} {r.median_ms:>9.3f} {r.baseline_median_ms:>10.3f} "
+            print(f"{r.op:<24} {r.baseline:<29} {r.shape:<56} {r.median_ms:>9.3f} {r.baseline_median_ms:>10.3f} "
                   f"{r.speedup:>7.1f}x {aim:>6}", flush=True)
             if r.meets_aim is False:
                 print(f"WARNING {r.op} vs {r.baseline}: {r.speedup:.2f}x is below the aim of {r.aim:g}x "

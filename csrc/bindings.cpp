@@ -46,6 +46,13 @@ void kv_rollback_check(std::vector<int64_t> lengths, std::vector<int64_t> src_ro
                         time);
 }
 
+// Host-side value checks for kv_compact, for callers holding the plan on the host (CPU tensors) next to
+// a device cache: the same shape and value checks the CPU kernel runs, with no device read.
+void kv_compact_check(const at::Tensor& src_rows, const at::Tensor& columns, const at::Tensor& counts, int64_t batch,
+                      int64_t time) {
+  check_compact_values(check_compact_plan(src_rows, columns, counts, at::Device(at::kCPU), batch, time), batch, time);
+}
+
 // The numbers of the scheduler's enums (csrc/scheduler/fpsr_scheduler.h), by name: dreamr/scheduler.py
 // builds its Python enums from these tables, so no number is copied by hand. Names are Python's
 // (UPPER_SNAKE); "Work" holds the bits of a kCancel action's aux.
@@ -94,12 +101,15 @@ TORCH_LIBRARY(dreamr, m) {
   m.def(
       "kv_rollback_(Tensor(a!)[] cache, Tensor lengths, Tensor? copy_src_row, Tensor? copy_src_start, "
       "Tensor? copy_length) -> Tensor new_lengths");
+  m.def("kv_compact_(Tensor(a!)[] cache, Tensor src_rows, Tensor columns, Tensor counts) -> ()");
   m.def(
       "speculative_sample(Tensor draft_probs, Tensor draft_ids, Tensor target_probs, Tensor uniforms) "
       "-> (Tensor tokens, Tensor num_accepted)");
   m.def("greedy_verify(Tensor draft_ids, Tensor target_logits) -> (Tensor tokens, Tensor num_accepted)");
   m.def("kv_rollback_check(int[] lengths, int[] copy_src_row, int[] copy_src_start, int[] copy_length, int time) -> ()",
         &kv_rollback_check);
+  m.def("kv_compact_check(Tensor src_rows, Tensor columns, Tensor counts, int batch, int time) -> ()",
+        &kv_compact_check);
   m.def("built_with_cuda() -> bool", &built_with_cuda);
   // torch.classes.dreamr.FpsrScheduler, with its enum tables as a static method
   register_fpsr_scheduler_class(m).def_static("enum_values", &scheduler_enum_values);

@@ -121,11 +121,9 @@ inline void check_window_inputs(const at::Tensor& cpn, const at::Tensor& valid, 
   check_alpha(op, alpha);
 }
 
-inline RollbackShape check_rollback_inputs(at::TensorList cache, const at::Tensor& lengths,
-                                           const c10::optional<at::Tensor>& src_row,
-                                           const c10::optional<at::Tensor>& src_start,
-                                           const c10::optional<at::Tensor>& copy_length) {
-  const char* op = "kv_rollback";
+// The cache of kv_rollback and kv_compact: 1 to kMaxCacheTensors tensors [B, H_kv, T, D] of one shape,
+// layout, dtype and device, dense in D, no element shared (they are written in place).
+inline RollbackShape check_cache_tensors(const char* op, at::TensorList cache) {
   DREAMR_CHECK(!cache.empty(), op, ": cache is empty; pass the keys and values of every layer");
   DREAMR_CHECK(static_cast<int64_t>(cache.size()) <= kMaxCacheTensors, op, ": cache has ", cache.size(),
                " tensors, more than the ", kMaxCacheTensors, " supported in one call; split the layers");
@@ -154,7 +152,18 @@ inline RollbackShape check_rollback_inputs(at::TensorList cache, const at::Tenso
                  "), e.g. an expanded view; it is written in place, so pass a tensor that owns each element "
                  "(.contiguous() or .clone())");
   }
-  const int64_t batch = first.size(0);
+  return RollbackShape{first.size(0),  first.size(1),   first.size(2),  first.size(3),
+                       first.stride(0), first.stride(1), first.stride(2)};
+}
+
+inline RollbackShape check_rollback_inputs(at::TensorList cache, const at::Tensor& lengths,
+                                           const c10::optional<at::Tensor>& src_row,
+                                           const c10::optional<at::Tensor>& src_start,
+                                           const c10::optional<at::Tensor>& copy_length) {
+  const char* op = "kv_rollback";
+  const RollbackShape shape = check_cache_tensors(op, cache);
+  const at::Tensor& first = cache[0];
+  const int64_t batch = shape.batch;
   auto check_row_vector = [&](const char* name, const at::Tensor& t) {
     check_tensor(op, name, t, 1, first.device());
     check_dtype(op, name, t, at::kLong);
@@ -169,8 +178,7 @@ inline RollbackShape check_rollback_inputs(at::TensorList cache, const at::Tenso
     check_row_vector("copy_src_start", *src_start);
     check_row_vector("copy_length", *copy_length);
   }
-  return RollbackShape{batch,          first.size(1),   first.size(2),  first.size(3),
-                       first.stride(0), first.stride(1), first.stride(2)};
+  return shape;
 }
 
 // Value checks for rollback, on host data. The CPU launcher runs them on its tensors; on CUDA the
@@ -196,6 +204,65 @@ inline void check_rollback_values(const int64_t* lengths, const int64_t* src_row
                  ", which keeps only [0, ", lengths[s], "); a source span must lie inside what its row keeps");
     DREAMR_CHECK(lengths[b] + copy_length[b] <= time, op, ": row ", b, " would grow to ", lengths[b] + copy_length[b],
                  " positions, more than the cache's T = ", time, "; grow the cache first");
+  }
+}
+
+// The plan tensors of kv_compact against a cache of B rows and T positions on `device`: src_rows [B'] with
+// B' <= B, columns [B', W] with W <= T, counts [B']; int64, contiguous. Returns the plan over their data
+// (host or device pointers, as the tensors are).
+inline CompactPlan check_compact_plan(const at::Tensor& src_rows, const at::Tensor& columns, const at::Tensor& counts,
+                                      const at::Device& device, int64_t batch, int64_t time) {
+  const char* op = "kv_compact";
+  check_tensor(op, "src_rows", src_rows, 1, device);
+  check_dtype(op, "src_rows", src_rows, at::kLong);
+  const int64_t rows = src_rows.size(0);
+  DREAMR_CHECK(rows <= batch, op, ": src_rows must be [B'] with B' <= B = ", batch,
+               " (one entry per output row of the cache), got shape ", src_rows.sizes());
+  check_tensor(op, "columns", columns, 2, device);
+  check_dtype(op, "columns", columns, at::kLong);
+  DREAMR_CHECK(columns.size(0) == rows && columns.size(1) <= time, op, ": columns must be [B', W] with B' = ", rows,
+               " (src_rows' length) and W <= T = ", time, ", got shape ", columns.sizes());
+  check_tensor(op, "counts", counts, 1, device);
+  check_dtype(op, "counts", counts, at::kLong);
+  DREAMR_CHECK(counts.size(0) == rows, op, ": counts must be [B'] with B' = ", rows, " (src_rows' length), got shape ",
+               counts.sizes());
+  return CompactPlan{rows, columns.size(1), src_rows.data_ptr<int64_t>(), columns.data_ptr<int64_t>(),
+                     counts.data_ptr<int64_t>()};
+}
+
+struct CompactInputs {
+  RollbackShape shape;
+  CompactPlan plan;
+};
+
+inline CompactInputs check_compact_inputs(at::TensorList cache, const at::Tensor& src_rows, const at::Tensor& columns,
+                                          const at::Tensor& counts) {
+  const RollbackShape shape = check_cache_tensors("kv_compact", cache);
+  return {shape, check_compact_plan(src_rows, columns, counts, cache[0].device(), shape.batch, shape.time)};
+}
+
+// Value checks for compaction, on host data: the order rules of rollback.h (CompactPlan) that make the
+// in-place pass safe, and every index in range. The CPU launcher runs them on its tensors; on CUDA the
+// Python wrapper runs them (via the kv_compact_check op) when it was given host values.
+inline void check_compact_values(const CompactPlan& p, int64_t batch, int64_t time) {
+  const char* op = "kv_compact";
+  for (int64_t i = 0; i < p.rows; ++i) {
+    const int64_t s = p.src_rows[i];
+    DREAMR_CHECK(s >= 0 && s < batch, op, ": src_rows[", i, "] = ", s, " is not a row of the cache [0, ", batch, ")");
+    DREAMR_CHECK(i == 0 || s > p.src_rows[i - 1], op, ": src_rows must be strictly increasing (rows are compacted in "
+                 "place, front to back), got src_rows[", i - 1, "] = ", (i ? p.src_rows[i - 1] : 0), " then src_rows[",
+                 i, "] = ", s, "; keep the rows in their order in the cache");
+    const int64_t n = p.counts[i];
+    DREAMR_CHECK(n >= 0 && n <= p.width, op, ": counts[", i, "] = ", n, " is outside [0, W] with W = ", p.width,
+                 " (columns' second dimension)");
+    const int64_t* cols = p.columns + i * p.width;
+    for (int64_t j = 0; j < n; ++j) {
+      DREAMR_CHECK(cols[j] >= 0 && cols[j] < time, op, ": columns[", i, ", ", j, "] = ", cols[j],
+                   " is outside [0, T) with T = ", time);
+      DREAMR_CHECK(j == 0 || cols[j] > cols[j - 1], op, ": columns[", i, "] must be strictly increasing over its "
+                   "first counts[", i, "] = ", n, " entries (entries move left, in place), got columns[", i, ", ",
+                   j - 1, "] = ", (j ? cols[j - 1] : 0), " then columns[", i, ", ", j, "] = ", cols[j]);
+    }
   }
 }
 

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from dreamr.answers import extract_answer
+from dreamr.config import DRAFT_POLICIES, MODES
 from dreamr.jsonl import read_jsonl
 from dreamr.prompts import ANSWER_MARKER, chat_messages
 
@@ -62,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="take the question from line INDEX of the GSM8K sample (see --gsm8k-file)")
     p.add_argument("--gsm8k-file", type=Path, default=_EXAMPLES,
                    help=f"JSONL file with question/answer fields (default {_EXAMPLES.name} in examples/)")
-    p.add_argument("--mode", default="speculative", choices=["speculative", "fpsr", "target", "draft"])
+    p.add_argument("--mode", default="speculative", choices=list(MODES))
     p.add_argument("--window", type=int, default=4, help="mode fpsr: lookahead window W (steps open at once)")
     p.add_argument("--alpha", type=_alpha, default=0.7,
                    help="accept a drafted step iff cpn > alpha (0.7), or 'auto': an online threshold holding "
@@ -81,6 +82,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None,
                    help="draft model: built-in name, local path, Hugging Face model id, or 'self[:k]' for the "
                         "target's first k layers (smollm2-135m-instruct)")
+    p.add_argument("--token-speculation", default="step+ngram",
+                   help="token-level speculation inside written steps: sources best first joined by '+' "
+                        "(step: the draft's rejected step; ngram: lookup in the context), or 'off'")
+    p.add_argument("--draft-token-speculation", default="off",
+                   help="the same inside the draft's steps: 'ngram' or 'off' (default: plain decoding)")
+    p.add_argument("--num-speculative-tokens", type=int, default=10, help="most tokens per proposal (10)")
+    p.add_argument("--draft-policy", default=None, choices=list(DRAFT_POLICIES),
+                   help="always draft, or stop drafting while it does not pay (default: the mode's: adaptive "
+                        "for speculative, always for fpsr)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-step-tokens", type=int, default=64)
     p.add_argument("--answer-marker", default=ANSWER_MARKER,
@@ -130,12 +140,28 @@ def _print_result(result, reference: str | None, note: str = WEAK_JUDGE_NOTE, au
           f"({m.accepted_steps}/{m.verified_steps})  nonfinite verdicts {m.nonfinite_verdicts}")
     print(f"draft tokens {m.draft_tokens}  target tokens {m.target_tokens}  committed {m.committed_tokens}  "
           f"target passes {m.target_forward_passes}  draft passes {m.draft_forward_passes}")
+    if m.target_step_forwards:
+        print(token_speculation_line(m))
     print(f"wall {m.wall_time_s:.2f} s  {m.tokens_per_second:.1f} tokens/s")
     if auto_alpha and m.alpha_mean is not None:
         print(f"alpha auto: mean {m.alpha_mean:.3f}, final {m.alpha_final:.3f}")
     if reference is not None:
         print(f"reference answer: {reference}")
     print(note)
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+def token_speculation_line(m) -> str:
+    """The token-level figures of a result's metrics, in vLLM's terms (one line)."""
+    line = (f"target: {_fmt(m.tokens_per_target_forward)} tokens per forward in written steps, token "
+            f"acceptance {_fmt(m.token_acceptance_rate)}, mean accepted length {_fmt(m.mean_accepted_length)} "
+            f"({m.target_proposals} proposals)")
+    if m.undrafted_steps:
+        line += f"; {m.undrafted_steps} steps written without a draft (adaptive drafting)"
+    return line
 
 
 def _judge_note(reasoner) -> str:
@@ -171,6 +197,9 @@ def main(argv=None) -> int:
             temperature=args.temperature, top_p=args.top_p, seed=args.seed, window=args.window,
             target_acceptance=args.target_acceptance, alpha_gamma=args.alpha_gamma, calibrate=args.calibrate,
             verdict_head=None if args.verdict_head == "none" else args.verdict_head,
+            token_speculation=args.token_speculation, draft_token_speculation=args.draft_token_speculation,
+            num_speculative_tokens=args.num_speculative_tokens,
+            draft_policy=args.draft_policy,
         )
         result = reasoner.generate(prompt)
     except ValueError as exc:

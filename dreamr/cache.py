@@ -275,33 +275,58 @@ class CachedSequence:
         if self.cached > length:
             rollback(self.cache, length)
 
-    def _positions(self, x: torch.Tensor, kwargs: dict) -> None:
-        """Explicit ``position_ids [1, n]`` for the fed tokens ``x [1, n]`` (vision-language models only)."""
-        if self._explicit_positions:
-            start = self.cached
-            kwargs["position_ids"] = (torch.arange(start, start + x.shape[1], device=self.device)
-                                      + self.position_offset).unsqueeze(0)
+    def _feed(self, extra: Sequence[int] = (), *, last: bool = False) -> tuple[torch.Tensor, dict]:
+        """The tokens of the next forward, ``x [1, n]`` (the pending ones, then ``extra``), and its keyword
+        arguments without the cache: ``use_cache`` and, for vision-language models, explicit
+        ``position_ids [1, n]`` (index + offset; see "Positions" above).
 
-    def _input(self, extra: Sequence[int] = ()) -> torch.Tensor:
-        if self.cached == len(self.ids) and not extra:
-            # Everything is cached but the next-token logits are wanted: re-feed the last token.
-            self.uncache_to(len(self.ids) - 1)
-        pending = self.ids[self.cached:] + list(extra)
-        return torch.tensor([pending], dtype=torch.long, device=self.device)
+        Where everything is cached and the output at the last committed token is wanted (always where
+        nothing is fed after it; also with ``extra`` when ``last``), that token is re-fed. The cache's
+        length is read once: this runs before every forward of every decoded token.
+        """
+        cached = self.cached
+        if cached == len(self.ids) and (last or not extra):
+            self.uncache_to(cached - 1)
+            cached -= 1
+        pending = self.ids[cached:]
+        if extra:
+            pending += [int(t) for t in extra]
+        x = torch.tensor([pending], dtype=torch.long, device=self.device)
+        kwargs = {"use_cache": True}
+        if self._explicit_positions:
+            kwargs["position_ids"] = (torch.arange(cached, cached + len(pending), device=self.device)
+                                      + self.position_offset).unsqueeze(0)
+        return x, kwargs
 
     @torch.no_grad()
+    def _logits(self, extra: Sequence[int], keep: int) -> torch.Tensor:
+        """One full-model forward over the pending tokens and ``extra``; the last ``keep`` positions'
+        logits ``[keep, V]`` (the LM head runs on those only where the model takes ``logits_to_keep``)."""
+        x, kwargs = self._feed(extra, last=True)
+        kwargs[self._cache_kw] = self.cache
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = keep
+        out = self.model(input_ids=x, **kwargs)
+        self.forward_passes += 1
+        return out.logits[0, -keep:]
+
     def next_logits(self) -> torch.Tensor:
         """Feed the pending tokens; return the next-token logits, shape ``[V]``."""
         if not self.ids:
             raise ValueError("next_logits: the sequence is empty")
-        kwargs = {self._cache_kw: self.cache, "use_cache": True}
-        if self._logits_to_keep:
-            kwargs["logits_to_keep"] = 1
-        x = self._input()
-        self._positions(x, kwargs)
-        out = self.model(input_ids=x, **kwargs)
-        self.forward_passes += 1
-        return out.logits[0, -1]
+        return self._logits((), 1)[0]
+
+    def logits_over(self, extra: Sequence[int]) -> torch.Tensor:
+        """Feed the pending tokens plus ``extra`` (a proposal, which stays out of ``ids``) in one forward.
+
+        Returns the logits at the last pending position and at each of ``extra``, shape
+        ``[len(extra) + 1, V]``: row i predicts the token after ``ids + extra[:i]``. The cache then holds
+        ``extra`` too: the caller rolls back what it does not keep (token-level speculation, see
+        :mod:`dreamr.speculation`).
+        """
+        if not self.ids:
+            raise ValueError("logits_over: the sequence is empty")
+        return self._logits(extra, len(extra) + 1)
 
     @functools.cached_property
     def _decoder(self) -> tuple[torch.nn.Module, str]:
@@ -318,9 +343,7 @@ class CachedSequence:
         LM head is applied. The cache then holds ``extra`` too: the caller rolls it back.
         """
         base, cache_kw = self._decoder
-        kwargs = {"use_cache": True}
-        x = self._input(extra)
-        self._positions(x, kwargs)
+        x, kwargs = self._feed(extra)
         kwargs[cache_kw] = self.cache
         hidden = base(input_ids=x, **kwargs).last_hidden_state
         self.forward_passes += 1

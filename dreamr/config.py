@@ -15,12 +15,35 @@ from typing import Any, Optional, Union
 from dreamr.verify.threshold import check_gamma, check_target_acceptance
 from dreamr.verify.verdicts import DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE, check_alpha
 
-__all__ = ["MODES", "VERIFIED_MODES", "ReasonerConfig"]
+__all__ = ["MODES", "VERIFIED_MODES", "DRAFT_POLICIES", "TOKEN_SPECULATION_SOURCES", "ReasonerConfig",
+           "token_speculation_sources"]
 
 # The modes, one engine each (dreamr.engines.ENGINES holds exactly these).
-MODES = ("target", "draft", "speculative", "fpsr")
+MODES = ("target", "draft", "speculative", "fpsr", "token")
 # The modes that run both models and verify the draft's steps (their requests carry a verifier).
 VERIFIED_MODES = ("speculative", "fpsr")
+# draft_policy: draft every step, or stop drafting while it does not pay (dreamr.speculation.policy).
+DRAFT_POLICIES = ("always", "adaptive")
+# token_speculation's proposal sources (dreamr.speculation): the draft's rejected step (fallback steps
+# only), n-gram lookup in the context. Written best first, joined by "+", or "off".
+TOKEN_SPECULATION_SOURCES = ("step", "ngram")
+
+
+def token_speculation_sources(setting: object, name: str = "token_speculation") -> tuple[str, ...]:
+    """The sources a ``token_speculation`` setting names: "off" -> (), "step+ngram" -> ("step", "ngram").
+
+    Raises ValueError naming ``name`` for anything else (an unknown or repeated source, not a string)."""
+    allowed = list(TOKEN_SPECULATION_SOURCES)
+    if not isinstance(setting, str) or not setting.strip():
+        raise ValueError(f"{name} must be 'off' or sources from {allowed} joined by '+', got {setting!r}")
+    text = setting.strip().lower()
+    if text == "off":
+        return ()
+    sources = tuple(s.strip() for s in text.split("+"))
+    if any(s not in TOKEN_SPECULATION_SOURCES for s in sources) or len(set(sources)) != len(sources):
+        raise ValueError(f"{name} must be 'off' or sources from {allowed} joined by '+' (each once), got "
+                         f"{setting!r}")
+    return sources
 
 
 @dataclass(frozen=True)
@@ -31,8 +54,9 @@ class ReasonerConfig:
     ----------
     mode : "speculative" (draft, verify with CPN, the target writes rejected steps), "fpsr" (the same
         steps, fully parallel: a lookahead window of drafted steps, verifications and the target's
-        fallback steps run together; see dreamr.engines.fpsr), "target" (the target alone) or "draft"
-        (the draft alone).
+        fallback steps run together; see dreamr.engines.fpsr), "token" (the target alone with lossless
+        token-level speculation: the same text as "target", fewer forwards), "target" (the target alone,
+        plain decoding) or "draft" (the draft alone).
     alpha : acceptance threshold in [0, 1]: a drafted step is accepted iff cpn > alpha (paper: 0.7); or
         "auto": an online threshold that holds ``target_acceptance`` (:class:`dreamr.verify.AdaptiveAlpha`,
         carried across the requests of a reasoner; each step records the alpha it was judged with).
@@ -54,6 +78,21 @@ class ReasonerConfig:
     top_p : nucleus sampling mass in (0, 1] (sampling only).
     seed : seed of the samplers (each model gets its own stream); None is nondeterministic sampling.
     window : mode "fpsr": the lookahead window W, steps open at once per request (>= 1; paper: 4).
+    token_speculation : lossless token-level speculation inside the steps a model writes
+        (:mod:`dreamr.speculation`): proposal sources best first, joined by "+" -- "step" (the draft's
+        rejected step, in the target's fallback step) and "ngram" (lookup in the context) -- or "off"
+        (one forward per token). Used by mode "token" and by modes "speculative" and "fpsr" (the target's
+        fallback steps with all sources; fpsr inside its batched branch forwards); modes "target" and
+        "draft" stay plain decoding (the baselines).
+    draft_token_speculation : the same inside the draft's steps in modes "speculative" and "fpsr": "off"
+        (the default: on a CPU a forward over 11 tokens of SmolLM2 costs about 2.3 single-token forwards
+        while n-gram proposals give it about 1.8 tokens per forward, so plain decoding is faster) or
+        "ngram" (for a device where a forward over a few tokens costs about one). "step" does not apply to
+        the draft.
+    num_speculative_tokens : most tokens per proposal (>= 1).
+    draft_policy : "always" (draft every step), "adaptive" (stop drafting while the judge rejects too
+        many steps to pay, probe again later: :class:`dreamr.speculation.AdaptiveDrafting`), or None: the
+        mode's default ("adaptive" for "speculative"; mode "fpsr" always drafts and refuses "adaptive").
     """
 
     mode: str = "speculative"
@@ -73,6 +112,27 @@ class ReasonerConfig:
     alpha_gamma: float = 0.05
     calibrate: bool = False
     verdict_head: Any = None
+    token_speculation: str = "step+ngram"
+    draft_token_speculation: str = "off"
+    num_speculative_tokens: int = 10
+    draft_policy: Optional[str] = None
+
+    @property
+    def speculation_sources(self) -> tuple[str, ...]:
+        """The sources ``token_speculation`` names (() for "off")."""
+        return token_speculation_sources(self.token_speculation)
+
+    @property
+    def draft_speculation_sources(self) -> tuple[str, ...]:
+        """The sources ``draft_token_speculation`` names (() for "off")."""
+        return token_speculation_sources(self.draft_token_speculation, "draft_token_speculation")
+
+    @property
+    def adaptive_drafting(self) -> bool:
+        """Whether drafting stops while it does not pay (``draft_policy``, or the mode's default)."""
+        policy = self.draft_policy if self.draft_policy is not None else (
+            "adaptive" if self.mode == "speculative" else "always")
+        return policy == "adaptive"
 
     @property
     def auto_alpha(self) -> bool:
@@ -98,7 +158,17 @@ class ReasonerConfig:
                              f"{type(head).__name__}")
         if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
             raise ValueError(f"step_delimiter must be a non-empty string, got {self.step_delimiter!r}")
-        for name in ("max_step_tokens", "max_new_tokens", "window"):
+        token_speculation_sources(self.token_speculation)
+        if "step" in self.draft_speculation_sources:
+            raise ValueError(f"draft_token_speculation={self.draft_token_speculation!r}: 'step' proposes a rejected "
+                             "drafted step to the target; the draft's own steps take 'ngram' or 'off'")
+        if self.draft_policy is not None and self.draft_policy not in DRAFT_POLICIES:
+            raise ValueError(f"draft_policy must be None (the mode's default) or one of {list(DRAFT_POLICIES)}, "
+                             f"got {self.draft_policy!r}")
+        if self.draft_policy == "adaptive" and self.mode == "fpsr":
+            raise ValueError("draft_policy='adaptive' is not implemented for mode 'fpsr' (its scheduler drafts "
+                             "every step of its window); use draft_policy=None or 'always', or mode 'speculative'")
+        for name in ("max_step_tokens", "max_new_tokens", "window", "num_speculative_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

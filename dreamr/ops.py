@@ -1,4 +1,5 @@
-"""dreamr's compiled ops: CPN verification, window acceptance, KV-cache rollback, speculative sampling.
+"""dreamr's compiled ops: CPN verification, window acceptance, KV-cache rollback and compaction, speculative
+sampling.
 
 Each op is a ``torch.ops.dreamr.*`` operator registered from ``csrc/bindings.cpp`` with a CPU kernel and,
 where torch was built with CUDA, a CUDA kernel. The functions here are typed wrappers that turn Python
@@ -6,7 +7,7 @@ conveniences (lists, seeds, generators) into the operator's arguments. Checking 
 every failure is a ``ValueError`` naming the argument: the wrappers check the Python arguments (types of
 scalars and id lists, and that all tensors share one device, so that a ``meta`` tensor next to a real
 one cannot silently reach the fake implementation), the C++ launchers check shapes, dtypes, layouts
-and, on the CPU, values. Values held in CUDA tensors (token ids, uniforms, rollback plans) are *not*
+and, on the CPU, values. Values held in CUDA tensors (token ids, uniforms, rollback and compaction plans) are *not*
 checked: reading them would synchronise with the host; each op's docstring says what then happens.
 Calling ``torch.ops.dreamr.*`` directly skips the wrapper checks. Each op also has a fake (meta)
 implementation, so it traces under ``torch.compile``; the CUDA paths never synchronise with the host,
@@ -31,13 +32,15 @@ __all__ = [
     "cpn_verify",
     "cpn_window_accept",
     "kv_rollback",
+    "kv_compact",
     "speculative_sample",
     "greedy_verify",
 ]
 
 _IntsOrTensor = Union[Sequence[int], torch.Tensor]
 
-#: Largest number of cache tensors (keys and values of all layers) one :func:`kv_rollback` call takes;
+#: Largest number of cache tensors (keys and values of all layers) one :func:`kv_rollback` or
+#: :func:`kv_compact` call takes;
 #: they travel to the CUDA kernel by value (csrc/include/dreamr/common.h, kMaxCacheTensors).
 MAX_CACHE_TENSORS = 256
 #: Largest number of token ids in each verdict set of :func:`cpn_verify` (kMaxVerdictIds).
@@ -101,6 +104,49 @@ def _int_list(op: str, name: str, values: object) -> list[int]:
             raise ValueError(f"{op}: {name}[{i}] must be an int, got bool {v!r}")
         out.append(_index(op, f"{name}[{i}]", v))
     return out
+
+
+def _cache_list(op: str, cache: object) -> list[torch.Tensor]:
+    """The cache tensors as a non-empty list (their shapes, layouts and devices are checked by the op)."""
+    if isinstance(cache, torch.Tensor) or not hasattr(cache, "__len__"):
+        raise ValueError(f"{op}: cache must be a list of tensors (keys and values of every layer), got "
+                         f"{type(cache).__name__}")
+    cache = list(cache)
+    if len(cache) == 0:
+        raise ValueError(f"{op}: cache is empty; pass the keys and values of every layer")
+    return cache
+
+
+def _to_device(values: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Host int64 tensors on ``device`` in one copy, each in its own shape: packed into one host tensor,
+    pinned on CUDA and copied without blocking the host (a copy from pageable memory would wait)."""
+    packed = torch.cat([v.reshape(-1) for v in values])
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    moved = packed.to(device, non_blocking=True).split([v.numel() for v in values])
+    return [m.view(v.shape) for m, v in zip(moved, values)]
+
+
+def _host_index_tensor(op: str, name: str, value: object, dim: int, device: torch.device) -> torch.Tensor:
+    """A plan argument given on the host (Python ints, or a CPU tensor next to a cache elsewhere) as an int64
+    CPU tensor of ``dim`` dimensions; a tensor on a third device, or of the wrong kind, is a ValueError."""
+    if isinstance(value, torch.Tensor):
+        if value.device.type != "cpu":
+            raise ValueError(f"{op}: {name} is on {value.device} but the cache is on {device}; pass it on the "
+                             f"cache's device, on the CPU or as Python ints")
+        if value.dtype != torch.long or value.dim() != dim:
+            raise ValueError(f"{op}: {name} must be a {dim}-D torch.int64 tensor, got shape {tuple(value.shape)} "
+                             f"and dtype {value.dtype}")
+        return value.contiguous()
+    if dim == 1:
+        return torch.tensor(_int_list(op, name, value), dtype=torch.long)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+        raise ValueError(f"{op}: {name} must be a sequence of sequences of ints, got {type(value).__name__}")
+    rows = [_int_list(op, f"{name}[{i}]", r) for i, r in enumerate(value)]
+    if any(len(r) != len(rows[0]) for r in rows):
+        raise ValueError(f"{op}: {name}'s rows must all have the same length W (pad them; counts says how many "
+                         f"entries of each row are read), got lengths {[len(r) for r in rows]}")
+    return torch.tensor(rows, dtype=torch.long).reshape(len(rows), len(rows[0]) if rows else 0)
 
 
 def cpn_verify(
@@ -242,12 +288,7 @@ def kv_rollback(
                         zip(("copy_src_row", "copy_src_start", "copy_length"), copies))
         )
     op = "kv_rollback"
-    if isinstance(cache, torch.Tensor) or not hasattr(cache, "__len__"):
-        raise ValueError(f"{op}: cache must be a list of tensors (keys and values of every layer), got "
-                         f"{type(cache).__name__}")
-    cache = list(cache)
-    if len(cache) == 0:
-        raise ValueError("kv_rollback: cache is empty; pass the keys and values of every layer")
+    cache = _cache_list(op, cache)
     named = [("lengths", lengths), ("copy_src_row", copy_src_row), ("copy_src_start", copy_src_start),
              ("copy_length", copy_length)]
     device = _check_tensors(op, [(f"cache[{i}]", t) for i, t in enumerate(cache)]
@@ -263,14 +304,81 @@ def kv_rollback(
         torch.ops.dreamr.kv_rollback_check(
             host["lengths"], *(host[n] if has_copies else [] for n, _ in named[1:]), int(cache[0].shape[2])
         )
-    # One host tensor for all host values, moved to the device in one copy (from pinned memory on CUDA).
-    sizes = [len(v) for v in host.values()]
-    packed = torch.tensor([x for v in host.values() for x in v], dtype=torch.long)
-    if device.type == "cuda":
-        packed = packed.pin_memory()
-    moved = dict(zip(host, packed.to(device, non_blocking=True).split(sizes)))
+    # All host values moved to the device in one copy (from pinned memory on CUDA).
+    moved = dict(zip(host, _to_device([torch.tensor(v, dtype=torch.long) for v in host.values()], device)))
     args = [moved.get(n, v) for n, v in named]
     return torch.ops.dreamr.kv_rollback_(cache, *args)
+
+
+def kv_compact(
+    cache: Sequence[torch.Tensor],
+    src_rows: _IntsOrTensor,
+    columns: Union[Sequence[Sequence[int]], torch.Tensor],
+    counts: _IntsOrTensor,
+) -> None:
+    """Compact every layer's KV cache in place, in one call: the kept entries of the kept rows moved to the front.
+
+    Output row ``i`` of every tensor becomes, at positions ``[0, counts[i])``, the positions
+    ``columns[i, :counts[i]]`` of input row ``src_rows[i]``; its positions ``[counts[i], max(counts))`` are
+    zeroed, so a shorter row's dead span holds no stale entry (its contents are deterministic; an attention
+    mask must still hide it). Positions past ``max(counts)`` and rows ``[B', B)`` are left as they are:
+    the caller crops them or no longer reads them. ``columns[i, j]`` with ``j >= counts[i]`` is padding,
+    never read. This is what FPSR's ragged batches do when they drop released rows and close the column
+    gaps of private verdict tokens (``docs/architecture.md``, mode "fpsr", hop 10).
+
+    The cache is rewritten in place, front to back, so a plan may only move entries towards the front:
+    ``src_rows`` strictly increasing, and each row's first ``counts[i]`` columns strictly increasing
+    (together these give ``src_rows[i] >= i`` and ``columns[i, j] >= j``). Then every entry is read before
+    anything overwrites it and the result equals a gather from a copy of the cache taken before the call
+    (:func:`dreamr.reference.kv_compact`; ``csrc/include/dreamr/rollback.h`` gives the argument).
+
+    Parameters
+    ----------
+    cache : sequence of Tensor, each shape ``[B, H_kv, T, D]``
+        Keys and values of all layers, with the layout rules of :func:`kv_rollback`: one shape, strides,
+        dtype and device; rows, heads and positions may be strided, the head dimension dense, no element
+        shared; at most 256 tensors per call.
+    src_rows : Tensor ``[B']`` int64, or sequence of int
+        The input row each output row ``i < B'`` is taken from, ``B' <= B``; in ``[0, B)``, strictly
+        increasing.
+    columns : Tensor ``[B', W]`` int64, or sequence of ``B'`` sequences of ``W`` ints
+        Row ``i``'s first ``counts[i]`` entries name, in order, the positions of ``src_rows[i]`` that become
+        its positions ``0, 1, ...``: in ``[0, T)``, strictly increasing; ``W <= T``.
+    counts : Tensor ``[B']`` int64, or sequence of int
+        Entries kept per output row, in ``[0, W]``.
+
+    Returns
+    -------
+    None
+        The cache tensors are written in place.
+
+    Notes
+    -----
+    Plan arguments given as Python ints or as CPU tensors are host values: on the CPU the kernel checks
+    them; next to a cache on another device they are checked on the host first (the same C++ checks, via
+    ``kv_compact_check``) and moved to the device in one non-blocking copy from pinned memory. A plan
+    tensor on the cache's CUDA device is used as it is, not read back and not checked (no host
+    synchronisation); where any of the three is one, nothing is checked: the kernel clamps every index into
+    range, and since it runs the front-to-back pass with every read of a chunk of positions before its
+    writes, a plan that breaks the order rules still gets a deterministic, race-free result (that of the
+    in-place pass, no longer a gather's). The CPU raises ``ValueError`` for all of these instead.
+    """
+    op = "kv_compact"
+    cache = _cache_list(op, cache)
+    device = _check_tensors(op, [(f"cache[{i}]", t) for i, t in enumerate(cache)])
+    plan, host = [], []
+    for name, value, dim in (("src_rows", src_rows, 1), ("columns", columns, 2), ("counts", counts, 1)):
+        if isinstance(value, torch.Tensor) and value.device == device:
+            plan.append(value)  # on the cache's device; the op checks it (values too, on the CPU)
+        else:
+            plan.append(_host_index_tensor(op, name, value, dim, device))
+            host.append(len(plan) - 1)
+    if host and device.type != "cpu":
+        if len(host) == len(plan) and cache[0].dim() == 4:  # (a wrong cache shape is reported by the op)
+            torch.ops.dreamr.kv_compact_check(*plan, int(cache[0].shape[0]), int(cache[0].shape[2]))
+        for i, moved in zip(host, _to_device([plan[i] for i in host], device)):
+            plan[i] = moved
+    torch.ops.dreamr.kv_compact_(cache, *plan)
 
 
 def speculative_sample(
@@ -387,6 +495,11 @@ def _cpn_window_accept_fake(cpn, valid, alpha):
 @torch.library.register_fake("dreamr::kv_rollback_")
 def _kv_rollback_fake(cache, lengths, copy_src_row, copy_src_start, copy_length):
     return lengths.new_empty(lengths.shape, dtype=torch.long)
+
+
+@torch.library.register_fake("dreamr::kv_compact_")
+def _kv_compact_fake(cache, src_rows, columns, counts):
+    return None
 
 
 @torch.library.register_fake("dreamr::speculative_sample")

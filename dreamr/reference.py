@@ -178,6 +178,24 @@ def kv_rollback(
     return new_lengths
 
 
+def kv_compact(
+    cache: Sequence[torch.Tensor],
+    src_rows: torch.Tensor,
+    columns: torch.Tensor,
+    counts: torch.Tensor,
+) -> None:
+    """Reference compaction, one layer at a time: a gather from a copy of each layer taken before the
+    writes (what the in-place kernels must equal under the order rules); see :func:`dreamr.ops.kv_compact`."""
+    src_rows, columns, counts = (torch.as_tensor(t).long().cpu() for t in (src_rows, columns, counts))
+    longest = int(counts.max()) if counts.numel() else 0  # past it the caller crops; left untouched
+    for layer in cache:
+        original = layer.clone()
+        for i in range(src_rows.numel()):
+            n = int(counts[i])
+            layer[i, :, :n] = original[int(src_rows[i]), :, columns[i, :n].to(layer.device)]
+            layer[i, :, n:longest] = 0
+
+
 def speculative_sample(
     draft_probs: torch.Tensor,
     draft_ids: torch.Tensor,

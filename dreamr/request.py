@@ -73,7 +73,7 @@ class Request:
 
 def models_of(mode: str, target: LM, draft: LM) -> list[LM]:
     """The models ``mode`` runs: the target alone, the draft alone, or both."""
-    return {"target": [target], "draft": [draft]}.get(mode, [target, draft])
+    return {"target": [target], "token": [target], "draft": [draft]}.get(mode, [target, draft])
 
 
 def _has_content(content) -> bool:

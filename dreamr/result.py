@@ -52,13 +52,19 @@ PHASE_TIME_FIELDS = ("draft_time_s", "verify_time_s", "target_time_s", "rollback
                      "image_prompt_time_s")
 # Metrics' integer counters (summed over requests by Metrics.merge and by dreamr.eval).
 COUNTER_FIELDS = ("num_steps", "verified_steps", "accepted_steps", "draft_tokens", "target_tokens", "committed_tokens",
-                  "target_forward_passes", "draft_forward_passes", "nonfinite_verdicts")
+                  "target_forward_passes", "draft_forward_passes", "nonfinite_verdicts", "undrafted_steps",
+                  "target_step_forwards", "target_proposals", "target_proposed_tokens", "target_accepted_tokens",
+                  "draft_step_forwards", "draft_proposals", "draft_proposed_tokens", "draft_accepted_tokens")
 
 
 def phase_times(metrics: dict) -> dict[str, float]:
     """The phase timings (:data:`PHASE_TIME_FIELDS`) a Metrics dict reports, as floats."""
     return {name: float(metrics[name]) for name in PHASE_TIME_FIELDS
             if isinstance(metrics.get(name), (int, float))}
+
+
+def _ratio(a: float, b: float) -> Optional[float]:
+    return a / b if b else None
 
 
 @dataclass
@@ -86,6 +92,30 @@ class Metrics:
     draft_forward_passes: int = 0
     # Verifications whose verdict logits were not finite (cpn NaN); each such step was rejected.
     nonfinite_verdicts: int = 0
+    # Steps the target wrote without a drafted step first, because adaptive drafting held drafting off
+    # (dreamr.speculation.AdaptiveDrafting); they are committed steps, not verified ones.
+    undrafted_steps: int = 0
+    # Token-level speculation inside the steps each model writes (dreamr.speculation), in vLLM's terms:
+    # <m>_step_forwards: forwards spent writing steps (one per plain token, one per checked proposal);
+    # <m>_proposals: proposals checked ("drafts"); <m>_proposed_tokens: their tokens ("draft tokens");
+    # <m>_accepted_tokens: proposed tokens the model kept ("accepted tokens").
+    target_step_forwards: int = 0
+    target_proposals: int = 0
+    target_proposed_tokens: int = 0
+    target_accepted_tokens: int = 0
+    draft_step_forwards: int = 0
+    draft_proposals: int = 0
+    draft_proposed_tokens: int = 0
+    draft_accepted_tokens: int = 0
+    # Derived (finalize): accepted / proposed tokens (token-level acceptance rate); 1 + accepted tokens /
+    # proposals (mean accepted length: tokens emitted per checking forward, the bonus or corrected token
+    # included); tokens written per step forward. None where nothing was proposed / written.
+    token_acceptance_rate: Optional[float] = None
+    mean_accepted_length: Optional[float] = None
+    tokens_per_target_forward: Optional[float] = None
+    draft_token_acceptance_rate: Optional[float] = None
+    draft_mean_accepted_length: Optional[float] = None
+    tokens_per_draft_forward: Optional[float] = None
     # Wall-clock seconds from the engine's start on the request (prompt already tokenized) to its end
     # (when streaming, the time the caller spends between steps counts too).
     wall_time_s: float = 0.0
@@ -115,6 +145,14 @@ class Metrics:
             self.accepted_steps / self.verified_steps if self.verified_steps else None
         )
         self.tokens_per_second = self.committed_tokens / self.wall_time_s if self.wall_time_s > 0 else 0.0
+        self.token_acceptance_rate = _ratio(self.target_accepted_tokens, self.target_proposed_tokens)
+        self.mean_accepted_length = (1.0 + self.target_accepted_tokens / self.target_proposals
+                                     if self.target_proposals else None)
+        self.tokens_per_target_forward = _ratio(self.target_tokens, self.target_step_forwards)
+        self.draft_token_acceptance_rate = _ratio(self.draft_accepted_tokens, self.draft_proposed_tokens)
+        self.draft_mean_accepted_length = (1.0 + self.draft_accepted_tokens / self.draft_proposals
+                                           if self.draft_proposals else None)
+        self.tokens_per_draft_forward = _ratio(self.draft_tokens, self.draft_step_forwards)
         self.alpha_mean = (self.alpha_sum / self.verified_steps
                            if self.verified_steps and self.alpha_final is not None else None)
         return self

@@ -33,9 +33,9 @@ import torch
 from dreamr.reference import accepts
 
 __all__ = ["CORPUS", "CHAT_TEMPLATE", "PROMPTS", "TINY_SETTINGS", "build_tokenizer", "target_tokenizer",
-           "draft_tokenizer", "tiny_llama", "tiny_qwen2", "tiny_gemma3", "random_llama", "content_cpn",
+           "draft_tokenizer", "tiny_model", "tiny_llama", "tiny_qwen2", "tiny_gemma3", "random_llama", "content_cpn",
            "ContentJudge", "FixedAcceptance", "bpe_tokenizer", "qwen2_vl", "qwen2_5_vl", "llava",
-           "vision_module", "random_image"]
+           "vision_module", "random_image", "misaligned_cache"]
 
 CORPUS = [
     "Yes No yes no YES NO Yes. No. correct wrong right",
@@ -59,8 +59,10 @@ PROMPTS = [
 ]
 """Prompts the tiny models write a few steps for."""
 
-TINY_SETTINGS = {"max_step_tokens": 6, "max_new_tokens": 30}
-"""Reasoner settings for the tiny pairs: a few short steps per request."""
+TINY_SETTINGS = {"max_step_tokens": 6, "max_new_tokens": 30, "draft_policy": "always"}
+"""Reasoner settings for the tiny pairs: a few short steps per request, every step drafted (tests hold
+mode "speculative" and mode "fpsr" to the same commits; adaptive drafting, mode "speculative"'s default,
+changes which steps are drafted and is tested on its own in ``tests/test_speculation.py``)."""
 
 
 def _train_bpe(corpus: list[str], special: list[str], vocab_size: int):
@@ -107,30 +109,33 @@ def draft_tokenizer():
     return build_tokenizer(330, reverse=True, bos=False)
 
 
+def tiny_model(config_cls, model_cls, tokenizer, *, layers: int = 2, seed: int = 0, dtype=torch.float64, **extra):
+    """A random model of any transformers family (``config_cls``, ``model_cls``: e.g. ``MistralConfig``,
+    ``MistralForCausalLM``) with hidden size 32, 4 heads, 2 KV heads and ``layers`` layers over
+    ``tokenizer``'s vocabulary, in eval mode; ``extra`` goes to the config (a family's own fields, e.g.
+    ``sliding_window=5`` or ``logit_scale=0.25``)."""
+    torch.manual_seed(seed)
+    config = config_cls(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, **extra,
+    )
+    return model_cls(config).to(dtype).eval()
+
+
 def tiny_llama(tokenizer, *, layers: int = 2, seed: int = 0, dtype=torch.float64):
     """A random Llama (hidden 32, 4 heads, 2 KV heads) over ``tokenizer``'s vocabulary, in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return tiny_model(LlamaConfig, LlamaForCausalLM, tokenizer, layers=layers, seed=seed, dtype=dtype,
+                      tie_word_embeddings=False)
 
 
 def tiny_qwen2(tokenizer, *, layers: int = 1, seed: int = 1, dtype=torch.float64):
     """A random Qwen2 (hidden 32, 4 heads, 2 KV heads) over ``tokenizer``'s vocabulary, in eval mode."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-    )
-    return Qwen2ForCausalLM(config).to(dtype).eval()
+    return tiny_model(Qwen2Config, Qwen2ForCausalLM, tokenizer, layers=layers, seed=seed, dtype=dtype)
 
 
 def tiny_gemma3(tokenizer, *, seed: int = 2, dtype=torch.float64):
@@ -393,3 +398,16 @@ def qwen2_5_vl(*, seed: int = 0, layers: int = 2, dtype=torch.float64):
         **_qwen_vision_token_ids(tok),
     )
     return _instantiate(Qwen2_5_VLForConditionalGeneration, config, tok, seed, dtype), processor
+
+
+def misaligned_cache(offset: int, batch: int, heads: int, time: int, dim: int, *, tensors: int = 4,
+                     dtype=torch.bfloat16) -> list:
+    """``tensors`` random cache tensors ``[batch, heads, time, dim]``, each a view starting ``offset``
+    elements into its storage (so rows sit at 2-, 6- or 16-byte-aligned addresses: the kernels' head,
+    body and tail paths); seeded by ``offset``."""
+    g = torch.Generator().manual_seed(offset)
+    cache = []
+    for _ in range(tensors):
+        storage = torch.randn(offset + batch * heads * time * dim, generator=g).to(dtype)
+        cache.append(storage[offset:].view(batch, heads, time, dim))
+    return cache

@@ -145,3 +145,25 @@ def test_last_hidden_needs_a_decoder_and_never_forms_full_logits(target_model):
             self.model = target_model.model
 
     assert decoder_of(Wrapped()) is target_model.model
+
+
+def test_logits_over_equals_fresh_prefills_and_refeeds_the_last_token(model):
+    ids, extra = list(range(3, 10)), [20, 21, 22]
+    seq = CachedSequence(model, ids)
+    seq.next_logits()
+    assert seq.cached == len(ids)  # everything cached: the last committed token is fed again
+    rows = seq.logits_over(extra)
+    assert rows.shape == (len(extra) + 1, model.config.vocab_size)
+    for i in range(len(extra) + 1):
+        _, want = prefill(model, ids + extra[:i])
+        torch.testing.assert_close(rows[i], want, atol=1e-9, rtol=0)
+    assert seq.cached == len(ids) + len(extra) and seq.ids == ids and seq.forward_passes == 2
+    seq.uncache_to(len(ids) - 1)  # the caller keeps nothing of the proposal
+    seq.extend([extra[0]])  # two pending tokens, then a proposal of one
+    rows = seq.logits_over(extra[1:2])
+    for i, prefix in enumerate([ids + extra[:1], ids + extra[:2]]):
+        torch.testing.assert_close(rows[i], prefill(model, prefix)[1], atol=1e-9, rtol=0)
+    with pytest.raises(ValueError, match="logits_over: the sequence is empty"):
+        CachedSequence(model, []).logits_over([1])
+    with pytest.raises(ValueError, match="next_logits: the sequence is empty"):
+        CachedSequence(model, []).next_logits()

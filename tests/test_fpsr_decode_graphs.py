@@ -51,6 +51,49 @@ def test_bucketed_decode_commits_what_speculative_commits(graphed, content_judge
     assert stats["drafts_graph_replays"] == 0 and not stats["draft_stream"]  # nothing to capture on a CPU
 
 
+@pytest.mark.parametrize("graphed", ["reasoner", "gemma_reasoner"], indirect=True)
+def test_proposal_passes_run_eagerly_beside_the_bucketed_decode(graphed, content_judge, monkeypatch):
+    """Token-level speculation: a pass that checks a proposal feeds several tokens per row, so it runs
+    eagerly (the buckets hold one token per row), the one-token passes stay bucketed, and the commits stay
+    mode "speculative"'s; with "off" nothing is proposed."""
+    from dreamr.engines import ragged
+    from dreamr.engines.decode_graphs import DecodeGraphs
+
+    content_judge(graphed)
+    replays, passes = [0], []
+    real_run, real_forward = DecodeGraphs.run, ragged.RaggedBatch.forward
+
+    def run(self, *args):
+        replays[0] += 1
+        return real_run(self, *args)
+
+    def forward(self, feeds):
+        before = replays[0]
+        proposal = any(len(seg) > 2 and seg[2] for segs in feeds.values() for seg in segs)
+        out = real_forward(self, feeds)
+        passes.append((self.name, proposal, replays[0] - before))
+        return out
+
+    monkeypatch.setattr(DecodeGraphs, "run", run)
+    monkeypatch.setattr(ragged.RaggedBatch, "forward", forward)
+    engine = graphed.engine("fpsr")
+    engine.target_launch = "eager"
+    try:
+        for setting in ("step+ngram", "off"):
+            passes.clear()
+            for prompt in PROMPTS[:2]:
+                kw = dict(alpha=0.5, token_speculation=setting, draft_token_speculation=setting.replace("step+", ""),
+                          max_new_tokens=40, max_step_tokens=10)
+                assert_same(graphed.generate(prompt, mode="fpsr", **kw), graphed.generate(prompt, **kw))
+                stats = engine.last_stats
+                assert stats["branches_bucketed_forwards"] > 0 and stats["drafts_bucketed_forwards"] > 0
+            checked = {name for name, proposal, _ in passes if proposal}
+            assert all(n == 0 for _, proposal, n in passes if proposal)  # never through the buckets
+            assert checked == ({"branches", "drafts"} if setting != "off" else set())
+    finally:
+        engine.target_launch = "auto"
+
+
 @pytest.mark.parametrize("graphed", ["reasoner"], indirect=True)
 def test_batches_past_the_largest_bucket_fall_back_to_eager(graphed, content_judge):
     content_judge(graphed)

@@ -148,3 +148,68 @@ def test_speculative_sample_cuda_rejects_a_cpu_generator():
     with pytest.raises(ValueError, match="generator is on cpu but the inputs are on cuda"):
         ops.speculative_sample(q, torch.zeros(1, 1, dtype=torch.long, device="cuda"),
                                torch.full((1, 2, 4), 0.25, device="cuda"), generator=torch.Generator())
+
+
+@pytest.mark.parametrize("dtype,dim", [(torch.bfloat16, 128), (torch.float32, 64), (torch.float16, 3)])
+@pytest.mark.parametrize("plan_on", ["host", "device"])
+def test_kv_compact_cuda(dtype, dim, plan_on):
+    """Random plans (rows released, columns closed, rows moving within themselves) over 64 tensors, the
+    plan as host values (checked, then moved) or as device tensors (used unread)."""
+    from test_ops_compact import random_plan
+
+    g = torch.Generator().manual_seed(dim)
+    for case in range(3):
+        cache = [torch.randn(6, 4, 300, dim, generator=g).to(dtype) for _ in range(64)]
+        plan = random_plan(g, 6, 300)
+        expected = [t.clone() for t in cache]
+        reference.kv_compact(expected, *plan)
+        gpu = [t.cuda() for t in cache]
+        ops.kv_compact(gpu, *([p.tolist() for p in plan] if plan_on == "host" else [p.cuda() for p in plan]))
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, expected)), case
+
+
+def test_kv_compact_cuda_strided_views_and_a_row_moving_within_itself():
+    storage = [torch.randn(5, 3, 40, 8).to(torch.bfloat16) for _ in range(4)]
+    cache = [t[1:, :, :33] for t in storage]  # strided rows and time axis, as a batch's block view
+    pad = torch.zeros(2, dtype=torch.long)
+    columns = torch.stack([torch.cat([torch.arange(3), torch.arange(5, 33), pad]),  # row 0 closes a gap in place
+                           torch.arange(33), torch.cat([torch.arange(1, 33), pad[:1]])])
+    plan = (torch.tensor([0, 2, 3]), columns, torch.tensor([31, 33, 32]))
+    expected = [t.clone() for t in storage]
+    reference.kv_compact([t[1:, :, :33] for t in expected], *plan)
+    gpu = [t.cuda() for t in storage]
+    ops.kv_compact([t[1:, :, :33] for t in gpu], *plan)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, expected))
+
+
+def test_kv_compact_cuda_device_plans_are_clamped_into_range():
+    """Device-held plans are not checked: out-of-range rows, columns and counts are clamped (here into a
+    plan that meets the order rules, so the result is the reference's on the clamped plan)."""
+    cache = [torch.randn(4, 2, 8, 4) for _ in range(2)]
+    bad = (torch.tensor([-5, 9]), torch.tensor([[-2, 1, 99], [4, 5, 6]]), torch.tensor([9, -1]))
+    clamped = (torch.tensor([0, 3]), torch.tensor([[0, 1, 7], [4, 5, 6]]), torch.tensor([3, 0]))
+    expected = [t.clone() for t in cache]
+    reference.kv_compact(expected, *clamped)
+    gpu = [t.cuda() for t in cache]
+    ops.kv_compact(gpu, *(p.cuda() for p in bad))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu, expected))
+
+
+def test_kv_compact_cuda_host_plans_are_checked():
+    gpu = [torch.randn(3, 1, 6, 2, device="cuda")]
+    with pytest.raises(ValueError, match=r"src_rows must be strictly increasing"):
+        ops.kv_compact(gpu, [2, 1], [[0], [0]], [1, 1])
+
+
+def test_kv_compact_captures_in_a_cuda_graph():
+    cache = [torch.randn(4, 2, 16, 8, device="cuda") for _ in range(4)]
+    plan = [torch.tensor([1, 3], device="cuda"), torch.tensor([[0, 2, 5], [1, 4, 0]], device="cuda"),
+            torch.tensor([3, 2], device="cuda")]
+    ops.kv_compact([torch.zeros_like(t) for t in cache], *plan)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ops.kv_compact(cache, *plan)
+    before = [t.cpu() for t in cache]
+    graph.replay()
+    reference.kv_compact(before, *(p.cpu() for p in plan))
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(cache, before))

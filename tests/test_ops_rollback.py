@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from dreamr import ops, reference
+from dreamr.testing import misaligned_cache
 
 
 def random_cache(layers, batch, heads, time, dim, dtype=torch.float32, seed=0):
@@ -35,11 +36,7 @@ def test_long_spans_at_any_alignment_match_reference(offset):
     # Dead spans of several KiB take the kernel's streaming-store path; ``offset`` elements into the
     # storage puts the rows at 2-, 6- or 16-byte-aligned addresses (head, body and tail of the span).
     batch, heads, time, dim = 3, 2, 160, 64
-    g = torch.Generator().manual_seed(offset)
-    cache = []
-    for _ in range(4):
-        storage = torch.randn(offset + batch * heads * time * dim, generator=g).to(torch.bfloat16)
-        cache.append(storage[offset:].view(batch, heads, time, dim))
+    cache = misaligned_cache(offset, batch, heads, time, dim)
     lengths = torch.tensor([3, 150, 57])  # zeroed spans of 147 and 93 positions (18.8 and 11.9 KiB)
     expected = clone(cache)
     assert torch.equal(ops.kv_rollback(cache, lengths), reference.kv_rollback(expected, lengths))

@@ -49,8 +49,16 @@ def test_public_import():
     assert set(dreamr.__all__) <= set(dir(dreamr))
 
 
+def test_cli_mode_token_prints_the_token_level_figures(capsys, folders):
+    out = run(capsys, folders, "Natalia sold clips.", "--mode", "token")
+    assert "mode token" in out and "tokens per forward in written steps" in out and "mean accepted length" in out
+
+
 @pytest.mark.parametrize("args,match", [(["--alpha", "2"], "alpha"), (["--mode", "fpsr", "--window", "0"], "window"),
-                                        (["--dtype", "int8"], "dtype")])
+                                        (["--dtype", "int8"], "dtype"),
+                                        (["--token-speculation", "ngram+medusa"], "token_speculation"),
+                                        (["--num-speculative-tokens", "0"], "num_speculative_tokens"),
+                                        (["--mode", "fpsr", "--draft-policy", "adaptive"], "draft_policy")])
 def test_cli_bad_settings_are_usage_errors_before_loading(capsys, monkeypatch, args, match):
     from dreamr import models
     from dreamr.__main__ import main

@@ -353,7 +353,8 @@ def test_real_pair_fpsr_matches_speculative():
     from dreamr.reasoner import SpeculativeReasoner
 
     real = SpeculativeReasoner.from_pretrained(dtype="float32", progress=False, max_new_tokens=40,
-                                               max_step_tokens=16, answer_marker="The answer is")
+                                               max_step_tokens=16, answer_marker="The answer is",
+                                               draft_policy="always")  # FPSR drafts every step
     prompt = gsm8k_prompt(0)
     spec = real.generate(prompt)
     for launch in ("eager", "on_reject"):

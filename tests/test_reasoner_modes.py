@@ -158,10 +158,13 @@ def test_rejected_steps_keep_the_drafts_text(reasoner, content_judge):
 
 
 def test_sampling_is_seeded_and_keeps_the_alpha_ends(reasoner):
+    """Seeded runs repeat; without token-level speculation the alpha ends reproduce the single-model
+    texts draw for draw (with it they do in distribution: tests/test_speculation.py)."""
     prompt = PROMPTS[0]
     kw = dict(temperature=0.9, top_p=0.95, seed=11)
     a, b = reasoner.generate(prompt, **kw), reasoner.generate(prompt, **kw)
     assert steps_of(a) == steps_of(b)
+    kw["token_speculation"] = "off"
     assert reasoner.generate(prompt, alpha=1.0, **kw).text == reasoner.generate(prompt, mode="target", **kw).text
     assert reasoner.generate(prompt, alpha=0.0, **kw).text == reasoner.generate(prompt, mode="draft", **kw).text
     assert reasoner.generate(prompt, mode="target", **kw).text != reasoner.generate(prompt, mode="target").text
@@ -181,9 +184,19 @@ def test_metrics_are_consistent(reasoner, content_judge):
     assert m.target_tokens == sum(s.num_tokens for s in written)
     assert m.draft_tokens >= sum(s.num_tokens for s in drafted)
     assert m.committed_tokens == sum(s.num_tokens for s in r.steps) <= reasoner.config.max_new_tokens
-    # target: one prefill-or-verify pass per step plus one decode pass per written token (roughly)
-    assert m.target_forward_passes >= m.verified_steps + m.target_tokens
-    assert m.draft_forward_passes >= m.draft_tokens
+    # target: one verify pass per verified step plus its step forwards; each step forward emits one
+    # token, or a checked proposal's accepted tokens plus one (token-level speculation)
+    assert m.target_forward_passes >= m.verified_steps + m.target_step_forwards
+    for who, tokens in (("target", m.target_tokens), ("draft", m.draft_tokens)):
+        forwards, proposals = getattr(m, f"{who}_step_forwards"), getattr(m, f"{who}_proposals")
+        accepted, proposed = getattr(m, f"{who}_accepted_tokens"), getattr(m, f"{who}_proposed_tokens")
+        assert proposals <= forwards and accepted <= proposed
+        assert tokens <= forwards + accepted
+    assert m.draft_forward_passes >= m.draft_step_forwards
+    assert m.tokens_per_target_forward == pytest.approx(m.target_tokens / m.target_step_forwards)
+    if m.target_proposals:
+        assert m.mean_accepted_length == pytest.approx(1 + m.target_accepted_tokens / m.target_proposals)
+        assert m.token_acceptance_rate == pytest.approx(m.target_accepted_tokens / m.target_proposed_tokens)
     assert m.nonfinite_verdicts == 0 and m.wall_time_s > 0 and m.tokens_per_second > 0
     d = r.to_dict()
     assert d["metrics"]["num_steps"] == m.num_steps and len(d["steps"]) == len(r.steps)

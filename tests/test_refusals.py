@@ -20,18 +20,13 @@ import torch
 
 from conftest import PROMPTS, TINY_SETTINGS
 from dreamr import lm
+from dreamr.testing import tiny_model
 from test_reasoner_fpsr import assert_same
 from test_verify import naive_cpn
 
-_SIZES = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=1024, tie_word_embeddings=False)
-
-
 def _tiny(config_cls, model_cls, tokenizer, seed=0, **extra):
-    torch.manual_seed(seed)
-    config = config_cls(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.eos_token_id, **_SIZES, **extra)
-    return model_cls(config).to(torch.float64).eval()
+    return tiny_model(config_cls, model_cls, tokenizer, seed=seed, pad_token_id=tokenizer.eos_token_id,
+                      tie_word_embeddings=False, **extra)
 
 
 def _reasoner(target, tok_a, draft_model, tok_b):

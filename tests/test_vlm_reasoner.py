@@ -27,7 +27,7 @@ from vlm_models import llava, qwen2_5_vl, qwen2_vl, random_image, vision_module
 
 PROMPT = "How many clips did Natalia sell altogether?"
 MIXED = 0.5  # with the content judge (conftest), about half the drafted steps are accepted
-MODES = ["target", "draft", "speculative", "fpsr"]
+MODES = ["target", "draft", "token", "speculative", "fpsr"]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def text_draft():
                                         "qwen2_5_vl+qwen2_5_vl_draft"])
 def pair(request, qwen_vl, llava_vl, text_draft):
     """A reasoner and its vision-language models (target, and the draft where it sees images)."""
-    kw = dict(max_step_tokens=5, max_new_tokens=24)
+    kw = dict(max_step_tokens=5, max_new_tokens=24, draft_policy="always")  # every step drafted and judged
     if request.param == "qwen2_vl+qwen2_vl_draft":
         model, processor = qwen_vl
         draft, _ = qwen2_vl(seed=3, layers=1)
@@ -118,7 +118,8 @@ def test_every_mode_with_an_image_encodes_it_once_per_model(pair, mode, vision_c
     finally:
         r.engine("fpsr").target_launch = "auto"
     assert len(result.steps) >= 3 and result.text
-    users = {"target": [r.target.model], "draft": [r.draft.model]}.get(mode, [r.target.model, r.draft.model])
+    users = {"target": [r.target.model], "token": [r.target.model], "draft": [r.draft.model]}.get(
+        mode, [r.target.model, r.draft.model])
     for m in vlms:
         assert vision_calls.counts[id(m)] == (1 if m in users else 0), (mode, vision_calls.counts)
     if mode in ("speculative", "fpsr"):

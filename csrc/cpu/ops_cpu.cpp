@@ -107,6 +107,22 @@ at::Tensor kv_rollback_cpu(at::TensorList cache, const at::Tensor& lengths, cons
   return new_lengths;
 }
 
+void kv_compact_cpu(at::TensorList cache, const at::Tensor& src_rows, const at::Tensor& columns,
+                    const at::Tensor& counts) {
+  const CompactInputs in = check_compact_inputs(cache, src_rows, columns, counts);
+  const RollbackShape& shape = in.shape;
+  const CompactPlan& plan = in.plan;
+  check_compact_values(plan, shape.batch, shape.time);
+  const int64_t zero_end = longest_count(plan);
+  const int64_t element_size = static_cast<int64_t>(cache[0].element_size());
+  // One task per (tensor, head): rows depend on each other (row i may read a row that a later task
+  // rewrites), heads and tensors never do, so each task runs the rows in order (rollback.h, CompactPlan).
+  for_each_row(static_cast<int64_t>(cache.size()) * shape.heads, 1, [&](int64_t task) {
+    const int64_t t = task / shape.heads, h = task % shape.heads;
+    compact_head_cpu(static_cast<char*>(cache[t].data_ptr()), element_size, shape, h, plan, zero_end);
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor> speculative_sample_cpu(const at::Tensor& draft_probs, const at::Tensor& draft_ids,
                                                           const at::Tensor& target_probs, const at::Tensor& uniforms) {
   const SamplingShape s = check_sampling_inputs(draft_probs, draft_ids, target_probs, uniforms);
@@ -150,6 +166,7 @@ TORCH_LIBRARY_IMPL(dreamr, CPU, m) {
   m.impl("cpn_verify", &cpn_verify_cpu);
   m.impl("cpn_window_accept", &cpn_window_accept_cpu);
   m.impl("kv_rollback_", &kv_rollback_cpu);
+  m.impl("kv_compact_", &kv_compact_cpu);
   m.impl("speculative_sample", &speculative_sample_cpu);
   m.impl("greedy_verify", &greedy_verify_cpu);
 }

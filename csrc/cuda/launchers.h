@@ -30,6 +30,10 @@ cudaError_t dreamr_kv_rollback_cuda(DreamrCachePointers cache, int64_t num_tenso
                                     dreamr::RollbackShape shape, const int64_t* lengths, const int64_t* src_row,
                                     const int64_t* src_start, const int64_t* copy_length, int64_t* new_lengths,
                                     cudaStream_t stream);
+// Compaction of all tensors of the cache in one launch, one block per (tensor, head); plan pointers are
+// device pointers.
+cudaError_t dreamr_kv_compact_cuda(DreamrCachePointers cache, int64_t num_tensors, int64_t element_size,
+                                   dreamr::RollbackShape shape, dreamr::CompactPlan plan, cudaStream_t stream);
 
 // Chain speculative sampling; one block per row. dtype is float32, float16 or bfloat16.
 cudaError_t dreamr_speculative_sample_cuda(const void* draft_probs, const int64_t* draft_ids, const void* target_probs,

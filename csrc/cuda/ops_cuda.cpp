@@ -76,6 +76,17 @@ at::Tensor kv_rollback_cuda(at::TensorList cache, const at::Tensor& lengths, con
   return new_lengths;
 }
 
+void kv_compact_cuda(at::TensorList cache, const at::Tensor& src_rows, const at::Tensor& columns,
+                     const at::Tensor& counts) {
+  const CompactInputs in = check_compact_inputs(cache, src_rows, columns, counts);
+  TORCH_CHECK_VALUE(in.shape.heads <= 65535, "kv_compact: H_kv = ", in.shape.heads, " must be at most 65535 on CUDA");
+  const c10::cuda::CUDAGuard guard(src_rows.device());
+  DreamrCachePointers pointers{};
+  for (size_t i = 0; i < cache.size(); ++i) pointers.data[i] = cache[i].data_ptr();
+  check_launch("kv_compact", dreamr_kv_compact_cuda(pointers, static_cast<int64_t>(cache.size()),
+                                                    cache[0].element_size(), in.shape, in.plan, current_stream()));
+}
+
 std::tuple<at::Tensor, at::Tensor> speculative_sample_cuda(const at::Tensor& draft_probs, const at::Tensor& draft_ids,
                                                            const at::Tensor& target_probs,
                                                            const at::Tensor& uniforms) {
@@ -111,6 +122,7 @@ TORCH_LIBRARY_IMPL(dreamr, CUDA, m) {
   m.impl("cpn_verify", &cpn_verify_cuda);
   m.impl("cpn_window_accept", &cpn_window_accept_cuda);
   m.impl("kv_rollback_", &kv_rollback_cuda);
+  m.impl("kv_compact_", &kv_compact_cuda);
   m.impl("speculative_sample", &speculative_sample_cuda);
   m.impl("greedy_verify", &greedy_verify_cuda);
 }

@@ -127,6 +127,54 @@ static void test_rollback_invalid_device_plans_copy_nothing() {
   EXPECT(clipped.src_row == 1 && clipped.src_start == 3 && clipped.copied == 1);
 }
 
+static void test_compact_in_place_equals_a_gather_from_a_copy() {
+  // 4 rows, 2 heads, 8 positions, D = 3: row 0 stays and closes a gap within itself (its positions 0-1
+  // are already in place, 3-5 move left onto their own row), row 1 is released, rows 2 and 3 move up
+  // (row 3 left-aligned); once dense, once with the time axis strided (a cropped view).
+  for (const int64_t stride_time : {int64_t{3}, int64_t{4}}) {
+    const int64_t B = 4, H = 2, T = 8, D = 3, R = 3, W = 5;
+    const dreamr::RollbackShape shape{B, H, T, D, H * T * stride_time, T * stride_time, stride_time};
+    std::vector<float> cache(B * H * T * stride_time);
+    for (size_t i = 0; i < cache.size(); ++i) cache[i] = float(i + 1);
+    const std::vector<float> before = cache;
+    const int64_t src_rows[R] = {0, 2, 3}, counts[R] = {5, 4, 3};
+    const int64_t columns[R * W] = {0, 1, 3, 4, 5,     // row 0 loses column 2 (a private verdict token)
+                                    0, 1, 2, 3, -9,    // row 2 whole; padding never read
+                                    2, 6, 7, -9, -9};  // row 3's entries at 2, 6, 7
+    const dreamr::CompactPlan plan{R, W, src_rows, columns, counts};
+    EXPECT(dreamr::longest_count(plan) == 5);
+    for (int64_t h = 0; h < H; ++h) {
+      dreamr::compact_head_cpu(reinterpret_cast<char*>(cache.data()), sizeof(float), shape, h, plan, 5);
+    }
+    auto at = [&](const std::vector<float>& c, int64_t b, int64_t h, int64_t t, int64_t d) {
+      return c[b * shape.stride_batch + h * shape.stride_head + t * stride_time + d];
+    };
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t d = 0; d < D; ++d) {
+        for (int64_t i = 0; i < R; ++i) {
+          for (int64_t j = 0; j < W; ++j) {  // a gather from the cache as it was, zeros past each count
+            const float want = j < counts[i] ? at(before, src_rows[i], h, columns[i * W + j], d) : 0.f;
+            EXPECT(at(cache, i, h, j, d) == want);
+          }
+          for (int64_t t = W; t < T; ++t) EXPECT(at(cache, i, h, t, d) == at(before, i, h, t, d));  // past the longest
+        }
+        for (int64_t t = 0; t < T; ++t) EXPECT(at(cache, 3, h, t, d) == at(before, 3, h, t, d));  // past the plan
+      }
+    }
+  }
+}
+
+static void test_compact_device_plans_stay_in_bounds() {
+  // Out-of-range values (what only an unchecked device-held plan can hold) are clamped into the cache.
+  const dreamr::RollbackShape shape{2, 1, 4, 1, 4, 4, 1};
+  const int64_t src_rows[2] = {-3, 7}, counts[2] = {9, -1}, columns[2 * 2] = {-5, 99, 0, 0};
+  const dreamr::CompactPlan plan{2, 2, src_rows, columns, counts};
+  EXPECT(dreamr::compact_source_row(plan, shape, 0) == 0 && dreamr::compact_source_row(plan, shape, 1) == 1);
+  EXPECT(dreamr::compact_count(plan, 0) == 2 && dreamr::compact_count(plan, 1) == 0);
+  EXPECT(dreamr::compact_column(plan, shape, 0, 0) == 0 && dreamr::compact_column(plan, shape, 0, 1) == 3);
+  EXPECT(dreamr::longest_count(plan) == 2);
+}
+
 static void test_extra_token_is_drawn_from_residual() {
   const float p[4] = {0.0f, 0.5f, 0.5f, 0.0f}, q[4] = {0.25f, 0.25f, 0.25f, 0.25f};
   // Residual max(0, p - q) = {0, .25, .25, 0}: u < 0.5 gives token 1, else token 2.
@@ -189,6 +237,8 @@ int main() {
   test_extra_token_is_drawn_from_residual();
   test_infinite_logit_is_rejected_with_softcap();
   test_rollback_invalid_device_plans_copy_nothing();
+  test_compact_in_place_equals_a_gather_from_a_copy();
+  test_compact_device_plans_stay_in_bounds();
   test_bf16_verdict_logits_are_float_dot_products();
   if (failures) {
     std::fprintf(stderr, "%d check(s) failed\n", failures);

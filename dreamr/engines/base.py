@@ -1,4 +1,6 @@
-"""Plumbing shared by every engine: sampling, a request's bookkeeping and commits, writing one step.
+"""Plumbing shared by every engine: a request's bookkeeping and commits, each model's sequence and sampler.
+
+Steps are written by :func:`dreamr.speculation.write_step` (token by token, or by verified proposals).
 
 An engine takes requests (:class:`dreamr.request.Request`, built by the front) and returns results;
 ``stream`` yields each step as it is committed. Engines differ only in orchestration: who writes a step,
@@ -15,49 +17,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Generator, Iterator, Optional, Sequence
 
-import torch
-
 from dreamr.cache import CachedSequence, encode_prefix
 from dreamr.config import ReasonerConfig
 from dreamr.lm import LM
 from dreamr.request import Request
 from dreamr.result import Metrics, Result, Step
+from dreamr.sampling import Sampler
 from dreamr.steps import StepWriter, has_answer
-
-
-class Sampler:
-    """Greedy decoding (temperature 0) or temperature / top-p sampling from a seeded generator.
-
-    Each model of a request gets its own sampler, so one model's draws never shift the other's: with
-    a fixed seed, alpha = 1 reproduces the target-only text and alpha = 0 the draft-only text even
-    when sampling.
-    """
-
-    def __init__(self, temperature: float = 0.0, top_p: float = 1.0, seed: Optional[int] = None):
-        self.temperature, self.top_p, self.seed = temperature, top_p, seed
-        self._generator: Optional[torch.Generator] = None
-
-    def __call__(self, logits: torch.Tensor) -> int:
-        if self.temperature <= 0.0:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs > self.top_p  # keep the nucleus
-            sorted_probs[outside] = 0.0
-            probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        if self._generator is None and self.seed is not None:
-            self._generator = torch.Generator(device=probs.device).manual_seed(int(self.seed))
-        return int(torch.multinomial(probs, 1, generator=self._generator))
-
-
-def sample_rows(samplers: Sequence[Sampler], logits: torch.Tensor) -> list[int]:
-    """One token per row of ``logits`` ``[N, V]``, row i drawn by ``samplers[i]``. When every row is greedy
-    this is one batched argmax and one device-to-host copy (a loop over rows would wait on the device N
-    times); ties go to the lowest id either way."""
-    if all(s.temperature <= 0.0 for s in samplers):
-        return [int(t) for t in logits.argmax(dim=-1).tolist()]
-    return [s(row) for s, row in zip(samplers, logits)]
 
 
 @dataclass
@@ -162,20 +128,6 @@ def verdict_fits(target: LM, prefix_len: int, step_ids: Sequence[int], suffix_id
     a step can come out longer. An engine that finds a step that does not fit ends the request there
     ("length": the target's context is used up), without committing the step."""
     return prefix_len + len(step_ids) + len(suffix_ids) <= target.context_length
-
-
-def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, max_tokens: int) -> StepWriter:
-    """Let ``lm`` write one step onto ``seq`` (greedy or sampled) until the delimiter, EOS or the cap.
-
-    The step's tokens (without a final EOS) are appended to ``seq.ids``; the last one stays pending.
-    Returns the writer, with ``ids``, ``text`` and ``end`` ("delimiter", "eos" or "cap").
-    """
-    writer = StepWriter(lm.tokenizer, lm.eos_ids, delimiter, max_tokens)
-    while writer.end is None:
-        token = sampler(seq.next_logits())
-        if writer.add(token) != "eos":
-            seq.extend([token])
-    return writer
 
 
 @contextmanager

@@ -7,6 +7,10 @@ small-batch decoding. Shapes are bucketed: B up to the next of ``batch_sizes`` (
 rows past the batch's own, see only themselves, and are thrown away) and the mask width up to the next
 power of two (columns past the batch's width are masked). One graph per (rows, columns) bucket, all in
 one memory pool; a batch larger than the largest bucket, or more buckets than ``max_graphs``, runs eagerly.
+Passes that feed several tokens to a row never come here (:meth:`RaggedBatch.forward` runs them
+eagerly): verification chunks, catch-ups, and token-level speculation's passes, where a row feeds its
+pending token plus a proposal and needs logits at every fed position (FPSR's branches and draft steps);
+a turn whose rows propose nothing is a one-token pass again and replays its graph.
 
 Nothing here reads the device on the host; each step copies its inputs (ids, positions, masks: a few
 KB) into the bucket's static tensors on the batch's stream, staged through pinned host memory on CUDA

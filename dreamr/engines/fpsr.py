@@ -8,14 +8,31 @@ and what is committed; this executor runs its actions on the two models and repo
             RequestState.commit_verified)
         one *chain* forward of the target: the pending verifications of every request, several drafted
             steps of one request in the same pass (a tree mask keeps each verdict prompt private)
-        one *branch* forward of the target: one token for every live fallback branch t_i of every open
-            slot of every request (one batched forward per token for all of them)
-        one forward of the draft: one token for every request's running draft step
+        one *branch* forward of the target: every live fallback branch t_i of every open slot of every
+            request feeds its pending token and, with token-level speculation, a proposal (its slot's
+            drafted step, else n-gram lookup), all in one batched forward with logits at every fed
+            position; each row keeps the tokens ops.greedy_verify / ops.speculative_sample accept
+        one forward of the draft: every request's running draft step, the same way (n-gram proposals,
+            with draft_token_speculation)
         report finished steps / verdicts to the scheduler (a request's verdicts of one pass resolved
             together by ops.cpn_window_accept: its leading accepted run, then the first rejection)
 
 The scheduler's commits are those of the paper's round-by-round loop, whatever the order in which work
 finishes, so with greedy decoding FPSR commits exactly the steps of mode "speculative".
+
+Token-level speculation (``token_speculation``, ``num_speculative_tokens``; docs/method.md) runs inside
+the batched steps as in the sequential modes' :func:`dreamr.speculation.write_step`, and is as lossless:
+a row's proposal (:func:`dreamr.speculation.propose`: at most the step's room left) is fed after its
+pending token in the pass, :func:`dreamr.speculation.proposal_verdict` decides it from that row's logits,
+the row keeps the accepted tokens and its model's own next one, and the rejected tokens are cut from its
+cache (one ``ops.kv_rollback`` for all rows of a pass: :meth:`RaggedBatch.truncate_rows`). A fallback
+branch proposes its slot's drafted step first (source "step": the draft wrote it for the same prefix; once
+finished, or, launched eagerly, as far as the draft has written it), then n-gram lookup over the branch's
+ids; the draft's steps propose by n-gram lookup where ``draft_token_speculation`` asks for it (off by
+default, as in mode "speculative"). Unlike ``write_step`` nothing is carried past a step's
+end (tokens verified past it are dropped: the next step starts on another row or prefix). The counts
+(``target_step_forwards``, ``target_proposals``, ...; ``draft_*``) are ``write_step``'s: one step forward
+per row fed.
 
 Caches
 ------
@@ -39,13 +56,15 @@ On CUDA
   the draft's, so tensors never cross streams unordered.
 - CUDA graphs: the one-token-per-row decode forwards of the branches and the draft are replayed from
   graphs bucketed by batch size and cache width (:mod:`dreamr.engines.decode_graphs`); verification
-  chunks, prefills and catch-ups (several tokens per row) and shapes outside the buckets run eagerly.
+  chunks, prefills, catch-ups and passes that check a token-level proposal (several tokens per row) and
+  shapes outside the buckets run eagerly.
 On a CPU the same loop runs without streams or graphs (``cuda_graphs="on"`` runs the bucketed
 static-buffer decode path eagerly, which the tests use to check it).
 
 Greedy decoding reproduces mode "speculative" exactly (up to the last bits of batched arithmetic: exact
-in float64); with sampling the runs are seeded but not the same draws as mode "speculative" (cancelled
-work consumes random numbers).
+in float64), with token-level speculation on or off; with sampling the runs are seeded but not the same
+draws as mode "speculative" (cancelled work and checked proposals consume random numbers), and each step
+keeps its model's distribution.
 """
 
 from __future__ import annotations
@@ -58,14 +77,16 @@ import torch
 
 from dreamr import ops
 from dreamr.config import ReasonerConfig
-from dreamr.engines.base import Engine, RequestState, drain, image_prefix, sample_rows, timed, verdict_fits
+from dreamr.engines.base import Engine, RequestState, drain, image_prefix, timed, verdict_fits
 from dreamr.engines.decode_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, check_batch_sizes
-from dreamr.engines.ragged import KVStore, RaggedBatch, Row
+from dreamr.engines.ragged import KVStore, RaggedBatch, Row, host_to_device
 from dreamr.lm import LM
 from dreamr.request import Request
 from dreamr.result import Result, Step
+from dreamr.sampling import Sampler, sample_rows
 from dreamr.scheduler import (WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, FinishReason, Scheduler, StepEnd,
                               TargetLaunch)
+from dreamr.speculation import count_forward, proposal_verdict, propose, proposer_for
 from dreamr.steps import StepWriter, has_answer
 from dreamr.verify import StepVerifier
 
@@ -97,6 +118,7 @@ class _Epoch:
     t_writer: Optional[StepWriter] = None
     t_cap: int = 0
     branch: Optional[Row] = None  # the target fallback branch (branches batch, or parked)
+    t_proposer: Optional[tuple] = None  # (key, proposer) of the branch's token-level speculation (see _branch_proposer)
     t_waiting: bool = False  # launched, waiting for the chain to hold its prefix
     t_done: bool = False
 
@@ -111,6 +133,11 @@ class _Req:
     t_view: list[int]  # target ids of committed prefix + finished open drafted steps
     t_sampler: object
     d_sampler: object
+    sources: tuple = ()  # token_speculation's sources (config.speculation_sources): the fallback branches'
+    k: int = 0  # num_speculative_tokens for the fallback branches (0: no token-level speculation)
+    ngram: object = None  # a fallback branch's proposer while it has no drafted step to propose from
+    d_proposer: object = None  # the draft's steps' proposer (draft_token_speculation; None: plain decoding)
+    d_k: int = 0  # num_speculative_tokens for the draft's steps
     epochs: dict = field(default_factory=dict)
     verify_queue: list = field(default_factory=list)
     draft_epoch: Optional[int] = None
@@ -291,12 +318,15 @@ class FpsrEngine(Engine):
             # an image prompt is encoded once per model here; every row of the request copies its cache
             t_prefix = image_prefix(self.target, request.target_inputs, state.metrics)
             d_prefix = image_prefix(self.draft, request.draft_inputs, state.metrics)
+            sources, d_proposer = rc.speculation_sources, proposer_for(rc.draft_speculation_sources)
             run.reqs.append(_Req(
                 index=i, request=request, state=state,
                 chain=run.chains.add(request.target_ids, owner=i, prefix=t_prefix),
                 d_row=run.drafts.add(request.draft_ids, owner=i, prefix=d_prefix),
                 t_view=list(request.target_ids),
                 t_sampler=self.sampler(rc, 0), d_sampler=self.sampler(rc, 1),
+                sources=sources, k=int(rc.num_speculative_tokens) if sources else 0, ngram=proposer_for(sources),
+                d_proposer=d_proposer, d_k=int(rc.num_speculative_tokens) if d_proposer is not None else 0,
             ))
         return run
 
@@ -305,9 +335,11 @@ class FpsrEngine(Engine):
         columns for its longest row), so that a long run does not reallocate it, which would drop and
         recapture every CUDA graph.
 
-        A batch's width runs up to twice its longest row before a compaction (ragged.py), and a graph's
+        A batch's width runs up to twice its longest row before a compaction (ragged.py), a forward adds
+        up to ``num_speculative_tokens + 1`` columns (a proposal after the pending token), and a graph's
         width bucket is the next power of two: the columns reserved are the bucket of twice the longest
-        row a request can reach. A rare wider forward still grows the storage, as without a reserve.
+        row a request can reach plus one proposal. A rare wider forward still grows the storage, as
+        without a reserve.
 
         Only where decode graphs run (on CUDA by default): without graphs nothing is lost by growing on
         demand, and the worst case reserved here (every slot's branch live and parked at once) is more
@@ -318,7 +350,10 @@ class FpsrEngine(Engine):
         longest = max(max(len(r.target_ids), len(r.draft_ids)) + r.config.max_new_tokens for r in requests)
         longest = min(longest + run.suffix_len + int(run.cfg.max_step_tokens),
                       max(self.target.context_length, self.draft.context_length))
-        columns = 1 << (2 * longest).bit_length()
+        fed = 1 + max(int(r.config.num_speculative_tokens) if (r.config.speculation_sources
+                                                              or r.config.draft_speculation_sources) else 0
+                      for r in requests)
+        columns = 1 << (2 * longest + fed).bit_length()
         for batch, rows in ((run.chains, n), (run.branches, n * window), (run.parked, n * window),
                             (run.drafts, n)):
             if batch.graphs is not None:  # the row bucket the graphs will pad to
@@ -682,21 +717,28 @@ class _Run:
                 self.sched.on_verdict(req.index, e.slot, epoch, w < n)
 
     def _branch_forward(self) -> bool:
+        """One target forward of every live fallback branch: each feeds its pending token and, with
+        token-level speculation, a proposal (:meth:`_branch_proposer`), checked in the same pass."""
         live = [(req, epoch, e) for req in self.reqs for epoch, e in req.epochs.items()
                 if e.branch is not None and not e.t_done]
         if not live:
             return False
-        logits = self.branches.next_token_logits([e.branch for _, _, e in live])
-        counted = set()
-        tokens = sample_rows([req.t_sampler for req, _, _ in live], logits)
-        for (req, epoch, e), token in zip(live, tokens):
+        proposals = [propose(self._branch_proposer(req, e), e.branch.ids, e.t_writer, req.k) for req, _, e in live]
+        logits = self.branches.next_token_logits([e.branch for _, _, e in live], proposals)
+        decided = _decide([req.t_sampler for req, _, _ in live], proposals, logits)
+        counted, cuts = set(), []
+        for (req, _, e), proposal, (tokens, accepted) in zip(live, proposals, decided):
             if req.index not in counted:
                 req.t_forwards += 1
                 counted.add(req.index)
+            count_forward(req.state.metrics, "target", proposal, accepted)
+            taken, cut = _take(e.branch, e.t_writer, proposal, tokens)
+            req.state.metrics.target_tokens += taken
+            if cut is not None:
+                cuts.append(cut)
+        _cut_rows(self.branches, cuts)
+        for req, epoch, e in live:  # after the cuts: a finished branch's row moves with its final cache
             w = e.t_writer
-            if w.add(token) != "eos":
-                e.branch.ids.append(token)
-            req.state.metrics.target_tokens += 1
             if w.end is not None:
                 e.t_done = True
                 e.branch = self.branches.move(e.branch, self.parked)
@@ -704,9 +746,34 @@ class _Run:
                 self.sched.on_target_step(req.index, e.slot, epoch, len(w.ids), self._step_end(w))
         return True
 
+    def _branch_proposer(self, req: _Req, e: _Epoch):
+        """The proposer of ``e``'s fallback branch (None: no token-level speculation), best source first.
+
+        The branch writes the step its slot's drafted step was written for (the same prefix), so that
+        drafted step, in the target's tokens, is source "step" (:class:`~dreamr.speculation.RejectedStepProposer`)
+        as in mode "speculative": once the draft has finished it (``t_step_ids``), or, while the draft is
+        still writing it (eager launch), as far as it is written, re-tokenized each time it grows. Not
+        while the draft's forwards run on the worker thread (``overlap``): its writer changes under this
+        thread there. Without a drafted step, n-gram lookup alone."""
+        if not req.k:
+            return None
+        if "step" not in req.sources:
+            return req.ngram
+        if e.t_step_ids is not None:
+            key = -1
+        elif self.pool is None and e.d_writer is not None and e.d_writer.ids:
+            key = len(e.d_writer.ids)
+        else:
+            return req.ngram
+        if e.t_proposer is None or e.t_proposer[0] != key:
+            step_ids = e.t_step_ids if key < 0 else self.target.step_ids(e.d_writer, self.same_tokenizer)
+            e.t_proposer = (key, proposer_for(req.sources, rejected_step=step_ids))
+        return e.t_proposer[1]
+
     def _draft_job(self, live: list, ticks: int, launched=None) -> tuple[int, list]:
-        """Up to ``ticks`` draft forwards (one token for each running draft step per forward); the first
-        one's logits may come from :meth:`_draft_launch` (already running on the draft's stream).
+        """Up to ``ticks`` draft forwards (each running draft step feeds its pending token and, with
+        ``draft_token_speculation``, an n-gram proposal); the first one's logits may come from
+        :meth:`_draft_launch` (already running on the draft's stream).
 
         Touches only draft-side state (the draft batch and rows, the draft writers and sampler), so it
         may run on its own thread while the target's forwards run; finished steps are returned and
@@ -718,43 +785,53 @@ class _Run:
             if not live:
                 break
             if self.drafts.stream is None:
-                logits = self._draft_forward(live)
+                logits, proposals = self._draft_forward(live)
             else:  # the first forward may already be running (queued before the target's work)
-                logits = self._draft_wait(launched if (tick == 0 and launched is not None) else self._draft_launch(live))
+                logits, proposals = self._draft_wait(
+                    launched if (tick == 0 and launched is not None) else self._draft_launch(live))
             passes += 1
-            tokens = sample_rows([req.d_sampler for req, _ in live], logits)
-            for (req, epoch), token in zip(live, tokens):
+            decided = _decide([req.d_sampler for req, _ in live], proposals, logits)
+            cuts = []
+            for (req, epoch), proposal, (tokens, accepted) in zip(live, proposals, decided):
                 req.d_forwards += 1
+                count_forward(req.state.metrics, "draft", proposal, accepted)
                 w = req.epochs[epoch].d_writer
-                if w.add(token) != "eos":
-                    req.d_row.ids.append(token)
-                req.state.metrics.draft_tokens += 1
+                taken, cut = _take(req.d_row, w, proposal, tokens)
+                req.state.metrics.draft_tokens += taken
+                if cut is not None:
+                    cuts.append(cut)
                 if w.end is not None:
                     finished.append((req, epoch))
+            _cut_rows(self.drafts, cuts)
         return passes, finished
 
-    def _draft_forward(self, live: list) -> torch.Tensor:
-        """One draft forward for the running draft steps: their next-token logits ``[len(live), V]``."""
-        return self.drafts.next_token_logits([req.d_row for req, _ in live])
+    def _draft_forward(self, live: list) -> tuple[torch.Tensor, list]:
+        """One draft forward for the running draft steps, each fed its n-gram proposal (if any, with
+        ``draft_token_speculation``):
+        ``(logits, proposals)``, the logits packed row by row as
+        :meth:`~dreamr.engines.ragged.RaggedBatch.next_token_logits` returns them (``[len(live), V]``
+        without proposals)."""
+        proposals = [propose(req.d_proposer, req.d_row.ids, req.epochs[epoch].d_writer, req.d_k) for req, epoch in live]
+        return self.drafts.next_token_logits([req.d_row for req, _ in live], proposals), proposals
 
     def _draft_launch(self, live: list):
         """Queue one draft forward on the draft's stream (after the current stream's earlier work) and
-        return without waiting for it: ``(logits, event)``."""
+        return without waiting for it: ``(logits, proposals, event)``."""
         stream = self.drafts.stream
-        logits = self._draft_forward(live)  # on_stream: the draft stream first waits for the current one
+        logits, proposals = self._draft_forward(live)  # on_stream: the draft stream first waits for the current one
         event = torch.cuda.Event()
         event.record(stream)
-        return logits, event
+        return logits, proposals, event
 
-    def _draft_wait(self, launched) -> torch.Tensor:
-        """The logits of a launched draft forward, once its event has fired; the current stream is
-        ordered after the draft's work and ``logits`` is marked as used there (the allocator must not
-        hand its memory back to the draft stream while the current stream still reads it)."""
-        logits, event = launched
+    def _draft_wait(self, launched) -> tuple[torch.Tensor, list]:
+        """The logits (and proposals) of a launched draft forward, once its event has fired; the current
+        stream is ordered after the draft's work and ``logits`` is marked as used there (the allocator
+        must not hand its memory back to the draft stream while the current stream still reads it)."""
+        logits, proposals, event = launched
         current = torch.cuda.current_stream(self.draft.device)
         current.wait_event(event)
         logits.record_stream(current)
-        return logits
+        return logits, proposals
 
     def _draft_finish(self, finished: list) -> None:
         for req, epoch in finished:
@@ -771,3 +848,80 @@ class _Run:
             req.t_view.extend(e.t_step_ids)
             self.events = True
             self.sched.on_draft_step(req.index, e.slot, epoch, len(w.ids), self._step_end(w))
+
+
+# --------------------------------------------------------------------------------------------------
+# Token-level speculation inside the batched decode forwards (docs/method.md, token-level speculation)
+# --------------------------------------------------------------------------------------------------
+
+
+def _decide(samplers: Sequence[Sampler], proposals: Sequence[list], logits: torch.Tensor) -> list:
+    """Each row's tokens from one batched decode forward: ``(tokens, accepted)`` per row.
+
+    ``logits`` is packed as :meth:`RaggedBatch.next_token_logits` returns it (row i's ``len(proposals[i])
+    + 1`` rows after the previous rows'). A row with a proposal is decided by
+    :func:`dreamr.speculation.proposal_verdict` (``ops.greedy_verify`` / ``ops.speculative_sample``, as
+    :func:`~dreamr.speculation.accept_proposal` in the sequential modes), one without by its sampler. When
+    every row is greedy the whole pass is read from the device once (its argmaxes and verdicts together);
+    sampled rows draw as their samplers do."""
+    if not any(proposals):
+        return [([t], 0) for t in sample_rows(samplers, logits)]
+    (ids,) = host_to_device(logits.device, torch.tensor([[t for p in proposals for t in p]], dtype=torch.long))
+    greedy = all(s.greedy for s in samplers)
+    parts = [logits.argmax(dim=-1)] if greedy else []  # [N]: the plain rows' tokens
+    plain, at, start = {}, 0, 0
+    for i, (sampler, proposal) in enumerate(zip(samplers, proposals)):
+        k = len(proposal)
+        if k:
+            tokens, accepted = proposal_verdict(sampler, ids[:, start:start + k], logits[at:at + k + 1])
+            parts += [tokens[0], accepted]
+            start += k
+        elif not greedy:
+            plain[i] = sampler(logits[at])
+        at += k + 1
+    values = torch.cat(parts).tolist()  # one device read for every verdict of the pass
+    out, at, read = [], 0, len(logits) if greedy else 0
+    for i, proposal in enumerate(proposals):
+        k = len(proposal)
+        if k:
+            n = values[read + k + 1]
+            out.append((values[read:read + n + 1], n))
+            read += k + 2
+        else:
+            out.append(([int(values[at])] if greedy else [plain[i]], 0))
+        at += k + 1
+    return out
+
+
+def _take(row: Row, writer: StepWriter, proposal: list, tokens: list) -> tuple[int, Optional[tuple]]:
+    """Hand a row's decided ``tokens`` to its step's ``writer`` until the step ends (tokens past its end
+    are dropped: FPSR keeps no carry); ``row`` (its ids already extended by ``proposal``, all of it
+    cached) then stands for its prefix plus the step.
+
+    Returns the number of tokens the writer took (EOS included) and, where a proposal was fed, the cut
+    for :func:`_cut_rows`: ``(row, n, ids)``, the row's ids to keep and its cache cut to ``n`` (the
+    rejected proposed tokens dropped, the step's last token left pending, as after a plain decode)."""
+    base = len(row.ids) - len(proposal)
+    kept, taken = [], 0
+    for token in tokens:
+        taken += 1
+        end = writer.add(token)
+        if end != "eos":
+            kept.append(token)
+        if end is not None:
+            break
+    if not proposal:
+        row.ids.extend(kept)
+        return taken, None
+    ids = row.ids[:base] + kept  # kept[:accepted] is proposal[:accepted], cached at these positions
+    return taken, (row, max(len(ids) - 1, row.floor), ids)
+
+
+def _cut_rows(batch: RaggedBatch, cuts: list) -> None:
+    """Apply :func:`_take`'s cuts of one pass: one :meth:`RaggedBatch.truncate_rows` call, then each
+    row's kept ids (the token after its cache, if any, pending)."""
+    if not cuts:
+        return
+    batch.truncate_rows([(row, n) for row, n, _ in cuts])
+    for row, _, ids in cuts:
+        row.ids = ids

@@ -13,16 +13,18 @@ rows fed private tokens (verdict prompts) live side by side:
   Mistral); which layers slide, and how far, is :attr:`dreamr.lm.LM.attention_layout` (a layout these
   masks cannot reproduce, such as chunked attention, is refused there with a ValueError);
 - rolling a row back clears its flags and erases the dropped entries from the storage; a released row
-  is dropped and the batch compacted (one gather per layer tensor, written back in place) before the next
-  forward; a fork or a move copies a row's prefix into a new row.
+  is dropped and the batch compacted (one :func:`dreamr.ops.kv_compact` call for every layer, in place)
+  before the next forward; a fork or a move copies a row's prefix into a new row.
 
 The storage belongs to a :class:`KVStore`: one set of per-layer tensors per model, in which each batch of
 that model owns a block of rows. The target's batches of mode "fpsr" (chains, branches, parked) share
 one store, so a row's cache passes from one batch to another inside one tensor: forks, moves and
-truncations are :func:`dreamr.ops.kv_rollback` calls (every layer in one call; see
-``docs/architecture.md``). Compaction closes the gaps inside each row (a row's entries move left within
-the row itself), which ``kv_rollback`` does not do (a row that receives a copy is never a source): it
-stays one gather per layer tensor.
+truncations are :func:`dreamr.ops.kv_rollback` calls, compaction (a row's entries move left within the
+row itself and rows move up over released ones, which a row-to-row copy cannot express) a
+:func:`dreamr.ops.kv_compact` call; each covers every layer in one call (see ``docs/architecture.md``,
+mode "fpsr", hop 10). Every move of entries inside the storage goes through those two compiled ops; what
+is plain ``copy_`` is growing the storage (the old tensors copied whole into the new ones) and copying an
+image prefix in from its own cache.
 
 Host inputs (ids, positions, masks, index plans) reach a CUDA device through pinned memory
 (:func:`host_to_device`), so that no copy waits for the stream.
@@ -136,17 +138,30 @@ def copy_from_host(dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
 
 
-def _kv_rollback(tensors: list[torch.Tensor], lengths: list[int], src_row: list[int], src_start: list[int],
-                 length: list[int]) -> None:
-    """:func:`dreamr.ops.kv_rollback` over ``tensors`` (all ``[R, H_kv, T, D]``), one call per group of one
-    shape and layout of at most ``ops.MAX_CACHE_TENSORS`` tensors (as ``dreamr.cache.rollback`` groups)."""
+def _layer_groups(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` split into the groups one compiled KV op takes: one shape, layout and dtype each, at most
+    ``ops.MAX_CACHE_TENSORS`` tensors (as ``dreamr.cache.rollback`` groups); one group for a store's layers
+    of up to 128 layers."""
     groups: dict[tuple, list[torch.Tensor]] = {}
     for t in tensors:
         groups.setdefault((tuple(t.shape), t.stride(), t.dtype), []).append(t)
-    for group in groups.values():
-        for start in range(0, len(group), ops.MAX_CACHE_TENSORS):
-            ops.kv_rollback(group[start:start + ops.MAX_CACHE_TENSORS], lengths, copy_src_row=src_row,
-                            copy_src_start=src_start, copy_length=length)
+    return [group[start:start + ops.MAX_CACHE_TENSORS] for group in groups.values()
+            for start in range(0, len(group), ops.MAX_CACHE_TENSORS)]
+
+
+def _kv_rollback(tensors: list[torch.Tensor], lengths: list[int], src_row: list[int], src_start: list[int],
+                 length: list[int]) -> None:
+    """:func:`dreamr.ops.kv_rollback` over ``tensors`` (all ``[R, H_kv, T, D]``), one call per group."""
+    for group in _layer_groups(tensors):
+        ops.kv_rollback(group, lengths, copy_src_row=src_row, copy_src_start=src_start, copy_length=length)
+
+
+def _kv_compact(tensors: list[torch.Tensor], src_rows: torch.Tensor, columns: torch.Tensor,
+                counts: torch.Tensor) -> None:
+    """:func:`dreamr.ops.kv_compact` over ``tensors`` (all ``[R, H_kv, T, D]``) with a host plan
+    (``src_rows [B']``, ``columns [B', W]``, ``counts [B']``, int64 CPU tensors), one call per group."""
+    for group in _layer_groups(tensors):
+        ops.kv_compact(group, src_rows, columns, counts)
 
 
 class KVStore:
@@ -422,19 +437,29 @@ class RaggedBatch:
         """``row`` keeps its first ``n`` ids; cache entries past them are dropped: flags cleared and the
         storage rolled back (one :func:`dreamr.ops.kv_rollback` call: the row keeps the columns of its
         first ``n`` positions, the rest of its width is zeroed)."""
-        assert row.batch is self and row.alive
-        if not row.floor <= n <= len(row.ids):
-            raise ValueError(f"truncate: n={n} outside [{row.floor}, {len(row.ids)}] (an image prefix is never rolled "
-                             "back: start a new row instead)")
-        del row.ids[n:]
-        if row.cached > n:
-            b = row.index
-            keep = self._span(row, n)
-            drop = self.pos[b] >= n
-            self.valid[b] &= ~drop
-            self.pos[b][drop] = -1
-            row.cached = n
-            self.store.rollback(self.width, keep={self.base_row + b: keep})
+        self.truncate_rows([(row, n)])
+
+    def truncate_rows(self, cuts: Sequence[tuple[Row, int]]) -> None:
+        """:meth:`truncate` of several rows ``(row, n)`` (distinct rows of this batch) with one
+        :func:`dreamr.ops.kv_rollback` call for all of them (token-level speculation drops each row's
+        rejected proposal after a pass)."""
+        for row, n in cuts:
+            assert row.batch is self and row.alive
+            if not row.floor <= n <= len(row.ids):
+                raise ValueError(f"truncate: n={n} outside [{row.floor}, {len(row.ids)}] (an image prefix is never "
+                                 "rolled back: start a new row instead)")
+        keep = {}
+        for row, n in cuts:
+            del row.ids[n:]
+            if row.cached > n:
+                b = row.index
+                keep[self.base_row + b] = self._span(row, n)
+                drop = self.pos[b] >= n
+                self.valid[b] &= ~drop
+                self.pos[b][drop] = -1
+                row.cached = n
+        if keep:
+            self.store.rollback(self.width, keep=keep)
             self._dirty = True
 
     def uncache_to(self, row: Row, n: int) -> None:
@@ -460,25 +485,22 @@ class RaggedBatch:
         return new
 
     def compact(self) -> None:
-        """Drop released rows and invalid columns: every live row's entries left-aligned, one gather per
-        layer tensor, written back into the same storage (the entries of a row move within the row, which
-        :func:`dreamr.ops.kv_rollback` does not do)."""
+        """Drop released rows and invalid columns: every live row's entries left-aligned, written back into
+        the same storage by one :func:`dreamr.ops.kv_compact` call for every layer. Live rows keep their
+        order and each row's valid columns their order, so the plan moves entries only towards the front
+        (the op's order rules for an in-place pass)."""
         live = [r for r in self.rows if r.alive]
         counts = [r.cached for r in live]
         width = max(counts, default=0)
         if live and width:
-            index = torch.zeros(len(live), width, dtype=torch.long)
-            for i, r in enumerate(live):
-                cols = torch.nonzero(self.valid[r.index]).flatten()
-                assert cols.numel() == r.cached
-                index[i, :r.cached] = cols
+            src_rows = torch.tensor([r.index for r in live], dtype=torch.long)
+            valid = self.valid[src_rows]  # [B', T]
+            assert valid.sum(dim=1).tolist() == counts
+            # each row's valid columns first, in column order (a stable sort of the invalid flags); what
+            # follows a row's count is padding the op does not read
+            columns = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices[:, :width].contiguous()
             with self.on_stream():
-                rows_idx, gather = host_to_device(self.device, torch.tensor([r.index for r in live], dtype=torch.long),
-                                                  index)
-                for t in self.keys + self.values:
-                    picked = t.index_select(0, rows_idx)
-                    idx = gather[:, None, :, None].expand(len(live), t.shape[1], width, t.shape[3])
-                    t[:len(live), :, :width].copy_(torch.gather(picked, 2, idx))
+                _kv_compact(self.keys + self.values, src_rows, columns, torch.tensor(counts, dtype=torch.long))
         counts_t = torch.tensor(counts, dtype=torch.long)
         self.valid = torch.arange(width)[None, :] < counts_t[:, None]
         self.pos = torch.where(self.valid, torch.arange(width)[None, :], torch.full((len(live), width), -1))
@@ -537,13 +559,25 @@ class RaggedBatch:
     def forward(self, feeds: dict) -> dict:
         """One forward of every row of the batch.
 
-        ``feeds`` maps a row to a list of segments ``(ids, persist)`` fed after the row's pending ids;
-        a persistent segment's ids join the row's ids, a private one (``persist=False``: a verdict
-        prompt) is seen only by itself and dropped after the pass. Rows not in ``feeds`` are not fed
-        (they only pad the pass). Returns, per fed row, ``(last, segment_last)``: the final hidden state
-        ``[H]`` at the row's last persistent token (None if it fed none) and at the last token of each
-        segment.
+        ``feeds`` maps a row to a list of segments ``(ids, persist)`` or ``(ids, persist, every)`` fed
+        after the row's pending ids; a persistent segment's ids join the row's ids, a private one
+        (``persist=False``: a verdict prompt) is seen only by itself and dropped after the pass. Rows not
+        in ``feeds`` are not fed (they only pad the pass). Returns, per fed row, ``(last, segment_out)``:
+        the final hidden state ``[H]`` at the row's last persistent token (None if it fed none) and, per
+        segment, the one at its last token ``[H]``, or with ``every=True`` the ones at every position
+        that predicts one of its tokens or the token after it, ``[len(ids) + 1, H]``: the last persistent
+        token fed before the segment in this pass, then each of the segment's tokens (token-level
+        speculation checks a proposal with them; a ValueError where nothing persistent is fed before
+        such a segment).
         """
+        for row, segs in feeds.items():  # checked before any row's ids change
+            fed = bool(row.pending)
+            for ids, persist, *every in segs:
+                if every and every[0] and not fed:
+                    raise ValueError(f"forward: a segment with every=True in batch {self.name!r} needs a persistent "
+                                     "token fed before it in the same pass (the position that predicts its first "
+                                     "token): give the row a pending token or a persistent segment before it")
+                fed = fed or bool(persist and len(ids))
         if self._dirty:
             self.compact()
         B, T = len(self.rows), self.width
@@ -557,17 +591,24 @@ class RaggedBatch:
                     p += 1
                 if toks:
                     last = len(toks) - 1
-                for j, (ids, persist) in enumerate(feeds.get(row, ())):
-                    q = p
+                for j, (ids, persist, *every) in enumerate(feeds.get(row, ())):
+                    every = bool(every and every[0])
+                    q, first = p, len(toks)
                     for t in ids:
                         toks.append(int(t)), poss.append(q), tags.append(0 if persist else j + 1)
                         q += 1
+                    # every=True: the positions [last fed before it, its own tokens...]; a slice where they
+                    # are contiguous (the usual case: right after the pending ids; no index copied to a device)
+                    if every:
+                        seg_ends.append(slice(last, len(toks)) if last == first - 1
+                                        else [last, *range(first, len(toks))])
+                    else:
+                        seg_ends.append(len(toks) - 1)
                     if persist:
                         row.ids.extend(int(t) for t in ids)
                         p = q
                         if ids:
                             last = len(toks) - 1
-                    seg_ends.append(len(toks) - 1)
             plans.append((toks, poss, tags, seg_ends, last))
         S = max((len(p[0]) for p in plans), default=0)
         if S == 0:
@@ -646,15 +687,37 @@ class RaggedBatch:
             self._dirty = True
         return result
 
-    def next_token_logits(self, rows: Sequence[Row]) -> torch.Tensor:
-        """One decode forward of ``rows`` (a row with nothing pending feeds its last token again): their
-        next-token logits ``[len(rows), V]``, on this batch's stream."""
+    def next_token_logits(self, rows: Sequence[Row], proposals: Optional[Sequence[Sequence[int]]] = None
+                          ) -> torch.Tensor:
+        """One decode forward of ``rows`` (a row with nothing pending feeds its last token again), on this
+        batch's stream.
+
+        Parameters
+        ----------
+        rows : sequence of Row, length N
+        proposals : sequence of N token lists, optional
+            Token-level speculation: row i also feeds ``proposals[i]`` (K_i tokens, 0 for none) after its
+            pending ids, in the same pass; they join its ids and its cache, and the caller truncates what
+            it does not keep (:meth:`truncate_rows`). A pass with any proposal feeds several tokens per
+            row and runs eagerly (not from the decode graphs, which hold one token per row).
+
+        Returns
+        -------
+        torch.Tensor, shape ``[sum(K_i + 1), V]``
+            Row by row, the ``K_i + 1`` logits after the row's pending ids and after each of its proposed
+            tokens (row i's start at ``sum(K_j + 1 for j < i)``); ``[N, V]`` without proposals.
+        """
+        if proposals is not None and len(proposals) != len(rows):
+            raise ValueError(f"next_token_logits: {len(proposals)} proposals for {len(rows)} rows; give one "
+                             "(possibly empty) token list per row")
+        proposals = [list(p) for p in proposals] if proposals is not None else [[] for _ in rows]
         for row in rows:
             if not row.pending:
                 self.uncache_to(row, len(row.ids) - 1)
-        out = self.forward({row: [] for row in rows})
+        out = self.forward({row: [(p, True, True)] if p else [] for row, p in zip(rows, proposals)})
         with self.on_stream():
-            return self.logits(torch.stack([out[row][0] for row in rows]))
+            hidden = [out[row][1][0] if p else out[row][0][None] for row, p in zip(rows, proposals)]
+            return self.logits(torch.cat(hidden))
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,45 +1,54 @@
-"""One model writes every step, unverified: the baselines (modes "target" and "draft")."""
+"""One model writes every step, unverified: the baselines (modes "target" and "draft") and mode "token"."""
 
 from __future__ import annotations
 
 from typing import Generator
 
-from dreamr.engines.base import Engine, RequestState, open_sequence, step_cap, timed, write_step
+from dreamr.engines.base import Engine, RequestState, open_sequence, step_cap, timed
 from dreamr.request import Request
 from dreamr.result import Result, Step
+from dreamr.speculation import proposer_for, write_step
 
 
 class SingleModelEngine(Engine):
     """The ``source`` model ("target" or "draft") writes each step on its own sequence until EOS, the
-    answer marker or the budget."""
+    answer marker or the budget; with ``speculate`` set, by verified n-gram proposals
+    (:func:`dreamr.speculation.write_step`, lossless: the same text), else one forward per token."""
 
     source = "target"
+    speculate = False
 
     def stream(self, request: Request) -> Generator[Step, None, Result]:
         cfg = request.config
         state = RequestState(cfg)
+        m = state.metrics
         is_target = self.source == "target"
         lm = self.target if is_target else self.draft
         seq = open_sequence(lm, request.target_ids if is_target else request.draft_ids,
-                            request.target_inputs if is_target else request.draft_inputs, state.metrics)
+                            request.target_inputs if is_target else request.draft_inputs, m)
         sampler = self.sampler(cfg, 0 if is_target else 1)
+        # "step" proposals need a drafted step: a model alone has none, so only "ngram" can apply
+        proposer = proposer_for(cfg.speculation_sources) if self.speculate else None
+        carry: list[int] = []  # tokens emitted past a step's end: the next step's first tokens
         while state.finish_reason is None:
             cap = step_cap(state, (seq, lm))
             if cap <= 0:
                 state.finish_reason = "length"
                 break
-            with timed("target_time_s" if is_target else "draft_time_s", state.metrics):
-                w = write_step(seq, lm, sampler, cfg.step_delimiter, cap)
+            with timed("target_time_s" if is_target else "draft_time_s", m):
+                w = write_step(seq, lm, sampler, cfg.step_delimiter, cap, proposer=proposer,
+                               num_speculative_tokens=cfg.num_speculative_tokens, carry=carry, metrics=m,
+                               role=self.source)
             if is_target:
-                state.metrics.target_tokens += len(w.ids)
+                m.target_tokens += len(w.ids)
             else:
-                state.metrics.draft_tokens += len(w.ids)
+                m.draft_tokens += len(w.ids)
             state.commit_written(w, self.source)
             if self.observer is not None:
                 self.observer(seq if is_target else None, None if is_target else seq)
             yield state.steps[-1]
         if is_target:
-            state.metrics.target_forward_passes = seq.forward_passes
+            m.target_forward_passes = seq.forward_passes
         else:
-            state.metrics.draft_forward_passes = seq.forward_passes
+            m.draft_forward_passes = seq.forward_passes
         return state.result(self.mode)

@@ -30,6 +30,14 @@ mean_accepted_length     committed steps per verification window, the vLLM-style
                          (accepted steps + target fallback steps) / windows. A window of k accepted
                          steps closed by a rejection commits k + 1 steps. Always >= accepted_per_window.
 target_passes_per_token  target forward passes / committed tokens.
+token_acceptance_rate    token-level speculation inside the target's written steps (vLLM's definitions):
+                         accepted proposed tokens / proposed tokens;
+token_mean_accepted_length
+                         1 + accepted proposed tokens / proposals (tokens per checking forward, the bonus
+                         or corrected token included);
+tokens_per_target_forward
+                         target-written tokens / the target's forwards spent writing them.
+undrafted_steps          steps the target wrote alone while adaptive drafting held drafting off.
 draft_tokens, target_tokens, committed_tokens
                          as in :class:`dreamr.result.Metrics` (each in its model's tokenizer).
 mean_step_tokens         committed tokens / committed steps.
@@ -264,6 +272,10 @@ def summarize(records: Iterable[dict], variants: Sequence[Variant], *, baseline:
             "fallback_steps": None,
             "window": windows.get(v.name),
             "target_passes_per_token": _ratio(sums["target_forward_passes"], sums["committed_tokens"]),
+            "token_acceptance_rate": _ratio(sums["target_accepted_tokens"], sums["target_proposed_tokens"]),
+            "token_mean_accepted_length": (1.0 + sums["target_accepted_tokens"] / sums["target_proposals"]
+                                           if sums["target_proposals"] else None),
+            "tokens_per_target_forward": _ratio(sums["target_tokens"], sums["target_step_forwards"]),
             "mean_step_tokens": _ratio(sums["committed_tokens"], sums["num_steps"]),
             "mean_draft_step_tokens": (_ratio(sums["draft_tokens"], sums["verified_steps"]) if sums["verified_steps"]
                                        else _ratio(sums["draft_tokens"], sums["num_steps"]) if v.mode == "draft"

@@ -36,7 +36,8 @@ def format_table(report: dict) -> str:
     """
     summary = report["summary"] if "summary" in report else report
     cols = ["variant", "n", "err", "acc%", "all%", "dacc", "wall s", "speedup", "med", "tok/s", "accept",
-            "acc/win", "mal", "tgt fw/tok", "draft tok", "tgt tok", "L", "bound", "a mean", "verifier"]
+            "acc/win", "mal", "tgt fw/tok", "tok/fw", "tok acc", "draft tok", "tgt tok", "L", "bound", "a mean",
+            "verifier"]
     rows = []
     for name, r in summary["variants"].items():
         rows.append([
@@ -45,7 +46,8 @@ def format_table(report: dict) -> str:
             _f(r["speedup"], ".2f"), _f(r["speedup_median"], ".2f"), _f(r["tokens_per_second"], ".1f"),
             _f(r["step_acceptance_rate"], ".2f"), _f(r["accepted_per_window"], ".2f"),
             _f(r.get("mean_accepted_length"), ".2f"),
-            _f(r["target_passes_per_token"], ".3f"), str(r["draft_tokens"]), str(r["target_tokens"]),
+            _f(r["target_passes_per_token"], ".3f"), _f(r.get("tokens_per_target_forward"), ".2f"),
+            _f(r.get("token_acceptance_rate"), ".2f"), str(r["draft_tokens"]), str(r["target_tokens"]),
             _f(r["mean_draft_step_tokens"], ".1f"), _f(r["ideal_bound"], ".2f"), _f(r.get("alpha_mean"), ".3f"),
             r.get("verifier") or "-",
         ])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from dreamr.config import VERIFIED_MODES, ReasonerConfig
+from dreamr.config import MODES, VERIFIED_MODES, ReasonerConfig
 from dreamr.verify.threshold import check_gamma, check_target_acceptance
 from dreamr.verify.verdicts import check_alpha
 
@@ -33,7 +33,7 @@ __all__ = ["BASELINE_MODES", "VERIFIER_OPTIONS", "AUTO_ONLY_OPTIONS", "Variant",
            "make_variants", "variant_config", "check_variants", "describe_verifier", "window_sizes",
            "shared_thresholds"]
 
-BASELINE_MODES = ("target", "draft")
+BASELINE_MODES = tuple(m for m in MODES if m not in VERIFIED_MODES)  # target, draft, token
 """Modes without verification: run once, alpha does not apply. Every other mode is run once per alpha."""
 
 VERIFIER_OPTIONS = ("verdict_head", "calibrate", "target_acceptance", "alpha_gamma")

@@ -1,0 +1,320 @@
+"""Token-level speculation (dreamr.speculation): proposers, the lossless step writer, mode "token",
+the fallback steps of mode "speculative", adaptive drafting and the token-level metrics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy import stats
+
+from dreamr.cache import CachedSequence
+from dreamr.config import ReasonerConfig, token_speculation_sources
+from dreamr.result import Metrics
+from dreamr.sampling import Sampler
+from dreamr.speculation import (AdaptiveDrafting, ChainProposer, NgramProposer, RejectedStepProposer, proposer_for,
+                                verify_proposal, write_step)
+from dreamr.testing import PROMPTS
+
+# --------------------------------------------------------------------------------------------------
+# Proposers
+# --------------------------------------------------------------------------------------------------
+
+
+def test_ngram_proposes_what_followed_the_latest_occurrence_longest_match_first():
+    p = NgramProposer(max_ngram=3)
+    # "1 2" occurs twice before the tail; the latest occurrence (followed by 7) wins
+    assert p.propose([1, 2, 5, 1, 2, 7, 8, 1, 2], step=[], k=2) == [7, 8]
+    # the 3-gram "9 1 2" beats the later 2-gram "1 2"
+    assert p.propose([9, 1, 2, 4, 1, 2, 6, 9, 1, 2], step=[], k=1) == [4]
+    assert p.propose([1, 2, 3], step=[], k=4) == []  # the tail does not occur earlier
+    assert p.propose([4, 4, 4], step=[], k=5) == [4]  # continuations stop at the context's end
+    assert p.propose([1, 2, 1], step=[], k=0) == [] and p.propose([1], step=[], k=3) == []
+
+
+def test_ngram_arguments_are_checked():
+    with pytest.raises(ValueError, match="min_ngram"):
+        NgramProposer(min_ngram=0)
+    with pytest.raises(ValueError, match="max_ngram"):
+        NgramProposer(max_ngram=1, min_ngram=2)
+
+
+def test_rejected_step_follows_the_step_then_resynchronises():
+    p = RejectedStepProposer([10, 11, 12, 13, 14])
+    assert p.propose([1], step=[], k=3) == [10, 11, 12]
+    assert p.propose([1, 10, 11], step=[10, 11], k=9) == [12, 13, 14]
+    # the target reworded the start, then wrote the draft's "12": continue after it
+    assert p.propose([1, 20, 12], step=[20, 12], k=2) == [13, 14]
+    assert p.propose([1, 20, 21], step=[20, 21], k=2) == []
+    assert RejectedStepProposer([]).propose([1], step=[], k=3) == []
+
+
+def test_chain_and_sources():
+    chain = ChainProposer([RejectedStepProposer([7]), NgramProposer()])
+    assert chain.propose([3, 4, 3], step=[], k=2) == [7]  # the first source with a guess wins
+    assert chain.propose([3, 4, 3], step=[7], k=2) == [4, 3]  # then n-gram lookup
+    assert [type(x) for x in proposer_for(("step", "ngram"), rejected_step=[1]).proposers] == [
+        RejectedStepProposer, NgramProposer]
+    assert [type(x) for x in proposer_for(("step", "ngram")).proposers] == [NgramProposer]
+    assert proposer_for(("step",)) is None and proposer_for(()) is None
+    assert token_speculation_sources("ngram+step") == ("ngram", "step")
+    assert token_speculation_sources(" OFF ") == ()
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("token_speculation", "ngram+eagle", "token_speculation"), ("token_speculation", "ngram+ngram", "each once"),
+    ("token_speculation", "", "token_speculation"), ("token_speculation", None, "token_speculation"),
+    ("num_speculative_tokens", 0, "num_speculative_tokens"), ("num_speculative_tokens", 2.5, "num_speculative_tokens"),
+    ("draft_policy", "sometimes", "draft_policy"), ("draft_token_speculation", "step", "'step' proposes"),
+    ("draft_token_speculation", "bigram", "draft_token_speculation")])
+def test_bad_settings_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        ReasonerConfig(**{field: value})
+
+
+def test_fpsr_refuses_adaptive_drafting_and_modes_have_their_default():
+    with pytest.raises(ValueError, match="draft_policy='adaptive' is not implemented for mode 'fpsr'"):
+        ReasonerConfig(mode="fpsr", draft_policy="adaptive")
+    assert ReasonerConfig(mode="speculative").adaptive_drafting
+    assert not ReasonerConfig(mode="fpsr").adaptive_drafting
+    assert not ReasonerConfig(mode="speculative", draft_policy="always").adaptive_drafting
+
+
+# --------------------------------------------------------------------------------------------------
+# One proposal, verified (the compiled ops on a real forward)
+# --------------------------------------------------------------------------------------------------
+
+
+def _prefix(reasoner, prompt=PROMPTS[0]):
+    return reasoner.target.encode_prompt(prompt)
+
+
+def _greedy(reasoner, ids, n):
+    """The target's first ``n`` greedy tokens after ``ids``, decoded one forward per token."""
+    plain = CachedSequence(reasoner.target.model, ids)
+    out = []
+    for _ in range(n):
+        out.append(int(torch.argmax(plain.next_logits())))
+        plain.extend([out[-1]])
+    return out
+
+
+def test_greedy_verification_keeps_exactly_the_argmax_prefix(reasoner):
+    model = reasoner.target.model
+    ids = _prefix(reasoner)
+    greedy = _greedy(reasoner, ids, 4)
+    wrong = (greedy[2] + 1) % model.config.vocab_size
+    for proposal, accepted in ((greedy[:3], 3), (greedy[:2] + [wrong], 2), ([wrong], 0)):
+        seq = CachedSequence(model, ids)
+        tokens, n = verify_proposal(seq, Sampler(), proposal)
+        assert n == accepted and tokens == greedy[:accepted + 1]
+        assert seq.cached == len(ids) + len(proposal)  # the caller rolls back
+
+
+def _first_two(reasoner, proposal, draws, temperature, seed_base):
+    model = reasoner.target.model
+    ids = _prefix(reasoner)
+    out = []
+    for i in range(draws):
+        seq = CachedSequence(model, ids)
+        tokens, _ = verify_proposal(seq, Sampler(temperature=temperature, seed=seed_base + i), proposal)
+        out.append(tokens)
+    return out
+
+
+def _chi2(samples, probs, top=8):
+    """Chi-square p-value of ``samples`` against ``probs`` over the ``top`` likeliest tokens and the rest."""
+    order = torch.argsort(probs, descending=True)[:top].tolist()
+    expected = [float(probs[t]) for t in order]
+    expected.append(max(1.0 - sum(expected), 0.0))
+    counts = [sum(1 for s in samples if s == t) for t in order]
+    counts.append(len(samples) - sum(counts))
+    if expected[-1] * len(samples) < 5:  # too little mass outside the top tokens for the test: fold it in
+        expected[-2] += expected.pop()
+        counts[-2] += counts.pop()
+    n = len(samples)
+    return stats.chisquare(counts, [e * n for e in expected]).pvalue
+
+
+def test_sampled_verification_keeps_the_target_distribution(reasoner):
+    """A point-mass proposal through ops.speculative_sample: the first emitted token is distributed as the
+    target's next-token distribution, and the second, given that the first was the proposed one, as the
+    target's distribution after it (seeded draws; chi-square)."""
+    model = reasoner.target.model
+    ids = _prefix(reasoner)
+    logits0 = CachedSequence(model, ids).next_logits()
+    # the tiny random model is nearly flat at temperature 1: sharpen it until the likeliest token has
+    # about half the mass, so that both branches (keep the guess, resample without it) occur often
+    temperature = next(t for t in (1.0, 0.3, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002)
+                       if float(Sampler(temperature=t).probs(logits0).max()) > 0.3)
+    sampler = Sampler(temperature=temperature)
+    p0 = sampler.probs(logits0)
+    x0 = int(torch.argmax(p0))
+    p1 = sampler.probs(CachedSequence(model, ids + [x0]).next_logits())
+    x1 = int(torch.argsort(p1, descending=True)[1])  # the second likeliest: kept sometimes, resampled often
+    draws = _first_two(reasoner, [x0, x1], 2000, temperature, seed_base=1000)
+    first = [t[0] for t in draws]
+    assert 0.05 < sum(1 for t in first if t == x0) / len(first) < 0.95  # both branches exercised
+    assert _chi2(first, p0) > 1e-3
+    second = [t[1] for t in draws if t[0] == x0]
+    assert _chi2(second, p1) > 1e-3
+    # the test can fail: a biased rule (always keep the guess) is caught
+    assert _chi2([x0] * 500, p0) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------------
+# Steps and modes: lossless
+# --------------------------------------------------------------------------------------------------
+
+
+def test_mode_token_is_the_target_text_with_fewer_forwards(reasoner):
+    forwards = tokens = 0
+    for prompt in PROMPTS:
+        target = reasoner.generate(prompt, mode="target")
+        token = reasoner.generate(prompt, mode="token")
+        assert [(s.text, s.num_tokens) for s in token.steps] == [(s.text, s.num_tokens) for s in target.steps]
+        assert token.finish_reason == target.finish_reason
+        m = token.metrics
+        forwards, tokens = forwards + m.target_step_forwards, tokens + m.target_tokens
+        assert target.metrics.target_step_forwards == target.metrics.target_tokens  # plain: one per token
+    assert forwards < tokens  # proposals were accepted somewhere
+
+
+def test_token_speculation_off_is_plain_decoding(reasoner):
+    r = reasoner.generate(PROMPTS[1], mode="token", token_speculation="off")
+    assert r.metrics.target_proposals == 0 and r.metrics.target_step_forwards == r.metrics.target_tokens
+    assert r.text == reasoner.generate(PROMPTS[1], mode="target").text
+
+
+@pytest.mark.parametrize("policy,draft_spec", [("always", "off"), ("adaptive", "off"), ("always", "ngram")])
+def test_speculative_keeps_the_alpha_ends_with_token_speculation(reasoner, same_tok_reasoner, policy, draft_spec):
+    draft_proposals = 0
+    for pair in (reasoner, same_tok_reasoner):
+        for prompt in PROMPTS[:3]:
+            kw = dict(draft_policy=policy, draft_token_speculation=draft_spec)
+            assert pair.generate(prompt, alpha=1.0, **kw).text == pair.generate(prompt, mode="target").text
+            drafted = pair.generate(prompt, alpha=0.0, **kw)
+            assert drafted.text == pair.generate(prompt, mode="draft").text
+            draft_proposals += drafted.metrics.draft_proposals
+    assert (draft_proposals > 0) == (draft_spec == "ngram")
+
+
+def test_fallback_steps_take_the_rejected_step_as_proposal(same_tok_reasoner, monkeypatch):
+    """With the same tokenizer the rejected step's ids are proposed as they are: each fallback starts with
+    a proposal of the drafted step's first tokens."""
+    seen = []
+    real = RejectedStepProposer.propose
+
+    def spy(self, context, step, k):
+        out = real(self, context, step, k)
+        if not step:
+            seen.append((self.ref.tolist(), out))
+        return out
+
+    monkeypatch.setattr(RejectedStepProposer, "propose", spy)
+    r = same_tok_reasoner.generate(PROMPTS[0], alpha=1.0)
+    rejected = [s for s in r.steps if s.accepted is False]
+    assert rejected and len(seen) == len(rejected)
+    for ref, out in seen:
+        assert out == ref[:len(out)] and out
+
+
+def test_sampled_runs_are_seeded_and_alpha_one_matches_the_target_in_distribution(reasoner):
+    kw = dict(temperature=1.0, seed=3)
+    a, b = reasoner.generate(PROMPTS[0], mode="token", **kw), reasoner.generate(PROMPTS[0], mode="token", **kw)
+    assert a.text == b.text
+
+
+def test_carry_keeps_tokens_verified_past_a_step_end(reasoner):
+    """A proposal that runs past a step's end leaves its extra target tokens for the next step: the same
+    text, and the next step starts without a forward."""
+    model, lm = reasoner.target.model, reasoner.target
+    ids = _prefix(reasoner)
+    greedy = _greedy(reasoner, ids, 8)
+
+    class Oracle:  # proposes the greedy continuation, 8 tokens at once
+        name = "oracle"
+
+        def propose(self, context, step, k):
+            done = len(context) - len(ids)
+            return greedy[done:done + k]
+
+    seq, carry, m = CachedSequence(model, ids), [], Metrics()
+    w1 = write_step(seq, lm, Sampler(), "\n\n", 3, proposer=Oracle(), num_speculative_tokens=8, carry=carry,
+                    metrics=m)
+    assert w1.ids == greedy[:3] and m.target_step_forwards == 1
+    assert carry == greedy[3:3]  # the cap limits the proposal to the step's room: nothing past it
+    seq2, carry2, m2 = CachedSequence(model, ids), [greedy[0], greedy[1]], Metrics()
+    w2 = write_step(seq2, lm, Sampler(), "\n\n", 1, carry=carry2, metrics=m2)
+    assert w2.ids == [greedy[0]] and carry2 == [greedy[1]] and m2.target_step_forwards == 0
+    assert seq2.ids == ids + [greedy[0]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Adaptive drafting
+# --------------------------------------------------------------------------------------------------
+
+
+def test_policy_switches_off_after_rejections_and_probes_with_doubling_intervals():
+    policy = AdaptiveDrafting(cost_ratio=0.5)
+    decisions = []
+    for _ in range(12):
+        draft = policy.should_draft()
+        decisions.append(draft)
+        if draft:  # every probe rejected
+            policy.drafted(accepted=False, draft_forwards=20, draft_tokens=20, fallback_forwards=20,
+                           fallback_tokens=20)
+        else:
+            policy.alone(forwards=15, tokens=20)
+    # drafted, 1 alone, probe, 2 alone, probe, 4 alone, probe, ...
+    assert decisions == [True, False, True, False, False, True, False, False, False, False, True, False]
+    assert policy.switches == 4
+
+
+def test_policy_keeps_drafting_while_steps_are_accepted_and_returns_when_they_are_again():
+    policy = AdaptiveDrafting(cost_ratio=0.5)
+    for _ in range(5):
+        assert policy.should_draft()
+        policy.drafted(accepted=True, draft_forwards=20, draft_tokens=20)
+    assert policy.switches == 0
+    policy.drafted(accepted=False, draft_forwards=20, draft_tokens=20, fallback_forwards=20, fallback_tokens=20)
+    assert policy.should_draft()  # one rejection after five accepts: drafting still pays
+    cheap = AdaptiveDrafting(cost_ratio=0.01)
+    cheap.drafted(accepted=False, draft_forwards=20, draft_tokens=20, fallback_forwards=20, fallback_tokens=20)
+    assert cheap.should_draft()  # a nearly free draft pays even at low acceptance
+
+
+def test_policy_arguments_are_checked():
+    for kw, match in ((dict(cost_ratio=0), "cost_ratio"), (dict(cost_ratio=float("nan")), "cost_ratio"),
+                      (dict(cost_ratio=1, weight=0), "weight"), (dict(cost_ratio=1, max_interval=0), "max_interval")):
+        with pytest.raises(ValueError, match=match):
+            AdaptiveDrafting(**kw)
+
+
+def test_adaptive_drafting_in_the_engine(reasoner, content_judge):
+    """A judge that rejects steps: the policy writes steps without drafting them (the text is unchanged
+    where nothing is accepted); alpha = 1, which accepts nothing, drafts no step at all; alpha = 0 accepts
+    every one: it never stops drafting."""
+    prompt = PROMPTS[2]
+    rejected = reasoner.generate(prompt, alpha=1.0, draft_policy="adaptive")
+    always = reasoner.generate(prompt, alpha=1.0, draft_policy="always")
+    assert rejected.text == always.text
+    m = rejected.metrics
+    assert m.verified_steps == 0 and m.draft_tokens == 0 and m.undrafted_steps == m.num_steps
+    assert [s.source for s in rejected.steps] == ["target"] * m.num_steps
+    accepted = reasoner.generate(prompt, alpha=0.0, draft_policy="adaptive")
+    assert accepted.metrics.undrafted_steps == 0 and accepted.metrics.accepted_steps == accepted.metrics.num_steps
+    content_judge(reasoner)  # real verdicts on random models: some accepted, some rejected
+    mixed = [reasoner.generate(p, alpha=0.5, draft_policy="adaptive", max_new_tokens=60).metrics for p in PROMPTS]
+    assert sum(x.undrafted_steps for x in mixed) > 0 and sum(x.verified_steps for x in mixed) > 0
+    for x in mixed:
+        assert x.verified_steps + x.undrafted_steps == x.num_steps
+
+
+def test_token_metrics_merge_and_derive():
+    a = Metrics(target_tokens=10, target_step_forwards=5, target_proposals=2, target_proposed_tokens=8,
+                target_accepted_tokens=6, draft_tokens=4, draft_step_forwards=4).finalize()
+    assert (a.tokens_per_target_forward, a.token_acceptance_rate, a.mean_accepted_length) == (2.0, 0.75, 4.0)
+    assert a.tokens_per_draft_forward == 1.0 and a.draft_mean_accepted_length is None
+    total = Metrics.merge([a, Metrics(target_tokens=2, target_step_forwards=2).finalize()])
+    assert total.tokens_per_target_forward == 12 / 7 and total.mean_accepted_length == 4.0
+    assert Metrics().finalize().token_acceptance_rate is None
