@@ -35,7 +35,7 @@ from dreamr.reference import accepts
 __all__ = ["CORPUS", "CHAT_TEMPLATE", "PROMPTS", "TINY_SETTINGS", "build_tokenizer", "target_tokenizer",
            "draft_tokenizer", "tiny_model", "tiny_llama", "tiny_qwen2", "tiny_gemma3", "random_llama", "content_cpn",
            "ContentJudge", "FixedAcceptance", "bpe_tokenizer", "qwen2_vl", "qwen2_5_vl", "llava",
-           "vision_module", "random_image", "misaligned_cache"]
+           "vision_module", "random_image", "misaligned_cache", "fresh_ragged_cache"]
 
 CORPUS = [
     "Yes No yes no YES NO Yes. No. correct wrong right",
@@ -411,3 +411,14 @@ def misaligned_cache(offset: int, batch: int, heads: int, time: int, dim: int, *
         storage = torch.randn(offset + batch * heads * time * dim, generator=g).to(dtype)
         cache.append(storage[offset:].view(batch, heads, time, dim))
     return cache
+
+
+def fresh_ragged_cache(lm, ids, n: int) -> list:
+    """The first ``n`` cached positions of ``ids`` prefilled alone in a new ragged batch of ``lm``: each
+    layer's ``(keys, values)`` (what any row holding ``ids`` must equal)."""
+    from dreamr.engines.ragged import RaggedBatch
+
+    batch = RaggedBatch(lm, "fresh")
+    row = batch.add(ids)
+    batch.forward({row: []})
+    return batch.dense(row, n)

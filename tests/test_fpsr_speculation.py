@@ -209,13 +209,12 @@ def test_truncate_rows_cuts_several_rows_in_one_rollback(reasoner, monkeypatch):
     from dreamr import ops
     from dreamr.engines.ragged import RaggedBatch
 
+    from dreamr.testing import fresh_ragged_cache
+
     lm = reasoner.engine("fpsr").target
 
     def fresh(ids, n):
-        b = RaggedBatch(lm, "fresh")
-        r = b.add(ids)
-        b.forward({r: []})
-        return b.dense(r, n)
+        return fresh_ragged_cache(lm, ids, n)
 
     def run():
         batch = RaggedBatch(lm, "branches")

@@ -184,13 +184,12 @@ def test_ragged_fork_move_truncate_match_a_recomputed_cache(reasoner, monkeypatc
     from dreamr import ops
     from dreamr.engines.ragged import KVStore, RaggedBatch
 
+    from dreamr.testing import fresh_ragged_cache
+
     lm = reasoner.engine("fpsr").target
 
     def fresh(ids, n):
-        b = RaggedBatch(lm, "fresh")
-        r = b.add(ids)
-        b.forward({r: []})
-        return b.dense(r, n)
+        return fresh_ragged_cache(lm, ids, n)
 
     def run():
         store = KVStore(lm)
