@@ -86,7 +86,7 @@ from dreamr.result import Result, Step
 from dreamr.sampling import Sampler, sample_rows
 from dreamr.scheduler import (WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, FinishReason, Scheduler, StepEnd,
                               TargetLaunch)
-from dreamr.speculation import count_forward, proposal_verdict, propose, proposer_for
+from dreamr.speculation import count_forward, proposal_verdict, propose, proposer_for, take_tokens
 from dreamr.steps import StepWriter, has_answer
 from dreamr.verify import StepVerifier
 
@@ -902,14 +902,8 @@ def _take(row: Row, writer: StepWriter, proposal: list, tokens: list) -> tuple[i
     for :func:`_cut_rows`: ``(row, n, ids)``, the row's ids to keep and its cache cut to ``n`` (the
     rejected proposed tokens dropped, the step's last token left pending, as after a plain decode)."""
     base = len(row.ids) - len(proposal)
-    kept, taken = [], 0
-    for token in tokens:
-        taken += 1
-        end = writer.add(token)
-        if end != "eos":
-            kept.append(token)
-        if end is not None:
-            break
+    kept, rest = take_tokens(writer, tokens)
+    taken = len(tokens) - len(rest)
     if not proposal:
         row.ids.extend(kept)
         return taken, None

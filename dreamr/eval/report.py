@@ -83,6 +83,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Union[str, Path]) -> Path:
+    """Lay ``fig`` out, write it to ``path`` (PNG) and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_sweep(data: dict, path: Union[str, Path], title: str = "") -> Path:
     """Draw speedup (y) against accuracy (x): one curve per series with a point per alpha, the baselines
     and the alpha="auto" variants marked; save it as PNG.
@@ -138,11 +147,7 @@ def plot_sweep(data: dict, path: Union[str, Path], title: str = "") -> Path:
     ax.set_title(title or "accuracy and speedup per alpha")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_alpha(trajectories: dict, path: Union[str, Path], title: str = "") -> Path:
@@ -184,8 +189,4 @@ def plot_alpha(trajectories: dict, path: Union[str, Path], title: str = "") -> P
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)

@@ -18,8 +18,9 @@ from dreamr.speculation.ngram import NgramProposer
 from dreamr.speculation.policy import PROPOSED_TOKEN_COST, AdaptiveDrafting, step_cost
 from dreamr.speculation.proposer import ChainProposer, Proposer, proposer_for
 from dreamr.speculation.rejected_step import RejectedStepProposer
-from dreamr.speculation.writer import (accept_proposal, count_forward, proposal_verdict, propose, verify_proposal,
-                                      write_step)
+from dreamr.speculation.writer import (accept_proposal, count_forward, proposal_verdict, propose, take_tokens,
+                                      verify_proposal, write_step)
 
 __all__ = ["NgramProposer", "RejectedStepProposer", "ChainProposer", "Proposer", "proposer_for", "AdaptiveDrafting",
-           "accept_proposal", "count_forward", "proposal_verdict", "propose", "verify_proposal", "write_step"]
+           "PROPOSED_TOKEN_COST", "step_cost", "accept_proposal", "count_forward", "proposal_verdict", "propose", "take_tokens", "verify_proposal",
+           "write_step"]

@@ -29,7 +29,8 @@ from dreamr.sampling import Sampler
 from dreamr.speculation.proposer import Proposer
 from dreamr.steps import StepWriter
 
-__all__ = ["accept_proposal", "count_forward", "proposal_verdict", "propose", "verify_proposal", "write_step"]
+__all__ = ["accept_proposal", "count_forward", "proposal_verdict", "propose", "take_tokens", "verify_proposal",
+           "write_step"]
 
 
 def propose(proposer: Optional[Proposer], context: list[int], writer: StepWriter, num_speculative_tokens: int
@@ -130,6 +131,18 @@ def count_forward(metrics: Optional[Metrics], role: str, proposal: list[int], ac
         setattr(metrics, field, getattr(metrics, field) + n)
 
 
+def take_tokens(writer: StepWriter, tokens: list[int]) -> tuple[list[int], list[int]]:
+    """Hand decided ``tokens`` to the step ``writer`` tracks until the step ends.
+
+    Returns ``(kept, rest)``: the tokens that join the model's sequence (those the writer took, a final EOS
+    left out) and those past the step's end (``len(tokens) - len(rest)`` were taken)."""
+    for i, token in enumerate(tokens):
+        end = writer.add(token)
+        if end is not None:
+            return tokens[:i] if end == "eos" else tokens[:i + 1], tokens[i + 1:]
+    return list(tokens), []
+
+
 def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, max_tokens: int, *,
                proposer: Optional[Proposer] = None, num_speculative_tokens: int = 0,
                carry: Optional[list[int]] = None, metrics: Optional[Metrics] = None,
@@ -160,27 +173,22 @@ def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, ma
     """
     writer = StepWriter(lm.tokenizer, lm.eos_ids, delimiter, max_tokens)
     pending = carry if carry is not None else []
-    use_proposer = proposer is not None and num_speculative_tokens > 0
     while writer.end is None:
         verified = False
         if pending:
             tokens = pending[:]
             pending.clear()
         else:
-            proposal = propose(proposer if use_proposer else None, seq.ids, writer, num_speculative_tokens)
+            proposal = propose(proposer, seq.ids, writer, num_speculative_tokens)  # [] with no room or no k
             verified, accepted = bool(proposal), 0
             if verified:
                 tokens, accepted = verify_proposal(seq, sampler, proposal)
             else:
                 tokens = [sampler(seq.next_logits())]
             count_forward(metrics, role, proposal, accepted)
-        for i, token in enumerate(tokens):
-            end = writer.add(token)
-            if end != "eos":
-                seq.extend([token])
-            if end is not None:
-                pending.extend(tokens[i + 1:])
-                break
+        kept, rest = take_tokens(writer, tokens)
+        seq.extend(kept)
+        pending.extend(rest)
         if verified:  # the cache holds the whole proposal: keep the committed tokens, the last one pending
             seq.uncache_to(max(len(seq.ids) - 1, seq.min_cached))
     return writer
