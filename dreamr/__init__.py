@@ -1,7 +1,8 @@
 """dreamr: speculative reasoning (DREAM-R) for transformers models.
 
 A small draft model writes reasoning steps; the target checks each with one forward pass (CPN) and
-writes a step itself only where the draft's falls short.
+writes a step itself only where the draft's falls short. ``SpeculativeReasoner`` runs both models in this
+process (transformers); ``RemoteReasoner`` runs them behind vLLM servers.
 """
 
 __version__ = "0.1.0"
@@ -10,6 +11,8 @@ __version__ = "0.1.0"
 # pull in transformers; dir(dreamr) lists them all the same.
 _LAZY = {
     "SpeculativeReasoner": "dreamr.reasoner",
+    "RemoteReasoner": "dreamr.remote",
+    "AsyncStepStream": "dreamr.streaming",
     "ReasonerConfig": "dreamr.config",
     "StepStream": "dreamr.reasoner",
     "Result": "dreamr.result",

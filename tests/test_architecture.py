@@ -17,11 +17,11 @@ LAYERS = [
     (5, "model facts and text", ("dreamr.steps", "dreamr.answers", "dreamr.prompts", "dreamr.lm", "dreamr.models", "dreamr.early_exit",
                                  "dreamr.cache", "dreamr.multimodal", "dreamr.jsonl")),
     (6, "verification", ("dreamr.verify", "dreamr.heads")),
-    (7, "settings, requests, results", ("dreamr.config", "dreamr.result", "dreamr.request")),
+    (7, "settings, requests, results", ("dreamr.config", "dreamr.result", "dreamr.request", "dreamr.streaming")),
     (8, "token-level speculation", ("dreamr.sampling", "dreamr.speculation")),
-    (9, "engines", ("dreamr.engines",)),
-    (10, "front", ("dreamr.reasoner", "dreamr.__main__", "dreamr")),
-    (11, "around it", ("dreamr.eval", "dreamr.calibrate", "dreamr.testing")),
+    (9, "engines and backends", ("dreamr.engines", "dreamr.backends")),
+    (10, "front", ("dreamr.reasoner", "dreamr.remote", "dreamr.__main__", "dreamr")),
+    (11, "around it", ("dreamr.eval", "dreamr.calibrate", "dreamr.testing", "dreamr.serve")),
 ]
 
 

@@ -17,9 +17,9 @@ import torch
 
 from dreamr.cache import CachedSequence
 from dreamr.lm import lm_head_of, logit_scale, logit_softcap, split_processor
-from dreamr.verify.head import NULL_STEP, VerdictHead, calibrated_cpn
-from dreamr.verify.verdicts import (DEFAULT_NEGATIVE_WORDS, DEFAULT_POSITIVE_WORDS, DEFAULT_TEMPLATE,
-                                    build_verdict_token_ids, check_alpha)
+from dreamr.verify.head import VerdictHead, calibrated_cpn
+from dreamr.verify.prompt import VerdictPrompt
+from dreamr.verify.verdicts import check_alpha
 
 if TYPE_CHECKING:  # for the annotation only: the config imports dreamr.verify
     from dreamr.config import ReasonerConfig
@@ -78,13 +78,12 @@ class StepVerifier:
         self.tokenizer = tokenizer
         self.processor = processor
         self.alpha = check_alpha(alpha)
-        self.template = DEFAULT_TEMPLATE if template is None else template
-        if not isinstance(self.template, str) or not self.template.strip():
-            raise ValueError(f"template must be a non-empty string, got {template!r}")
-        self.delimiter = delimiter
-        self.positive_words = tuple(positive_words or DEFAULT_POSITIVE_WORDS)
-        self.negative_words = tuple(negative_words or DEFAULT_NEGATIVE_WORDS)
-        self.verdict_ids = build_verdict_token_ids(tokenizer, self.positive_words, self.negative_words)
+        # the prompt's tokens and the verdict sets (shared with the remote verifier)
+        self.prompt = VerdictPrompt(tokenizer, template=template, positive_words=positive_words,
+                                    negative_words=negative_words, delimiter=delimiter)
+        self.template, self.delimiter = self.prompt.template, delimiter
+        self.positive_words, self.negative_words = self.prompt.positive_words, self.prompt.negative_words
+        self.verdict_ids = self.prompt.verdict_ids
         lm_head = lm_head_of(model)
         self._head = lm_head
         self.logit_softcap = logit_softcap(model)
@@ -96,11 +95,6 @@ class StepVerifier:
             model_type = getattr(getattr(model, "config", None), "model_type", "?")
             raise ValueError(f"model: {model_type} scales its logits (logit scaling {self.logit_scale}) and its LM head "
                              "has a bias; CPN cannot score that combination")
-        # Verdict prompt tokens, with and without the delimiter in front.
-        self._suffix = {
-            True: tokenizer.encode(self.template, add_special_tokens=False),
-            False: tokenizer.encode(delimiter + self.template, add_special_tokens=False),
-        }
         if head is not None:
             if not isinstance(head, VerdictHead):
                 raise ValueError(f"verdict_head: expected a dreamr.verify.VerdictHead, got {type(head).__name__}")
@@ -108,9 +102,6 @@ class StepVerifier:
             head.check_template(self.template)
         self.head = head
         self.calibrate = bool(calibrate) or (head is not None and head.calibrated)
-        # The content-free step, as a drafted step reads (ending with the delimiter), and its verdict prompt.
-        null_text = NULL_STEP + delimiter
-        self._null_ids = tokenizer.encode(null_text, add_special_tokens=False) + self.suffix_ids(null_text)
 
     @classmethod
     def for_config(cls, model, tokenizer, config: "ReasonerConfig", *, head: Optional[VerdictHead] = None,
@@ -132,13 +123,12 @@ class StepVerifier:
                    delimiter=config.step_delimiter, processor=processor, head=head, calibrate=config.calibrate)
 
     def suffix_ids(self, step_text: str) -> list[int]:
-        """Token ids of the verdict prompt that follows ``step_text``."""
-        return self._suffix[step_text.endswith(self.delimiter)]
+        """Token ids of the verdict prompt that follows ``step_text`` (:meth:`VerdictPrompt.suffix_ids`)."""
+        return self.prompt.suffix_ids(step_text)
 
     def null_ids(self) -> list[int]:
-        """Token ids of the content-free step and its verdict prompt, scored at a step's prefix when
-        calibrating."""
-        return list(self._null_ids)
+        """Token ids of the content-free step and its verdict prompt (:meth:`VerdictPrompt.null_ids`)."""
+        return self.prompt.null_ids()
 
     @property
     def hidden_size(self) -> int:
@@ -147,9 +137,8 @@ class StepVerifier:
 
     @property
     def reserve(self) -> int:
-        """Room a step leaves in the target's context for its verdict prompt: the longer of the prompt's
-        two forms (with and without the delimiter in front), whichever way the step ends."""
-        return max(len(ids) for ids in self._suffix.values())
+        """Room a step leaves in the target's context for its verdict prompt (:attr:`VerdictPrompt.reserve`)."""
+        return self.prompt.reserve
 
     @torch.no_grad()
     def cpn(self, hidden: torch.Tensor, alpha: Optional[float] = None,
@@ -212,7 +201,7 @@ class StepVerifier:
         if self.calibrate:
             # The null step first, on the cached prefix (its pending tokens are fed with it and stay cached),
             # then only its own entries are rolled back: the step's pass below adds no prefill.
-            null_hidden = seq.last_hidden(self._null_ids)
+            null_hidden = seq.last_hidden(self.prompt.null_ids())
             seq.uncache_to(committed)
         hidden = seq.last_hidden(step_ids + self.suffix_ids(step_text))
         # (a judge swapped in for tests takes (hidden, alpha) only: the null goes only where there is one)
