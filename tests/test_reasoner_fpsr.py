@@ -278,18 +278,26 @@ def test_no_growth_over_100_requests(reasoner, content_judge, eager):
     kw = dict(alpha=0.5, max_new_tokens=12, max_step_tokens=4, mode="fpsr", window=3)
     for p in PROMPTS:
         reasoner.generate(p, **kw)
-    count0, bytes0, objects0 = live_objects()
     sources, cancelled, branches = set(), 0, 0
-    for i in range(100):
-        r = reasoner.generate(PROMPTS[i % len(PROMPTS)], **kw)
-        sources |= {s.source for s in r.steps}
-        cancelled += reasoner.engine("fpsr").last_stats["slots_cancelled"]
-        branches += reasoner.engine("fpsr").last_stats["targets_cancelled"]
-        del r
-    count1, bytes1, objects1 = live_objects()
+
+    def hundred_requests():
+        nonlocal sources, cancelled, branches
+        for i in range(100):
+            r = reasoner.generate(PROMPTS[i % len(PROMPTS)], **kw)
+            sources |= {s.source for s in r.steps}
+            cancelled += reasoner.engine("fpsr").last_stats["slots_cancelled"]
+            branches += reasoner.engine("fpsr").last_stats["targets_cancelled"]
+            del r
+        return live_objects()
+
+    count0, bytes0, _ = live_objects()
+    count1, bytes1, objects1 = hundred_requests()
+    # Python objects over a second hundred: a one-time cost the first hundred may pay (a module imported
+    # lazily on a rare path, once seen in a full CI run: +145k objects) is not a growth per request
+    count2, bytes2, objects2 = hundred_requests()
     assert sources == {"draft", "target"} and cancelled > 0 and branches > 0
-    assert count1 == count0 and bytes1 == bytes0, (count0, count1, bytes0, bytes1)
-    assert objects1 - objects0 < 50
+    assert count1 == count0 == count2 and bytes1 == bytes0 == bytes2, (count0, count1, count2, bytes0, bytes1, bytes2)
+    assert objects2 - objects1 < 50
 
 
 def test_batch_rows_are_freed_while_running(reasoner, content_judge, eager):
