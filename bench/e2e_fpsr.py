@@ -140,6 +140,10 @@ def run_modes(reasoner, problems, settings: EvalSettings, configs, before=None) 
     :func:`dreamr.eval.run_one`; returns the records, FPSR's with the engine's stats of the run
     (``fpsr_stats``). A run that raises stops the benchmark."""
     engine = reasoner.engine("fpsr")
+    if any(v.mode == "speculative" for v in configs):
+        # the adaptive policies time the models' forwards once, at the first request: not in a timed run
+        for role in ("target", "draft"):
+            reasoner.engine("speculative").forward_cost(role, reasoner.config.num_speculative_tokens)
     records = []
     for problem, v, order in interleaved(problems, configs):
         for name, value in v.knobs:

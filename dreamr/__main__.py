@@ -95,12 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--token-speculation", default="step+ngram",
                    help="token-level speculation inside written steps: sources best first joined by '+' "
                         "(step: the draft's rejected step; ngram: lookup in the context), or 'off'")
-    p.add_argument("--draft-token-speculation", default="off",
-                   help="the same inside the draft's steps: 'ngram' or 'off' (default: plain decoding)")
+    p.add_argument("--draft-token-speculation", default=None,
+                   help="the same inside the draft's steps: 'ngram' or 'off' (default: 'ngram' in-process, 'off' "
+                        "over vLLM servers)")
     p.add_argument("--num-speculative-tokens", type=int, default=10, help="most tokens per proposal (10)")
     p.add_argument("--draft-policy", default=None, choices=list(DRAFT_POLICIES),
                    help="always draft, or stop drafting while it does not pay (default: the mode's: adaptive "
                         "for speculative, always for fpsr)")
+    p.add_argument("--proposal-policy", default=None, choices=list(DRAFT_POLICIES),
+                   help="check every token-level proposal, or stop checking while it does not pay (default: "
+                        "the mode's: adaptive for token and speculative, always for fpsr)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-step-tokens", type=int, default=64)
     p.add_argument("--answer-marker", default=ANSWER_MARKER,
@@ -203,7 +207,8 @@ def main(argv=None) -> int:
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, window=args.window,
                     target_acceptance=args.target_acceptance, alpha_gamma=args.alpha_gamma, calibrate=args.calibrate,
                     token_speculation=args.token_speculation, draft_token_speculation=args.draft_token_speculation,
-                    num_speculative_tokens=args.num_speculative_tokens, draft_policy=args.draft_policy)
+                    num_speculative_tokens=args.num_speculative_tokens, draft_policy=args.draft_policy,
+                    proposal_policy=args.proposal_policy)
     remote = args.target_url is not None
     if not remote and (args.draft_url or args.target_model or args.draft_model):
         parser.error("--draft-url, --target-model and --draft-model go with --target-url (the vLLM backend)")

@@ -84,15 +84,19 @@ class ReasonerConfig:
         (one forward per token). Used by mode "token" and by modes "speculative" and "fpsr" (the target's
         fallback steps with all sources; fpsr inside its batched branch forwards); modes "target" and
         "draft" stay plain decoding (the baselines).
-    draft_token_speculation : the same inside the draft's steps in modes "speculative" and "fpsr": "off"
-        (the default: on a CPU a forward over 11 tokens of SmolLM2 costs about 2.3 single-token forwards
-        while n-gram proposals give it about 1.8 tokens per forward, so plain decoding is faster) or
-        "ngram" (for a device where a forward over a few tokens costs about one). "step" does not apply to
-        the draft.
+    draft_token_speculation : the same inside the draft's steps in modes "speculative" and "fpsr": "ngram",
+        "off", or None (the default: "ngram" in-process, "off" over vLLM servers, where a server's own
+        ``--speculative-config`` does it). Measured faster for modes "speculative" and "fpsr" on the 2-core
+        CPU with the default pair (``docs/method.md``). "step" does not apply to the draft.
     num_speculative_tokens : most tokens per proposal (>= 1).
     draft_policy : "always" (draft every step), "adaptive" (stop drafting while the judge rejects too
         many steps to pay, probe again later: :class:`dreamr.speculation.AdaptiveDrafting`), or None: the
         mode's default ("adaptive" for "speculative"; mode "fpsr" always drafts and refuses "adaptive").
+    proposal_policy : "always" (check every proposal token-level speculation makes), "adaptive" (stop
+        checking a model's proposals while they emit fewer tokens than the checking forwards cost, probe
+        again later: :class:`dreamr.speculation.ProposalGate`; lossless either way), or None: the mode's
+        default ("adaptive" for "token" and "speculative"; mode "fpsr" checks every proposal and refuses
+        "adaptive").
     """
 
     mode: str = "speculative"
@@ -113,9 +117,10 @@ class ReasonerConfig:
     calibrate: bool = False
     verdict_head: Any = None
     token_speculation: str = "step+ngram"
-    draft_token_speculation: str = "off"
+    draft_token_speculation: Optional[str] = None
     num_speculative_tokens: int = 10
     draft_policy: Optional[str] = None
+    proposal_policy: Optional[str] = None
 
     @property
     def speculation_sources(self) -> tuple[str, ...]:
@@ -124,7 +129,9 @@ class ReasonerConfig:
 
     @property
     def draft_speculation_sources(self) -> tuple[str, ...]:
-        """The sources ``draft_token_speculation`` names (() for "off")."""
+        """The sources ``draft_token_speculation`` names (() for "off"; ("ngram",) for None, the default)."""
+        if self.draft_token_speculation is None:
+            return ("ngram",)
         return token_speculation_sources(self.draft_token_speculation, "draft_token_speculation")
 
     @property
@@ -132,6 +139,14 @@ class ReasonerConfig:
         """Whether drafting stops while it does not pay (``draft_policy``, or the mode's default)."""
         policy = self.draft_policy if self.draft_policy is not None else (
             "adaptive" if self.mode == "speculative" else "always")
+        return policy == "adaptive"
+
+    @property
+    def adaptive_proposals(self) -> bool:
+        """Whether a model's proposals go unchecked while checking them does not pay (``proposal_policy``,
+        or the mode's default)."""
+        policy = self.proposal_policy if self.proposal_policy is not None else (
+            "adaptive" if self.mode in ("token", "speculative") else "always")
         return policy == "adaptive"
 
     @property
@@ -162,12 +177,16 @@ class ReasonerConfig:
         if "step" in self.draft_speculation_sources:
             raise ValueError(f"draft_token_speculation={self.draft_token_speculation!r}: 'step' proposes a rejected "
                              "drafted step to the target; the draft's own steps take 'ngram' or 'off'")
-        if self.draft_policy is not None and self.draft_policy not in DRAFT_POLICIES:
-            raise ValueError(f"draft_policy must be None (the mode's default) or one of {list(DRAFT_POLICIES)}, "
-                             f"got {self.draft_policy!r}")
-        if self.draft_policy == "adaptive" and self.mode == "fpsr":
-            raise ValueError("draft_policy='adaptive' is not implemented for mode 'fpsr' (its scheduler drafts "
-                             "every step of its window); use draft_policy=None or 'always', or mode 'speculative'")
+        # why mode "fpsr" has no adaptive form of each policy
+        for name, fpsr_why in (("draft_policy", "its scheduler drafts every step of its window"),
+                               ("proposal_policy", "its batched forwards check every row's proposal")):
+            value = getattr(self, name)
+            if value is not None and value not in DRAFT_POLICIES:
+                raise ValueError(f"{name} must be None (the mode's default) or one of {list(DRAFT_POLICIES)}, "
+                                 f"got {value!r}")
+            if value == "adaptive" and self.mode == "fpsr":
+                raise ValueError(f"{name}='adaptive' is not implemented for mode 'fpsr' ({fpsr_why}); use "
+                                 f"{name}=None or 'always', or mode 'speculative'")
         for name in ("max_step_tokens", "max_new_tokens", "window", "num_speculative_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:

@@ -282,7 +282,7 @@ class LM:
     logit_softcap : float (0.0: none)
     logit_scale : float (1.0: none; a multiplier of the logits)
 
-    ``decoder``, ``num_layers``, ``num_kv_heads``, ``head_dim``, ``attention_layout`` and ``num_parameters`` are read on first
+    ``decoder``, ``num_layers``, ``num_kv_heads``, ``head_dim``, and ``attention_layout`` are read on first
     use: only verification needs the decoder, only mode "fpsr" the KV and attention layouts (where a model's
     attention cannot be masked by mode "fpsr", reading ``attention_layout`` raises ValueError).
     """
@@ -320,12 +320,6 @@ class LM:
     @functools.cached_property
     def attention_layout(self) -> AttentionLayout:
         return attention_layout(self.model)
-
-    @functools.cached_property
-    def num_parameters(self) -> int:
-        """Parameters of the model, each shared tensor once (tied embeddings, an early-exit draft's layers):
-        what one decode forward reads, so the ratio of two models' counts is their ratio of decode cost."""
-        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Token ids of a prompt (:func:`encode_prompt` with this model's tokenizer)."""

@@ -201,6 +201,7 @@ class SpeculativeReasoner:
         self._heads: dict[str, VerdictHead] = {}
         self._thresholds: dict[tuple, AdaptiveAlpha] = {}
         self._engines = {}
+        self._forward_costs = {}  # (role, longest proposal) -> ForwardCost, timed once (Engine.forward_cost)
         self.target.decoder  # the judge's hidden states come from its decoder (ValueError now if it has none)
         self.verifier_for(self.config)  # verdict words are checked now, not at the first request
 
@@ -326,6 +327,7 @@ class SpeculativeReasoner:
         engine = self._engines.get(mode)
         if engine is None:
             engine = ENGINES[mode](self.target, self.draft, same_tokenizer=self.same_tokenizer)
+            engine.forward_costs = self._forward_costs  # the models' timings, shared by every mode
             self._engines[mode] = engine
         return engine
 

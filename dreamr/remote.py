@@ -119,9 +119,12 @@ class RemoteReasoner:
         if config.draft_policy == "adaptive":
             raise ValueError("draft_policy='adaptive' runs in-process only (it weighs forward passes the servers do "
                              "not report); use draft_policy=None or 'always'")
-        if config.draft_token_speculation != "off":
+        if config.proposal_policy == "adaptive":
+            raise ValueError("proposal_policy='adaptive' runs in-process only (token-level speculation inside a "
+                             "server's steps is vLLM's own --speculative-config); use proposal_policy=None")
+        if config.draft_token_speculation is not None and config.draft_speculation_sources:
             raise ValueError(f"draft_token_speculation={config.draft_token_speculation!r}: token-level speculation "
-                             "inside a server's steps is vLLM's own --speculative-config; use 'off'")
+                             "inside a server's steps is vLLM's own --speculative-config; use None or 'off'")
         if config.mode in VERIFIED_MODES:
             self._verifier(config)  # verdict words are checked now
         return config

@@ -59,10 +59,11 @@ PROMPTS = [
 ]
 """Prompts the tiny models write a few steps for."""
 
-TINY_SETTINGS = {"max_step_tokens": 6, "max_new_tokens": 30, "draft_policy": "always"}
-"""Reasoner settings for the tiny pairs: a few short steps per request, every step drafted (tests hold
-mode "speculative" and mode "fpsr" to the same commits; adaptive drafting, mode "speculative"'s default,
-changes which steps are drafted and is tested on its own in ``tests/test_speculation.py``)."""
+TINY_SETTINGS = {"max_step_tokens": 6, "max_new_tokens": 30, "draft_policy": "always", "proposal_policy": "always"}
+"""Reasoner settings for the tiny pairs: a few short steps per request, every step drafted and every
+proposal checked (tests hold mode "speculative" and mode "fpsr" to the same commits and counters; adaptive
+drafting and the adaptive proposal gate, mode "speculative"'s defaults, change which steps are drafted and
+which proposals checked, and are tested on their own in ``tests/test_speculation.py``)."""
 
 
 def _train_bpe(corpus: list[str], special: list[str], vocab_size: int):

@@ -194,7 +194,7 @@ def test_overlong_retokenized_step_ends_the_request_by_length(tok_a):
     target.config.max_position_embeddings = 64
     prompt = "Natalia sold clips."
     kw = dict(positive_words=("Y",), negative_words=("N",), verdict_template="ok?", max_step_tokens=8,
-              max_new_tokens=200, alpha=0.0)
+              max_new_tokens=200, alpha=0.0, draft_policy="always")  # every step drafted
     for mode in ("speculative", "fpsr"):
         r = SpeculativeReasoner(target, tiny_llama(tok_a, layers=1, seed=3), target_tokenizer=tok_bytes,
                                 draft_tokenizer=tok_a, mode=mode, **kw)

@@ -164,7 +164,7 @@ def test_sampling_is_seeded_and_keeps_the_alpha_ends(reasoner):
     kw = dict(temperature=0.9, top_p=0.95, seed=11)
     a, b = reasoner.generate(prompt, **kw), reasoner.generate(prompt, **kw)
     assert steps_of(a) == steps_of(b)
-    kw["token_speculation"] = "off"
+    kw.update(token_speculation="off", draft_token_speculation="off")
     assert reasoner.generate(prompt, alpha=1.0, **kw).text == reasoner.generate(prompt, mode="target", **kw).text
     assert reasoner.generate(prompt, alpha=0.0, **kw).text == reasoner.generate(prompt, mode="draft", **kw).text
     assert reasoner.generate(prompt, mode="target", **kw).text != reasoner.generate(prompt, mode="target").text
@@ -246,7 +246,7 @@ def test_self_speculative_early_exit_draft(target_model, tok_a):
 
     draft = models.EarlyExitDraft(target_model, 1)
     r = SpeculativeReasoner(target_model, draft, target_tokenizer=tok_a, draft_tokenizer=tok_a,
-                            max_step_tokens=6, max_new_tokens=24)
+                            max_step_tokens=6, max_new_tokens=24, draft_policy="always")
     assert r.same_tokenizer
     assert r.generate(PROMPTS[0], alpha=0.0).text == r.generate(PROMPTS[0], mode="draft").text
     assert r.generate(PROMPTS[0], alpha=1.0).text == r.generate(PROMPTS[0], mode="target").text

@@ -176,6 +176,9 @@ def test_bad_input_names_the_argument(urls, reasoner):
         reasoner.generate(PROMPTS[0], mode="nope")
     with pytest.raises(ValueError, match="mode.*speculative-config"):
         reasoner.generate(PROMPTS[0], mode="token")
+    for setting in (dict(draft_token_speculation="ngram"), dict(proposal_policy="adaptive")):
+        with pytest.raises(ValueError, match=f"{next(iter(setting))}.*speculative-config"):
+            reasoner.generate(PROMPTS[0], **setting)
     with pytest.raises(ValueError, match="unknown setting"):
         reasoner.generate(PROMPTS[0], alpah=0.5)
     with pytest.raises(ValueError, match="draft_url"):

@@ -168,6 +168,7 @@ def test_models_health_and_metrics(client, server, reasoner):
     ({"mode": "nope"}, "mode"),
     ({"alhpa": 0.5}, "alhpa"),
     ({"mode": "fpsr", "draft_policy": "adaptive"}, "draft_policy"),
+    ({"proposal_policy": "never"}, "proposal_policy"),
     ({"logprobs": 3}, "logprobs"),
 ])
 def test_bad_settings_are_400_naming_them(client, extra, param):

@@ -11,8 +11,9 @@ from dreamr.cache import CachedSequence
 from dreamr.config import ReasonerConfig, token_speculation_sources
 from dreamr.result import Metrics
 from dreamr.sampling import Sampler
-from dreamr.speculation import (AdaptiveDrafting, ChainProposer, NgramProposer, RejectedStepProposer, proposer_for,
-                                verify_proposal, write_step)
+from dreamr.engines import base as engine_base
+from dreamr.speculation import (AdaptiveDrafting, ChainProposer, ForwardCost, NgramProposer, ProposalGate,
+                                RejectedStepProposer, measure_forward_cost, proposer_for, verify_proposal, write_step)
 from dreamr.testing import PROMPTS
 
 # --------------------------------------------------------------------------------------------------
@@ -27,7 +28,9 @@ def test_ngram_proposes_what_followed_the_latest_occurrence_longest_match_first(
     # the 3-gram "9 1 2" beats the later 2-gram "1 2"
     assert p.propose([9, 1, 2, 4, 1, 2, 6, 9, 1, 2], step=[], k=1) == [4]
     assert p.propose([1, 2, 3], step=[], k=4) == []  # the tail does not occur earlier
-    assert p.propose([4, 4, 4], step=[], k=5) == [4]  # continuations stop at the context's end
+    # a continuation that runs into the context's end is a loop: it goes on with the loop's period
+    assert p.propose([4, 4, 4], step=[], k=5) == [4] * 5
+    assert p.propose([7, 3, 5, 3, 5, 3], step=[], k=4) == [5, 3, 5, 3]
     assert p.propose([1, 2, 1], step=[], k=0) == [] and p.propose([1], step=[], k=3) == []
 
 
@@ -193,7 +196,8 @@ def test_speculative_keeps_the_alpha_ends_with_token_speculation(reasoner, same_
             kw = dict(draft_policy=policy, draft_token_speculation=draft_spec)
             assert pair.generate(prompt, alpha=1.0, **kw).text == pair.generate(prompt, mode="target").text
             drafted = pair.generate(prompt, alpha=0.0, **kw)
-            assert drafted.text == pair.generate(prompt, mode="draft").text
+            if policy == "always":  # (adaptive drafting has the target write a step alone to price it)
+                assert drafted.text == pair.generate(prompt, mode="draft").text
             draft_proposals += drafted.metrics.draft_proposals
     assert (draft_proposals > 0) == (draft_spec == "ngram")
 
@@ -255,45 +259,153 @@ def test_carry_keeps_tokens_verified_past_a_step_end(reasoner):
 
 
 def test_policy_switches_off_after_rejections_and_probes_with_doubling_intervals():
-    policy = AdaptiveDrafting(cost_ratio=0.5)
+    policy = AdaptiveDrafting()
     decisions = []
     for _ in range(12):
         draft = policy.should_draft()
         decisions.append(draft)
-        if draft:  # every probe rejected
-            policy.drafted(accepted=False, draft_forwards=20, draft_tokens=20, fallback_forwards=20,
+        if draft:  # every probe rejected; accepted, a drafted step would pay (6 + 1 < 15 per 20 tokens)
+            policy.drafted(accepted=False, draft_cost=6, draft_tokens=20, verify_cost=1, fallback_cost=20,
                            fallback_tokens=20)
         else:
-            policy.alone(forwards=15, tokens=20)
+            policy.alone(cost=15, tokens=20)
     # drafted, 1 alone, probe, 2 alone, probe, 4 alone, probe, ...
     assert decisions == [True, False, True, False, False, True, False, False, False, False, True, False]
     assert policy.switches == 4
 
 
+def test_policy_waits_longest_where_no_acceptance_can_pay():
+    """A drafted step that costs more than the target's own even when accepted: one rejection and the
+    next probe waits max_interval steps, and again after every failed probe."""
+    policy = AdaptiveDrafting(max_interval=8, weight=1.0)  # estimates = the last observation
+    assert policy.drafting_cost() is None and policy.alone_cost() is None  # nothing observed yet
+    decisions = []
+    for _ in range(20):
+        draft = policy.should_draft()
+        decisions.append(draft)
+        if draft:
+            policy.drafted(accepted=False, draft_cost=12, draft_tokens=20, verify_cost=1, fallback_cost=9,
+                           fallback_tokens=20)
+        else:
+            policy.alone(cost=9, tokens=20)
+    assert decisions == ([True] + [False] * 8) * 2 + [True, False]
+    assert policy.drafting_cost(acceptance=1.0) == pytest.approx(13 / 20)
+    assert policy.alone_cost() == pytest.approx(9 / 20)
+
+
 def test_policy_keeps_drafting_while_steps_are_accepted_and_returns_when_they_are_again():
-    policy = AdaptiveDrafting(cost_ratio=0.5)
+    policy = AdaptiveDrafting(price_alone_after=6)  # (five accepted steps, no step alone to price drafting)
     for _ in range(5):
         assert policy.should_draft()
-        policy.drafted(accepted=True, draft_forwards=20, draft_tokens=20)
+        policy.drafted(accepted=True, draft_cost=10, draft_tokens=20, verify_cost=1)
     assert policy.switches == 0
-    policy.drafted(accepted=False, draft_forwards=20, draft_tokens=20, fallback_forwards=20, fallback_tokens=20)
+    assert policy.drafting_cost() is None and policy.alone_cost() is None  # no fallback step to weigh yet
+    assert policy.drafting_cost(acceptance=1.0) == pytest.approx(11 / 20)
+    policy.drafted(accepted=False, draft_cost=10, draft_tokens=20, verify_cost=1, fallback_cost=20,
+                   fallback_tokens=20)
     assert policy.should_draft()  # one rejection after five accepts: drafting still pays
-    cheap = AdaptiveDrafting(cost_ratio=0.01)
-    cheap.drafted(accepted=False, draft_forwards=20, draft_tokens=20, fallback_forwards=20, fallback_tokens=20)
+    cheap = AdaptiveDrafting()
+    cheap.drafted(accepted=False, draft_cost=0.2, draft_tokens=20, verify_cost=0.5, fallback_cost=20,
+                  fallback_tokens=20)
     assert cheap.should_draft()  # a nearly free draft pays even at low acceptance
 
 
+def test_policy_prices_the_target_alone_where_every_step_is_accepted():
+    """All accepted, nothing the target wrote to compare with: after price_alone_after drafted steps the
+    target writes one step alone; a draft dearer than that stops drafting, a cheaper one goes on."""
+    for draft_cost, drafts_on in ((30.0, False), (2.0, True)):
+        policy = AdaptiveDrafting(price_alone_after=3)
+        for _ in range(3):
+            assert policy.should_draft()
+            policy.drafted(accepted=True, draft_cost=draft_cost, draft_tokens=20, verify_cost=1)
+        assert policy.alone_cost() is None and not policy.should_draft() and policy.switches == 0
+        policy.alone(cost=10, tokens=20)
+        assert policy.should_draft()
+        policy.drafted(accepted=True, draft_cost=draft_cost, draft_tokens=20, verify_cost=1)
+        assert policy.should_draft() is drafts_on and policy.switches == (0 if drafts_on else 1)
+
+
 def test_policy_arguments_are_checked():
-    for kw, match in ((dict(cost_ratio=0), "cost_ratio"), (dict(cost_ratio=float("nan")), "cost_ratio"),
-                      (dict(cost_ratio=1, weight=0), "weight"), (dict(cost_ratio=1, max_interval=0), "max_interval")):
+    for kw, match in ((dict(weight=0), "weight"), (dict(weight=float("nan")), "weight"),
+                      (dict(max_interval=0), "max_interval"), (dict(max_interval=2.5), "max_interval"),
+                      (dict(price_alone_after=0), "price_alone_after")):
         with pytest.raises(ValueError, match=match):
             AdaptiveDrafting(**kw)
 
 
-def test_adaptive_drafting_in_the_engine(reasoner, content_judge):
+# Pinned forward costs (units of one decode forward; seconds set the draft's price against the target's):
+# what the engine's policy weighs, so that its decisions do not depend on this machine's timings.
+UNIT_COST = ForwardCost(seconds=1.0, check=((0, 1.0), (10, 2.0)), verify=((8, 0.6), (96, 1.2)))
+FREE_VERIFY = ForwardCost(seconds=1.0, check=((0, 1.0), (10, 2.0)), verify=((8, 1e-9), (96, 1e-9)))
+FREE_DRAFT = ForwardCost(seconds=1e-9, check=((0, 1.0), (10, 2.0)), verify=((8, 0.6), (96, 1.2)))
+DEAR_DRAFT = ForwardCost(seconds=100.0, check=((0, 1.0), (10, 2.0)), verify=((8, 0.6), (96, 1.2)))
+
+
+FLAT_CHECKS = ForwardCost(seconds=1.0, check=((0, 1.0), (10, 1.0)), verify=((8, 0.6), (96, 1.2)))  # GPU-like
+SLOW_CHECKS = ForwardCost(seconds=1.0, check=((0, 1.0), (10, 10.0)), verify=((8, 0.6), (96, 1.2)))
+
+
+def pin_costs(monkeypatch, reasoner, target: ForwardCost, draft: ForwardCost, mode: str = "speculative") -> None:
+    engine = reasoner.engine(mode)
+    k = reasoner.config.num_speculative_tokens
+    monkeypatch.setattr(engine, "forward_costs", {("target", k): target, ("draft", k): draft})
+    monkeypatch.setattr(engine, "adaptive_state", {})  # policies start afresh, and do not leak into other tests
+
+
+def test_forward_cost_arithmetic():
+    cost = ForwardCost(seconds=0.1, check=((0, 1.0), (4, 1.8), (10, 2.4)), verify=((8, 0.7), (32, 1.2)))
+    assert (cost.check_cost(0), cost.check_cost(2), cost.check_cost(7)) == pytest.approx((1.0, 1.4, 2.1))
+    assert cost.check_cost(20) == pytest.approx(3.4)  # linear past the last measured K
+    assert cost.verify_cost(20) == pytest.approx(0.95) and cost.verify_cost(1) == pytest.approx(0.7 - 7 * 0.5 / 24)
+    assert cost.step_cost(forwards=3, proposals=0, proposed_tokens=0) == 3.0
+    assert cost.step_cost(forwards=6, proposals=2, proposed_tokens=8) == pytest.approx(4 + 2 * 1.8)
+
+
+def test_forward_costs_are_measured_on_the_model(reasoner):
+    cost = measure_forward_cost(reasoner.target, 3, repeats=1)
+    assert [k for k, _ in cost.check] == [0, 1, 2, 3] and cost.check[0] == (0, 1.0)
+    assert [n for n, _ in cost.verify] == [8, 32, 96]
+    assert cost.seconds > 0 and all(c > 0 for _, c in cost.check + cost.verify)
+    for bad in (0, True, 2.5):
+        with pytest.raises(ValueError, match="max_proposal"):
+            measure_forward_cost(reasoner.target, bad)
+
+
+def test_the_engine_times_forwards_once_and_weighs_pinned_costs(reasoner, content_judge, monkeypatch):
+    """Each model's forwards are timed once, at the first request that needs them (alpha = 1, where
+    nothing can be accepted, needs only the target's, for its proposal gate); later requests reuse the
+    figures. Pinned costs decide: a draft and verification that cost nothing keep drafting through
+    rejections; a draft 100x the target's price stops at the first."""
+    content_judge(reasoner)
+    engine = reasoner.engine("speculative")
+    monkeypatch.setattr(engine, "forward_costs", {})
+    monkeypatch.setattr(engine, "adaptive_state", {})
+    timed = []
+    real = engine_base.measure_forward_cost
+    monkeypatch.setattr(engine_base, "measure_forward_cost",
+                        lambda lm, k: timed.append((lm.name, k)) or real(lm, k, repeats=1))
+    kw = dict(draft_policy="adaptive", proposal_policy="adaptive", max_new_tokens=60)
+    k = reasoner.config.num_speculative_tokens
+    reasoner.generate(PROMPTS[0], alpha=1.0, **kw)
+    assert timed == [("target", k)]
+    for prompt in PROMPTS[:2]:
+        reasoner.generate(prompt, alpha=0.5, **kw)
+    assert timed == [("target", k), ("draft", k)] and list(engine.forward_costs) == [("target", k), ("draft", k)]
+    pin_costs(monkeypatch, reasoner, FREE_VERIFY, FREE_DRAFT)
+    free = [reasoner.generate(p, alpha=0.5, **kw).metrics for p in PROMPTS]
+    assert sum(m.verified_steps - m.accepted_steps for m in free) > 0  # rejections happened...
+    assert all(m.undrafted_steps <= 1 for m in free)  # ...and drafting went on (but for a step pricing it)
+    pin_costs(monkeypatch, reasoner, UNIT_COST, DEAR_DRAFT)
+    dear = [reasoner.generate(p, alpha=0.5, **kw).metrics for p in PROMPTS]
+    assert sum(m.undrafted_steps for m in dear) > 0
+    assert len(timed) == 2
+
+
+def test_adaptive_drafting_in_the_engine(reasoner, content_judge, monkeypatch):
     """A judge that rejects steps: the policy writes steps without drafting them (the text is unchanged
     where nothing is accepted); alpha = 1, which accepts nothing, drafts no step at all; alpha = 0 accepts
-    every one: it never stops drafting."""
+    every one: drafting stops only where the target writes a step alone for less."""
+    pin_costs(monkeypatch, reasoner, UNIT_COST, UNIT_COST)  # a draft as dear as the target: seldom pays
     prompt = PROMPTS[2]
     rejected = reasoner.generate(prompt, alpha=1.0, draft_policy="adaptive")
     always = reasoner.generate(prompt, alpha=1.0, draft_policy="always")
@@ -301,8 +413,15 @@ def test_adaptive_drafting_in_the_engine(reasoner, content_judge):
     m = rejected.metrics
     assert m.verified_steps == 0 and m.draft_tokens == 0 and m.undrafted_steps == m.num_steps
     assert [s.source for s in rejected.steps] == ["target"] * m.num_steps
-    accepted = reasoner.generate(prompt, alpha=0.0, draft_policy="adaptive")
-    assert accepted.metrics.undrafted_steps == 0 and accepted.metrics.accepted_steps == accepted.metrics.num_steps
+    # alpha = 0 accepts every step: after two, the target writes one alone to price it; a draft as dear as
+    # the target then stops, a free one goes on
+    accepted = reasoner.generate(prompt, alpha=0.0, draft_policy="adaptive").metrics
+    assert accepted.accepted_steps == accepted.verified_steps == 3 < accepted.num_steps  # 2, priced, 1 more
+    assert accepted.undrafted_steps == accepted.num_steps - 3
+    pin_costs(monkeypatch, reasoner, FREE_VERIFY, FREE_DRAFT)
+    accepted = reasoner.generate(prompt, alpha=0.0, draft_policy="adaptive").metrics
+    assert accepted.undrafted_steps == 1 and accepted.accepted_steps == accepted.num_steps - 1
+    pin_costs(monkeypatch, reasoner, UNIT_COST, UNIT_COST)
     content_judge(reasoner)  # real verdicts on random models: some accepted, some rejected
     mixed = [reasoner.generate(p, alpha=0.5, draft_policy="adaptive", max_new_tokens=60).metrics for p in PROMPTS]
     assert sum(x.undrafted_steps for x in mixed) > 0 and sum(x.verified_steps for x in mixed) > 0
@@ -318,3 +437,66 @@ def test_token_metrics_merge_and_derive():
     total = Metrics.merge([a, Metrics(target_tokens=2, target_step_forwards=2).finalize()])
     assert total.tokens_per_target_forward == 12 / 7 and total.mean_accepted_length == 4.0
     assert Metrics().finalize().token_acceptance_rate is None
+
+
+def test_proposal_gate_closes_while_checks_do_not_pay_and_probes_with_doubling_intervals():
+    gate = ProposalGate(UNIT_COST, weight=1.0, max_interval=4)  # a check of 10 costs 2 plain forwards
+    decisions = []
+    for _ in range(14):
+        check = gate.should_propose()
+        decisions.append(check)
+        if check:
+            gate.checked(proposed=10, emitted=1)  # nothing accepted
+    assert decisions == [True, False, True, False, False, True] + [False] * 4 + [True] + [False] * 3
+    assert gate.switches == 4
+    gate.skip = 0
+    gate.checked(proposed=10, emitted=3)  # 3 tokens for 2 forwards' cost: pays
+    assert gate.should_propose() and gate.interval == 1
+    flat = ProposalGate(FLAT_CHECKS)
+    flat.checked(proposed=10, emitted=1)  # where a check costs one forward it never loses
+    assert flat.should_propose() and flat.switches == 0
+
+
+def test_proposal_gate_arguments_are_checked():
+    for kw, match in ((dict(cost=None), "cost"), (dict(weight=0), "weight"), (dict(max_interval=0), "max_interval")):
+        with pytest.raises(ValueError, match=match):
+            ProposalGate(**{"cost": UNIT_COST, **kw})
+    with pytest.raises(ValueError, match="proposal_policy"):
+        ReasonerConfig(proposal_policy="never")
+    with pytest.raises(ValueError, match="proposal_policy='adaptive' is not implemented for mode 'fpsr'"):
+        ReasonerConfig(mode="fpsr", proposal_policy="adaptive")
+    assert ReasonerConfig(mode="token").adaptive_proposals and ReasonerConfig(mode="speculative").adaptive_proposals
+    assert not ReasonerConfig(mode="fpsr").adaptive_proposals
+
+
+def test_the_proposal_gate_keeps_the_text_and_checks_only_what_pays(reasoner, monkeypatch):
+    """Mode token: where a check of K tokens costs K plain forwards (more than the accepted guesses
+    emit) the gate checks fewer proposals than every-proposal checking; where it costs one (a GPU) it
+    checks them all. The text is the target-only text either way."""
+    target_text = reasoner.generate(PROMPTS[1], mode="target", max_new_tokens=60).text
+    runs = {}
+    for name, cost, policy in (("always", SLOW_CHECKS, "always"), ("cpu", SLOW_CHECKS, "adaptive"),
+                               ("gpu", FLAT_CHECKS, "adaptive")):
+        pin_costs(monkeypatch, reasoner, cost, cost, mode="token")
+        r = reasoner.generate(PROMPTS[1], mode="token", proposal_policy=policy, max_new_tokens=60)
+        assert r.text == target_text
+        runs[name] = r.metrics
+    assert runs["always"].target_proposals > runs["cpu"].target_proposals > 0
+    assert runs["gpu"].target_proposals == runs["always"].target_proposals
+
+
+def test_adaptive_drafting_is_carried_from_request_to_request_at_one_alpha(reasoner, content_judge, monkeypatch):
+    """A request starts where the last one at the same alpha left the policy: after rejections at a draft
+    that costs 100x the target, the next request writes its first step alone; another alpha, or a
+    cleared state, starts afresh and drafts its first step."""
+    content_judge(reasoner)
+    pin_costs(monkeypatch, reasoner, UNIT_COST, DEAR_DRAFT)
+    kw = dict(draft_policy="adaptive", max_new_tokens=60)
+    first = [reasoner.generate(p, alpha=0.5, **kw) for p in PROMPTS]
+    assert sum(r.metrics.undrafted_steps for r in first) > 0
+    later = reasoner.generate(PROMPTS[0], alpha=0.5, **kw)
+    assert later.steps[0].accepted is None and later.steps[0].source == "target"  # written alone
+    fresh = reasoner.generate(PROMPTS[0], alpha=0.4, **kw)
+    assert fresh.steps[0].accepted is not None  # drafted and judged
+    reasoner.engine("speculative").adaptive_state.clear()
+    assert reasoner.generate(PROMPTS[0], alpha=0.5, **kw).steps[0].accepted is not None

@@ -15,7 +15,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Generator, Iterator, Optional, Sequence
+from typing import Any, Callable, Generator, Iterator, Optional, Sequence
 
 from dreamr.cache import CachedSequence, encode_prefix
 from dreamr.config import ReasonerConfig
@@ -23,6 +23,7 @@ from dreamr.lm import LM
 from dreamr.request import Request
 from dreamr.result import Metrics, Result, Step
 from dreamr.sampling import Sampler
+from dreamr.speculation import ForwardCost, ProposalGate, measure_forward_cost
 from dreamr.steps import StepWriter, has_answer
 
 
@@ -167,6 +168,41 @@ class Engine:
         # token ids (the truth; the text is their decode: steps are re-tokenized one at a time, so the ids need
         # not equal a re-tokenization of the joined text).
         self.observer = None
+        # Each model's forward costs on this machine, by (role, longest proposal): measured once, at the first
+        # request that weighs them (a few seconds for the default pair on a CPU thread), kept for every later
+        # one. Set entries to pin them (decisions then no longer depend on this machine's timings).
+        self.forward_costs: dict[tuple[str, int], ForwardCost] = {}
+        # The adaptive policies (proposal gates, adaptive drafting), carried from request to request: what
+        # drafting a step or checking a guess costs here is a property of the models, the judge and the
+        # machine, and one request has few steps to learn it from. Keyed by what each depends on; clear()
+        # starts afresh (a request's text at alpha < 1 depends on which steps were drafted, so on this).
+        self.adaptive_state: dict[tuple, Any] = {}
+
+    def forward_cost(self, role: str, num_speculative_tokens: int) -> ForwardCost:
+        """The :class:`ForwardCost` of the ``role`` model ("target" or "draft") for proposals of up to
+        ``num_speculative_tokens`` tokens."""
+        key = (role, max(int(num_speculative_tokens), 1))
+        if key not in self.forward_costs:
+            self.forward_costs[key] = measure_forward_cost(self.target if role == "target" else self.draft, key[1])
+        return self.forward_costs[key]
+
+    def proposal_gate(self, role: str, config: ReasonerConfig) -> Optional[ProposalGate]:
+        """The :class:`ProposalGate` of the ``role`` model's steps (carried from request to request); None
+        where every proposal is checked (``proposal_policy``) or there are none (``token_speculation`` /
+        ``draft_token_speculation`` "off")."""
+        sources = config.speculation_sources if role == "target" else config.draft_speculation_sources
+        if not (sources and config.adaptive_proposals):
+            return None
+        cost = self.forward_cost(role, config.num_speculative_tokens)
+        return self.carried(("proposal_gate", role, config.num_speculative_tokens), cost, lambda: ProposalGate(cost))
+
+    def carried(self, key: tuple, costs: Any, make: Callable[[], Any]) -> Any:
+        """The adaptive policy kept under ``key`` (:attr:`adaptive_state`), made anew by ``make()`` where
+        there is none or it weighed other ``costs`` (pinned since)."""
+        held = self.adaptive_state.get(key)
+        if held is None or held[0] != costs:
+            held = self.adaptive_state[key] = (costs, make())
+        return held[1]
 
     def run(self, requests: Sequence[Request], progress: bool = False) -> list[Result]:
         """Results of ``requests`` in order. Sequential engines run them one at a time."""

@@ -29,6 +29,7 @@ class SingleModelEngine(Engine):
         sampler = self.sampler(cfg, 0 if is_target else 1)
         # "step" proposals need a drafted step: a model alone has none, so only "ngram" can apply
         proposer = proposer_for(cfg.speculation_sources) if self.speculate else None
+        gate = self.proposal_gate(self.source, cfg) if proposer is not None else None
         carry: list[int] = []  # tokens emitted past a step's end: the next step's first tokens
         while state.finish_reason is None:
             cap = step_cap(state, (seq, lm))
@@ -38,7 +39,7 @@ class SingleModelEngine(Engine):
             with timed("target_time_s" if is_target else "draft_time_s", m):
                 w = write_step(seq, lm, sampler, cfg.step_delimiter, cap, proposer=proposer,
                                num_speculative_tokens=cfg.num_speculative_tokens, carry=carry, metrics=m,
-                               role=self.source)
+                               role=self.source, gate=gate)
             if is_target:
                 m.target_tokens += len(w.ids)
             else:

@@ -13,10 +13,12 @@
 
 Every step the target writes runs token-level speculation (``token_speculation``,
 :func:`dreamr.speculation.write_step`): a fallback step against the rejected step, then n-gram lookup;
-the draft's steps against n-gram lookup where ``draft_token_speculation`` asks for it (off by default).
-It is lossless, so at alpha = 1 the committed text is exactly the target-only text and at alpha = 0
-(every finite verdict accepts) exactly the draft-only text, whatever the drafting policy does: token for
-token when greedy, in distribution when sampling (draw for draw with token-level speculation off).
+the draft's steps against n-gram lookup (``draft_token_speculation``, on by default).
+It is lossless, so at alpha = 1 the committed text is exactly the target-only text, whatever the drafting
+policy does, and at alpha = 0 (every finite verdict accepts) exactly the draft-only text with
+``draft_policy="always"`` (adaptive drafting has the target write a step alone to price it, and goes on
+alone where that is cheaper): token for token when greedy, in distribution when sampling (draw for draw
+with token-level speculation off).
 Tokens a model verified past a step's end are kept (``carry``) while that model's prefix does not change
 under them.
 
@@ -26,12 +28,39 @@ prompt ends the request ("length"; the step is not committed).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Generator, Optional
 
+from dreamr.cache import CachedSequence
+from dreamr.config import ReasonerConfig
 from dreamr.engines.base import Engine, RequestState, open_sequence, step_cap, timed, verdict_fits
+from dreamr.lm import LM
 from dreamr.request import Request
 from dreamr.result import Metrics, Result, Step
-from dreamr.speculation import AdaptiveDrafting, proposer_for, step_cost, write_step
+from dreamr.sampling import Sampler
+from dreamr.speculation import AdaptiveDrafting, ForwardCost, ProposalGate, proposer_for, write_step
+from dreamr.speculation.proposer import Proposer
+from dreamr.steps import StepWriter
+
+
+@dataclass
+class _Writer:
+    """One model's side of a request: what each of its steps is written with."""
+
+    role: str  # "target" or "draft"
+    lm: LM
+    seq: CachedSequence  # the model's sequence: the committed prefix (plus the step being written)
+    sampler: Sampler
+    proposer: Optional[Proposer]  # n-gram lookup where asked; a fallback step puts the rejected step first
+    gate: Optional[ProposalGate]  # whether a forward checks a proposal (None: always)
+    carry: list[int] = field(default_factory=list)  # verified past the last step's end, valid on its prefix
+
+    def write(self, cap: int, config: ReasonerConfig, metrics: Metrics, proposer: Optional[Proposer] = None
+              ) -> StepWriter:
+        """Write one step (``proposer`` in place of the writer's own for this step)."""
+        return write_step(self.seq, self.lm, self.sampler, config.step_delimiter, cap,
+                          proposer=proposer if proposer is not None else self.proposer, num_speculative_tokens=config.num_speculative_tokens,
+                          carry=self.carry, metrics=metrics, role=self.role, gate=self.gate)
 
 
 class SpeculativeEngine(Engine):
@@ -41,94 +70,109 @@ class SpeculativeEngine(Engine):
         cfg = request.config
         state = RequestState(cfg)
         m = state.metrics
-        target, draft = self.target, self.draft
         verifier = request.verifier
-        t_seq = open_sequence(target, request.target_ids, request.target_inputs, m)
-        d_seq = open_sequence(draft, request.draft_ids, request.draft_inputs, m)
-        t_sampler, d_sampler = self.sampler(cfg, 0), self.sampler(cfg, 1)
-        sources, k, delimiter = cfg.speculation_sources, cfg.num_speculative_tokens, cfg.step_delimiter
-        ngram = proposer_for(sources)  # the target's steps without a rejected draft to propose from
-        d_proposer = proposer_for(cfg.draft_speculation_sources)
-        policy = None
-        if cfg.adaptive_drafting:
-            hopeless = not cfg.auto_alpha and float(cfg.alpha) >= 1.0  # every verdict rejects
-            policy = AdaptiveDrafting(draft.num_parameters / target.num_parameters, accepts_nothing=hopeless)
-        t_carry: list[int] = []  # tokens a model verified past its last step's end, valid on its prefix
-        d_carry: list[int] = []
+        policy = costs = None
+        hopeless = cfg.adaptive_drafting and not cfg.auto_alpha and float(cfg.alpha) >= 1.0  # all rejected
+        if hopeless:
+            policy = AdaptiveDrafting(accepts_nothing=True)
+        elif cfg.adaptive_drafting:
+            k = cfg.num_speculative_tokens
+            prices = (self.forward_cost("target", k), self.forward_cost("draft", k))
+            costs = _Prices(*prices, m)
+            # carried across requests at the same threshold (the acceptance it estimates depends on alpha)
+            policy = self.carried(("drafting", cfg.alpha, k), prices, AdaptiveDrafting)
+        t = _Writer("target", self.target, open_sequence(self.target, request.target_ids, request.target_inputs, m),
+                    self.sampler(cfg, 0), proposer_for(cfg.speculation_sources), self.proposal_gate("target", cfg))
+        d = _Writer("draft", self.draft, open_sequence(self.draft, request.draft_ids, request.draft_inputs, m),
+                    self.sampler(cfg, 1), proposer_for(cfg.draft_speculation_sources),
+                    None if hopeless else self.proposal_gate("draft", cfg))  # (hopeless: the draft writes nothing)
         try:
             while state.finish_reason is None:
-                cap = step_cap(state, (t_seq, target), (d_seq, draft), reserve=verifier.reserve)
+                cap = step_cap(state, (t.seq, t.lm), (d.seq, d.lm), reserve=verifier.reserve)
                 if cap <= 0:
                     state.finish_reason = "length"
                     break
                 if policy is not None and not policy.should_draft():
-                    spent = _spent(m, "target", target)
+                    before = costs.counts("target") if costs is not None else None
                     with timed("target_time_s", m):
-                        tw = write_step(t_seq, target, t_sampler, delimiter, cap, proposer=ngram,
-                                        num_speculative_tokens=k, carry=t_carry, metrics=m)
+                        tw = t.write(cap, cfg, m)
                     m.target_tokens += len(tw.ids)
                     m.undrafted_steps += 1
-                    policy.alone(forwards=_spent(m, "target", target) - spent, tokens=len(tw.ids))
-                    d_seq.extend(draft.step_ids(tw, self.same_tokenizer))
-                    d_carry.clear()
+                    if costs is not None:
+                        policy.alone(cost=costs.since("target", before), tokens=len(tw.ids))
+                    d.seq.extend(d.lm.step_ids(tw, self.same_tokenizer))
+                    d.carry.clear()
                     step = state.commit_written(tw, "target")
                 else:
-                    step = self._drafted_step(request, state, cap, t_seq, d_seq, t_sampler, d_sampler, d_proposer,
-                                              policy, t_carry, d_carry)
+                    step = self._drafted_step(request, state, cap, t, d, policy, costs)
                     if step is None:
                         break
                 if self.observer is not None:
-                    self.observer(t_seq, d_seq)
+                    self.observer(t.seq, d.seq)
                 yield step
         finally:
-            m.target_forward_passes = t_seq.forward_passes
-            m.draft_forward_passes = d_seq.forward_passes
+            m.target_forward_passes = t.seq.forward_passes
+            m.draft_forward_passes = d.seq.forward_passes
         return state.result(self.mode)
 
-    def _drafted_step(self, request: Request, state: RequestState, cap: int, t_seq, d_seq, t_sampler, d_sampler,
-                      d_proposer, policy: Optional[AdaptiveDrafting], t_carry: list[int], d_carry: list[int]
-                      ) -> Optional[Step]:
+    def _drafted_step(self, request: Request, state: RequestState, cap: int, t: _Writer, d: _Writer,
+                      policy: Optional[AdaptiveDrafting], costs: Optional["_Prices"]) -> Optional[Step]:
         """Draft, verify and commit one step (the target writes it where the draft's is rejected); None
         where the drafted step does not fit the target's context (the request ends, "length")."""
         cfg, m, verifier = request.config, state.metrics, request.verifier
-        target, draft, k, delimiter = self.target, self.draft, cfg.num_speculative_tokens, cfg.step_delimiter
-        d_committed, d_spent = len(d_seq.ids), _spent(m, "draft", draft)
+        d_committed, d_before = len(d.seq.ids), costs.counts("draft") if costs is not None else None
         with timed("draft_time_s", m):
-            dw = write_step(d_seq, draft, d_sampler, delimiter, cap, proposer=d_proposer, num_speculative_tokens=k,
-                            carry=d_carry, metrics=m, role="draft")
+            dw = d.write(cap, cfg, m)
         m.draft_tokens += len(dw.ids)
-        step_ids = target.step_ids(dw, self.same_tokenizer)
-        if not verdict_fits(target, len(t_seq.ids), step_ids, verifier.suffix_ids(dw.text)):
+        step_ids = t.lm.step_ids(dw, self.same_tokenizer)
+        if not verdict_fits(t.lm, len(t.seq.ids), step_ids, verifier.suffix_ids(dw.text)):
             # re-tokenized, the step and the verdict prompt overrun the target's context
-            d_seq.truncate(d_committed)
+            d.seq.truncate(d_committed)
             state.finish_reason = "length"
             return None
         alpha = request.alpha()  # fixed, or alpha="auto"'s current value
         with timed("verify_time_s", m):
-            cpn, accepted = verifier.verify(t_seq, step_ids, dw.text, alpha=alpha)
+            cpn, accepted = verifier.verify(t.seq, step_ids, dw.text, alpha=alpha)
         request.judged(accepted)
-        fallback, t_spent = None, _spent(m, "target", target)
+        fallback, t_before = None, costs.counts("target") if costs is not None else None
         if accepted:
-            t_carry.clear()  # the target's prefix moved on by the draft's step
+            t.carry.clear()  # the target's prefix moved on by the draft's step
         else:
             with timed("rollback_time_s", m):
-                d_seq.truncate(d_committed)
-            d_carry.clear()
+                d.seq.truncate(d_committed)
+            d.carry.clear()
             # the target writes the step on the prefix the draft wrote it for: the draft's step is its
             # best first guess (token_speculation "step"), then n-gram lookup
-            proposer = proposer_for(cfg.speculation_sources, rejected_step=step_ids)
             with timed("target_time_s", m):
-                fallback = write_step(t_seq, target, t_sampler, delimiter, cap, proposer=proposer,
-                                      num_speculative_tokens=k, carry=t_carry, metrics=m)
+                fallback = t.write(cap, cfg, m, proposer_for(cfg.speculation_sources, rejected_step=step_ids))
             m.target_tokens += len(fallback.ids)
-            d_seq.extend(draft.step_ids(fallback, self.same_tokenizer))
-        if policy is not None:
-            policy.drafted(accepted=accepted, draft_forwards=_spent(m, "draft", draft) - d_spent,
-                           draft_tokens=len(dw.ids), fallback_forwards=_spent(m, "target", target) - t_spent,
+            d.seq.extend(d.lm.step_ids(fallback, self.same_tokenizer))
+        if policy is not None and costs is not None:
+            policy.drafted(accepted=accepted, draft_cost=costs.since("draft", d_before), draft_tokens=len(dw.ids),
+                           verify_cost=costs.verification(len(step_ids) + len(verifier.suffix_ids(dw.text))),
+                           fallback_cost=costs.since("target", t_before),
                            fallback_tokens=len(fallback.ids) if fallback is not None else 0)
         return state.commit_verified(dw, cpn, fallback, alpha=alpha)
 
 
-def _spent(m: Metrics, role: str, lm) -> float:
-    """What ``role``'s steps have cost so far in the request, in its single-token forwards (step_cost)."""
-    return step_cost(getattr(m, f"{role}_step_forwards"), getattr(m, f"{role}_proposed_tokens"), lm.device.type)
+class _Prices:
+    """What a request's steps cost, in the target's one-token forwards: each model's counters
+    (``<role>_step_forwards``, ``_proposals``, ``_proposed_tokens``) priced at its measured costs."""
+
+    def __init__(self, target: ForwardCost, draft: ForwardCost, metrics: Metrics):
+        self.costs = {"target": (target, 1.0), "draft": (draft, draft.seconds / target.seconds)}
+        self.target_cost, self.metrics = target, metrics
+
+    def counts(self, role: str) -> tuple[int, int, int]:
+        m = self.metrics
+        return (getattr(m, f"{role}_step_forwards"), getattr(m, f"{role}_proposals"),
+                getattr(m, f"{role}_proposed_tokens"))
+
+    def since(self, role: str, before: tuple[int, int, int]) -> float:
+        """What ``role``'s forwards since ``counts(role)`` returned ``before`` cost."""
+        cost, ratio = self.costs[role]
+        forwards, proposals, proposed = (now - then for now, then in zip(self.counts(role), before))
+        return ratio * cost.step_cost(forwards, proposals, proposed)
+
+    def verification(self, tokens: int) -> float:
+        return self.target_cost.verify_cost(tokens)

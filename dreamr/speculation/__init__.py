@@ -12,15 +12,20 @@ text is the model's own, token for token (greedy) or in distribution (sampling).
 | ``proposer.py`` | the proposer interface, the first-non-empty chain, and the chain for a setting's sources |
 | ``writer.py`` | writing one step with proposals (the sequential engines' step writer; mode "fpsr" shares its parts) |
 | ``policy.py`` | adaptive drafting: stop drafting steps while the judge rejects too many to pay |
+| ``gate.py`` | token-level auto-disable: stop checking proposals while they do not pay |
+| ``cost.py`` | what each kind of forward costs on this machine, measured once: the policies' units |
 """
 
 from dreamr.speculation.ngram import NgramProposer
-from dreamr.speculation.policy import PROPOSED_TOKEN_COST, AdaptiveDrafting, step_cost
+from dreamr.speculation.cost import ForwardCost
+from dreamr.speculation.cost import measure as measure_forward_cost
+from dreamr.speculation.gate import ProposalGate
+from dreamr.speculation.policy import AdaptiveDrafting
 from dreamr.speculation.proposer import ChainProposer, Proposer, proposer_for
 from dreamr.speculation.rejected_step import RejectedStepProposer
 from dreamr.speculation.writer import (accept_proposal, count_forward, proposal_verdict, propose, take_tokens,
                                       verify_proposal, write_step)
 
 __all__ = ["NgramProposer", "RejectedStepProposer", "ChainProposer", "Proposer", "proposer_for", "AdaptiveDrafting",
-           "PROPOSED_TOKEN_COST", "step_cost", "accept_proposal", "count_forward", "proposal_verdict", "propose", "take_tokens", "verify_proposal",
-           "write_step"]
+           "ProposalGate", "ForwardCost", "measure_forward_cost", "accept_proposal", "count_forward",
+           "proposal_verdict", "propose", "take_tokens", "verify_proposal", "write_step"]

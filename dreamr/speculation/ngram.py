@@ -64,6 +64,8 @@ class NgramProposer:
     --------
     >>> NgramProposer().propose([5, 6, 7, 8, 1, 5, 6], step=[5, 6], k=3)
     [7, 8, 1]
+    >>> NgramProposer().propose([3, 9, 4, 9, 4, 9], step=[9], k=5)   # a loop of period 2 goes on
+    [4, 9, 4, 9, 4]
     """
 
     name = "ngram"
@@ -83,5 +85,8 @@ class NgramProposer:
         for n in range(min(self.max_ngram, len(ctx) - 1), self.min_ngram - 1, -1):
             found = continuation(ctx, ctx[-n:].tolist(), k, before=len(ctx))
             if found:
-                return found
+                # Cut short only where the continuation runs into the present: the context then repeats
+                # with period len(found) (the match lies that far back), so the guess goes on repeating,
+                # as an overlapping copy does (a loop "0 0 0" proposes k zeros, not one).
+                return (found * -(-k // len(found)))[:k]
         return []

@@ -1,93 +1,95 @@
 """Adaptive drafting: stop drafting steps while the judge rejects too many of them to pay, probe again later.
 
 Drafting a step pays only where enough drafted steps are accepted: a rejected step costs the drafted step,
-its verification and the target's own step in series. Per request, the policy keeps running estimates,
-in target-forward equivalents counted from the run (not timed, so the same text gives the same decisions):
+its verification and the target's own step in series. The policy keeps running estimates (over the
+requests an engine runs at one threshold: a request has few steps to learn from) of the acceptance and of
+each kind of step's cost, in the target's one-token forwards (:class:`~dreamr.speculation.cost.ForwardCost`,
+measured once per machine; the decisions are counted from the run, not timed, so within a run the same
+text gives the same decisions):
 
-    drafting, per committed token:  (c * F_draft + 1 + (1 - a) * F_fallback) / (a * L_draft + (1 - a) * L_fallback)
-    target alone, per token:        F_alone / L_alone
+    drafting, per committed token:  (D + V + (1 - a) * F) / (a * L_draft + (1 - a) * L_fallback)
+    target alone, per token:        A / L_alone
 
-with ``a`` the running step acceptance, ``F`` forwards and ``L`` tokens per step of each kind (the
-target writes with token-level speculation either way), 1 the verification forward, and ``c`` the
-draft's decode cost relative to the target's (their parameter counts: decoding reads every weight). A
-forward that checks a proposal of ``K`` tokens counts as ``1 + K * PROPOSED_TOKEN_COST`` forwards
-(:func:`step_cost`): on a CPU checking tokens is far from free. While
-drafting costs more, the target writes steps alone; after ``interval`` such steps one step is drafted
-again as a probe; at a fixed alpha >= 1, where no verdict can accept, no step is drafted at all (the interval doubles up to ``max_interval`` while probes keep failing, and resets
-once drafting pays again). Greedy output at alpha = 1 does not change: every step is the target's
-either way (vLLM users know this as speculative decoding's "auto-disable").
+with ``a`` the running step acceptance, ``D`` a drafted step's cost (the draft's forwards, priced at the
+draft's cost relative to the target's), ``V`` its verification, ``F`` and ``A`` the cost of a step the
+target writes after a rejection and alone (with token-level speculation either way), and ``L`` tokens per
+step of each kind. While drafting costs more, the target writes steps alone; after ``interval`` such steps
+one step is drafted again as a probe (the interval doubles up to ``max_interval`` while probes keep
+failing, and resets once drafting pays again). Where drafting would cost more even if every step were
+accepted, ``(D + V) / L_draft >= A / L_alone``, no acceptance can make it pay and the policy waits
+``max_interval`` steps at once. Where every drafted step is accepted there is no target-written step to
+weigh drafting against, so after ``price_alone_after`` of them the target writes one step alone to price
+it (an accepting judge with a draft that writes slower than the target with token-level speculation is
+otherwise never noticed). At a fixed alpha >= 1, where no verdict can accept, no step is drafted at all. Greedy output at alpha = 1 does not change: every step is the target's either way (vLLM users know
+this as speculative decoding's "auto-disable").
 """
 
 from __future__ import annotations
 
-import math
-
-__all__ = ["AdaptiveDrafting", "PROPOSED_TOKEN_COST", "step_cost"]
-
-# What checking one proposed token adds to a forward, in single-token forwards of the same model, by
-# device type. CPU: measured here (one thread, float32): a forward over 11 tokens costs 2.9 single-token
-# forwards of gemma-3-270m and 2.3 of SmolLM2-135M, so about 0.19 per extra token. CUDA: a forward over a
-# few tokens costs about one (decoding is memory-bound), so 0.02; an estimate, not measured here.
-PROPOSED_TOKEN_COST = {"cpu": 0.19, "cuda": 0.02}
-
-
-def step_cost(forwards: int, proposed_tokens: int, device_type: str) -> float:
-    """The cost of writing a step, in single-token forwards of its model: ``forwards`` forwards, of which
-    the checking ones fed ``proposed_tokens`` proposed tokens besides their one token."""
-    return forwards + proposed_tokens * PROPOSED_TOKEN_COST.get(device_type, PROPOSED_TOKEN_COST["cpu"])
+__all__ = ["AdaptiveDrafting"]
 
 
 class _Mean:
-    """Exponential moving average; ``value`` is ``prior`` until the first update."""
+    """Exponential moving average; ``value`` is ``prior`` until the first update (None: the first value
+    observed, for the costs, which have no neutral value)."""
 
-    def __init__(self, prior: float, weight: float):
+    def __init__(self, prior: float | None, weight: float):
         self.value, self.weight = prior, weight
 
     def update(self, x: float) -> None:
-        self.value += self.weight * (x - self.value)
+        self.value = x if self.value is None else self.value + self.weight * (x - self.value)
 
 
 class AdaptiveDrafting:
-    """One request's decision, step by step: draft the next step, or let the target write it alone.
+    """The decision, step by step, over the requests at one threshold: draft the next step, or let the
+    target write it alone.
+
+    Costs are in the target's one-token decode forwards (see :class:`~dreamr.speculation.cost.ForwardCost`;
+    the engine prices each step before reporting it).
 
     Parameters
     ----------
-    cost_ratio : float
-        ``c``: the draft's decode forward cost over the target's, > 0 (``draft.num_parameters /
-        target.num_parameters``).
     weight : float
         Weight of the newest observation in each running estimate, in (0, 1]. A request has few steps, so
         the default reacts at once from the neutral prior (one rejection at a hopeless cost turns drafting
         off) but does not drop drafting after one rejection among accepted steps.
     max_interval : int
         Most target-alone steps between two probes.
+    price_alone_after : int
+        Drafted steps after which, while no step written by the target has been seen (every drafted step
+        accepted), the target writes one step alone to price the alternative.
     accepts_nothing : bool
         The threshold rejects every verdict (a fixed alpha >= 1): never draft.
 
     Examples
     --------
-    >>> policy = AdaptiveDrafting(cost_ratio=0.5)
+    >>> policy = AdaptiveDrafting()
     >>> policy.should_draft()
     True
-    >>> policy.drafted(accepted=False, draft_forwards=30, draft_tokens=30, fallback_forwards=30, fallback_tokens=30)
-    ...                # (forwards: step costs, see step_cost)
-    >>> policy.should_draft()   # one rejection at these costs: the target writes the next step alone
+    >>> policy.drafted(accepted=False, draft_cost=12.0, draft_tokens=20, verify_cost=1.0, fallback_cost=9.0,
+    ...                fallback_tokens=20)
+    >>> policy.should_draft()   # even accepted, a drafted step would cost more than the target's own
     False
+    >>> policy.skip             # so no acceptance can pay: the next probe waits max_interval steps
+    15
     """
 
-    def __init__(self, cost_ratio: float, *, weight: float = 0.3, max_interval: int = 16, accepts_nothing: bool = False):
-        if isinstance(cost_ratio, bool) or not isinstance(cost_ratio, (int, float)) or not (
-                math.isfinite(cost_ratio) and cost_ratio > 0):
-            raise ValueError(f"AdaptiveDrafting: cost_ratio must be a finite number > 0, got {cost_ratio!r}")
-        if not 0.0 < weight <= 1.0:
+    def __init__(self, *, weight: float = 0.3, max_interval: int = 16, price_alone_after: int = 2,
+                 accepts_nothing: bool = False):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 < weight <= 1.0:
             raise ValueError(f"AdaptiveDrafting: weight must be in (0, 1], got {weight!r}")
-        if isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < 1:
-            raise ValueError(f"AdaptiveDrafting: max_interval must be an integer >= 1, got {max_interval!r}")
-        self.cost_ratio, self.max_interval = float(cost_ratio), max_interval
+        for name, value in (("max_interval", max_interval), ("price_alone_after", price_alone_after)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AdaptiveDrafting: {name} must be an integer >= 1, got {value!r}")
+        self.max_interval, self.price_alone_after = max_interval, price_alone_after
+        self._unweighed = 0  # drafted steps since the start with no target-written step to weigh them against
         self.acceptance = _Mean(0.5, weight)  # neutral prior: the first verdict decides
-        self.draft_forwards, self.draft_tokens = _Mean(1.0, weight), _Mean(1.0, weight)
-        self.fallback_forwards, self.fallback_tokens = _Mean(1.0, weight), _Mean(1.0, weight)
-        self.alone_forwards, self.alone_tokens = _Mean(1.0, weight), _Mean(1.0, weight)
+        # the costs are read only once observed (a drafted step before any decision, a fallback or a step
+        # alone before it is weighed)
+        self.draft_step_cost, self.draft_step_tokens = _Mean(None, weight), _Mean(None, weight)
+        self.verify_step_cost = _Mean(None, weight)
+        self.fallback_step_cost, self.fallback_step_tokens = _Mean(None, weight), _Mean(None, weight)
+        self.alone_step_cost, self.alone_step_tokens = _Mean(None, weight), _Mean(None, weight)
         self._seen_fallback = self._seen_alone = False
         self.interval = 1
         self.skip = 0  # target-alone steps left before the next probe
@@ -105,42 +107,62 @@ class AdaptiveDrafting:
             return False
         return True
 
-    def drafting_cost(self) -> float:
-        """Expected target-forward equivalents per committed token while drafting."""
-        a = self.acceptance.value
-        forwards = self.cost_ratio * self.draft_forwards.value + 1.0 + (1.0 - a) * self.fallback_forwards.value
-        tokens = a * self.draft_tokens.value + (1.0 - a) * self.fallback_tokens.value
-        return forwards / max(tokens, 1e-9)
+    def drafting_cost(self, acceptance: float | None = None) -> float | None:
+        """Expected cost per committed token while drafting, at the running acceptance (or ``acceptance``);
+        None before a drafted step is recorded, or below acceptance 1 before a target-written one is."""
+        a = self.acceptance.value if acceptance is None else acceptance
+        target = self._target_step(prefer_alone=False)
+        if self.draft_step_cost.value is None or (a < 1.0 and target is None):
+            return None
+        cost = self.draft_step_cost.value + self.verify_step_cost.value
+        tokens = a * self.draft_step_tokens.value
+        if a < 1.0:
+            cost += (1.0 - a) * target[0]
+            tokens += (1.0 - a) * target[1]
+        return cost / max(tokens, 1e-9)
 
-    def alone_cost(self) -> float:
-        """Expected target forwards per committed token with the target alone (until a step alone is seen,
-        estimated by the fallback steps, which the target also writes alone)."""
-        if self._seen_alone:
-            return self.alone_forwards.value / max(self.alone_tokens.value, 1e-9)
-        return self.fallback_forwards.value / max(self.fallback_tokens.value, 1e-9)
+    def alone_cost(self) -> float | None:
+        """Expected cost per committed token with the target alone; None before the target wrote a step."""
+        target = self._target_step(prefer_alone=True)
+        return None if target is None else target[0] / max(target[1], 1e-9)
 
-    def drafted(self, *, accepted: bool, draft_forwards: float, draft_tokens: int, fallback_forwards: float = 0.0,
-                fallback_tokens: int = 0) -> None:
-        """Record a drafted step's outcome (with the target's fallback step where it was rejected); forwards
-        are each step's cost in its model's single-token forwards (:func:`step_cost`)."""
+    def _target_step(self, prefer_alone: bool) -> tuple[float, float] | None:
+        """(cost, tokens) of a step the target writes, as observed: a fallback step or a step alone (the
+        kind asked for where both were seen; they are written the same way, a fallback step with the
+        rejected step as its first proposal)."""
+        fallback = (self.fallback_step_cost.value, self.fallback_step_tokens.value) if self._seen_fallback else None
+        alone = (self.alone_step_cost.value, self.alone_step_tokens.value) if self._seen_alone else None
+        return (alone or fallback) if prefer_alone else (fallback or alone)
+
+    def drafted(self, *, accepted: bool, draft_cost: float, draft_tokens: int, verify_cost: float,
+                fallback_cost: float = 0.0, fallback_tokens: int = 0) -> None:
+        """Record a drafted step's outcome: its cost and tokens, its verification's cost, and where it was
+        rejected the target's fallback step's cost and tokens."""
         self.acceptance.update(1.0 if accepted else 0.0)
-        self.draft_forwards.update(draft_forwards)
-        self.draft_tokens.update(max(draft_tokens, 1))
+        self.draft_step_cost.update(draft_cost)
+        self.draft_step_tokens.update(max(draft_tokens, 1))
+        self.verify_step_cost.update(verify_cost)
         if not accepted:
-            self.fallback_forwards.update(fallback_forwards)
-            self.fallback_tokens.update(max(fallback_tokens, 1))
+            self.fallback_step_cost.update(fallback_cost)
+            self.fallback_step_tokens.update(max(fallback_tokens, 1))
             self._seen_fallback = True
-        if not self._seen_fallback:
-            return  # nothing rejected yet: no cost of the target alone to weigh drafting against
-        if self.drafting_cost() < self.alone_cost():
+        alone = self.alone_cost()
+        if alone is None:  # every step accepted so far: nothing the target wrote to weigh drafting against
+            self._unweighed += 1
+            if self._unweighed >= self.price_alone_after:
+                self.skip = 1  # the target writes the next step alone, to price it
+            return
+        if self.drafting_cost() < alone:
             self.interval = 1
-        else:
-            self.skip = self.interval
-            self.interval = min(2 * self.interval, self.max_interval)
-            self.switches += 1
+            return
+        if self.drafting_cost(acceptance=1.0) >= alone:
+            self.interval = self.max_interval  # no acceptance pays: probe seldom
+        self.skip = self.interval
+        self.interval = min(2 * self.interval, self.max_interval)
+        self.switches += 1
 
-    def alone(self, *, forwards: float, tokens: int) -> None:
-        """Record a step the target wrote alone (its cost, :func:`step_cost`, and its tokens)."""
-        self.alone_forwards.update(forwards)
-        self.alone_tokens.update(max(tokens, 1))
+    def alone(self, *, cost: float, tokens: int) -> None:
+        """Record a step the target wrote alone: its cost and its tokens."""
+        self.alone_step_cost.update(cost)
+        self.alone_step_tokens.update(max(tokens, 1))
         self._seen_alone = True

@@ -2,7 +2,7 @@
 
     while the step has not ended (delimiter, EOS, cap):
         tokens = carry (verified earlier, past the previous step's end), else
-        proposal = proposer(context, step so far, k)         # no model run
+        proposal = proposer(context, step so far, k)         # no model run; none while the gate is closed
         if proposal:  logits = model(pending + proposal)      # one forward, [K + 1, V]
                       tokens = greedy_verify / speculative_sample(proposal, logits)  # accepted + 1
         else:         tokens = [sample(model(pending))]       # plain decoding
@@ -26,6 +26,7 @@ from dreamr.cache import CachedSequence
 from dreamr.lm import LM
 from dreamr.result import Metrics
 from dreamr.sampling import Sampler
+from dreamr.speculation.gate import ProposalGate
 from dreamr.speculation.proposer import Proposer
 from dreamr.steps import StepWriter
 
@@ -146,7 +147,7 @@ def take_tokens(writer: StepWriter, tokens: list[int]) -> tuple[list[int], list[
 def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, max_tokens: int, *,
                proposer: Optional[Proposer] = None, num_speculative_tokens: int = 0,
                carry: Optional[list[int]] = None, metrics: Optional[Metrics] = None,
-               role: str = "target") -> StepWriter:
+               role: str = "target", gate: Optional[ProposalGate] = None) -> StepWriter:
     """Let ``lm`` write one step onto ``seq`` until the delimiter, EOS or the cap.
 
     Parameters
@@ -165,6 +166,9 @@ def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, ma
     metrics, role : where to count forwards and proposals: ``metrics.<role>_step_forwards``,
         ``<role>_proposals``, ``<role>_proposed_tokens``, ``<role>_accepted_tokens`` (role "target" or
         "draft").
+    gate : ProposalGate, optional
+        Decides, forward by forward, whether a proposal is checked at all (the request's gate for this
+        model, kept across its steps); None: every proposal is checked.
 
     Returns
     -------
@@ -179,10 +183,13 @@ def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, ma
             tokens = pending[:]
             pending.clear()
         else:
-            proposal = propose(proposer, seq.ids, writer, num_speculative_tokens)  # [] with no room or no k
+            proposal = propose(proposer, seq.ids, writer, num_speculative_tokens) if (
+                gate is None or gate.should_propose()) else []  # [] with no room, no k or the gate closed
             verified, accepted = bool(proposal), 0
             if verified:
                 tokens, accepted = verify_proposal(seq, sampler, proposal)
+                if gate is not None:
+                    gate.checked(proposed=len(proposal), emitted=len(tokens))
             else:
                 tokens = [sampler(seq.next_logits())]
             count_forward(metrics, role, proposal, accepted)
