@@ -46,6 +46,11 @@ def token_speculation_sources(setting: object, name: str = "token_speculation") 
     return sources
 
 
+def _adaptive(policy: Optional[str], mode: str, adaptive_modes: tuple[str, ...]) -> bool:
+    """Whether a policy setting (None: the mode's default, "adaptive" in ``adaptive_modes``) is "adaptive"."""
+    return (policy if policy is not None else "adaptive" if mode in adaptive_modes else "always") == "adaptive"
+
+
 @dataclass(frozen=True)
 class ReasonerConfig:
     """Settings of a reasoner; any field can also be overridden per call of ``generate``.
@@ -137,17 +142,13 @@ class ReasonerConfig:
     @property
     def adaptive_drafting(self) -> bool:
         """Whether drafting stops while it does not pay (``draft_policy``, or the mode's default)."""
-        policy = self.draft_policy if self.draft_policy is not None else (
-            "adaptive" if self.mode == "speculative" else "always")
-        return policy == "adaptive"
+        return _adaptive(self.draft_policy, self.mode, ("speculative",))
 
     @property
     def adaptive_proposals(self) -> bool:
         """Whether a model's proposals go unchecked while checking them does not pay (``proposal_policy``,
         or the mode's default)."""
-        policy = self.proposal_policy if self.proposal_policy is not None else (
-            "adaptive" if self.mode in ("token", "speculative") else "always")
-        return policy == "adaptive"
+        return _adaptive(self.proposal_policy, self.mode, ("token", "speculative"))
 
     @property
     def auto_alpha(self) -> bool:

@@ -30,8 +30,8 @@ branch proposes its slot's drafted step first (source "step": the draft wrote it
 finished, or, launched eagerly, as far as the draft has written it), then n-gram lookup over the branch's
 ids; the draft's steps propose by n-gram lookup where ``draft_token_speculation`` asks for it (on by
 default, as in mode "speculative"); every row's proposal is checked (mode "speculative"'s proposal gate,
-``proposal_policy="adaptive"``, is not built for batched passes). Unlike ``write_step`` nothing is carried past a step's
-end (tokens verified past it are dropped: the next step starts on another row or prefix). The counts
+``proposal_policy="adaptive"``, is not built for batched passes). Unlike ``write_step`` nothing is carried
+past a step's end (tokens verified past it are dropped: the next step starts on another row or prefix). The counts
 (``target_step_forwards``, ``target_proposals``, ...; ``draft_*``) are ``write_step``'s: one step forward
 per row fed.
 

@@ -59,8 +59,9 @@ class _Writer:
               ) -> StepWriter:
         """Write one step (``proposer`` in place of the writer's own for this step)."""
         return write_step(self.seq, self.lm, self.sampler, config.step_delimiter, cap,
-                          proposer=proposer if proposer is not None else self.proposer, num_speculative_tokens=config.num_speculative_tokens,
-                          carry=self.carry, metrics=metrics, role=self.role, gate=self.gate)
+                          proposer=proposer if proposer is not None else self.proposer,
+                          num_speculative_tokens=config.num_speculative_tokens, carry=self.carry, metrics=metrics,
+                          role=self.role, gate=self.gate)
 
 
 class SpeculativeEngine(Engine):

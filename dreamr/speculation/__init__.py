@@ -14,6 +14,7 @@ text is the model's own, token for token (greedy) or in distribution (sampling).
 | ``policy.py`` | adaptive drafting: stop drafting steps while the judge rejects too many to pay |
 | ``gate.py`` | token-level auto-disable: stop checking proposals while they do not pay |
 | ``cost.py`` | what each kind of forward costs on this machine, measured once: the policies' units |
+| ``probing.py`` | what both policies share: running means, and probing again after doubling waits |
 """
 
 from dreamr.speculation.ngram import NgramProposer

@@ -1,25 +1,26 @@
 """Token-level auto-disable: stop checking proposals while they do not pay, check one again later.
 
 A checked proposal of K tokens is one forward over K + 1 tokens, ``check_cost(K)`` one-token decode
-forwards (:class:`~dreamr.speculation.cost.ForwardCost`: about 1 on a GPU, where decoding is memory-bound;
-1.5 to 2.7 on the development CPU for K = 1 to 20), and it emits the accepted tokens plus one. So it pays
-only where ``(accepted + 1) / check_cost(K) > 1``. Where a forward's cost grows with its tokens, a proposer
-whose guesses the model seldom takes (text that does not repeat, a model that does not follow the draft)
-makes every step slower than plain decoding; the gate stops that. Per model (over the requests an engine runs) it keeps a
-running mean of that ratio over the checked proposals; while the mean is below 1 the next ``interval`` forwards
-decode plainly, then a proposal is checked again as a probe (the interval doubles up to ``max_interval``
-while probes fail, and resets once checks pay). Which forwards check a proposal never changes the text
-(each check is lossless); the decisions are counted, not timed.
+forwards (:class:`~dreamr.speculation.cost.ForwardCost`: about 1 on a GPU, where decoding is
+memory-bound; 1.5 to 2.7 on the development CPU for K = 1 to 20), and it emits the accepted tokens plus one. So
+it pays only where ``(accepted + 1) / check_cost(K) > 1``. Where a forward's cost grows with its tokens,
+a proposer whose guesses the model seldom takes (text that does not repeat, a model that does not follow
+the draft) makes every step slower than plain decoding; the gate stops that. Per model (over the requests
+an engine runs) it keeps a running mean of that ratio over the checked proposals; while the mean is below
+1 the next ``interval`` forwards decode plainly, then a proposal is checked again as a probe (the
+interval doubles up to ``max_interval`` while probes fail, and resets once checks pay). Which forwards
+check a proposal never changes the text (each check is lossless); the decisions are counted, not timed.
 """
 
 from __future__ import annotations
 
 from dreamr.speculation.cost import ForwardCost
+from dreamr.speculation.probing import Probing, RunningMean, check_count, check_weight
 
 __all__ = ["ProposalGate"]
 
 
-class ProposalGate:
+class ProposalGate(Probing):
     """One model's decision, forward by forward: check a proposal, or decode plainly.
 
     Parameters
@@ -48,31 +49,24 @@ class ProposalGate:
     def __init__(self, cost: ForwardCost, *, weight: float = 0.3, max_interval: int = 16):
         if not isinstance(cost, ForwardCost):
             raise ValueError(f"ProposalGate: cost must be a ForwardCost, got {type(cost).__name__}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 < weight <= 1.0:
-            raise ValueError(f"ProposalGate: weight must be in (0, 1], got {weight!r}")
-        if isinstance(max_interval, bool) or not isinstance(max_interval, int) or max_interval < 1:
-            raise ValueError(f"ProposalGate: max_interval must be an integer >= 1, got {max_interval!r}")
-        self.cost, self.weight, self.max_interval = cost, float(weight), max_interval
-        self.efficiency: float | None = None  # running mean of tokens emitted per check / the check's cost
-        self.interval = 1
-        self.skip = 0  # plain forwards left before the next probe
-        self.switches = 0  # times checking went off
+        weight = check_weight("ProposalGate", weight)
+        super().__init__(check_count("ProposalGate", "max_interval", max_interval))
+        self.cost = cost
+        self._efficiency = RunningMean(None, weight)  # tokens emitted per check / the check's cost
+
+    @property
+    def efficiency(self) -> float | None:
+        """The running mean of tokens emitted per check over the check's cost (None before a check)."""
+        return self._efficiency.value
 
     def should_propose(self) -> bool:
         """Whether the next forward checks a proposal (where the proposer has one)."""
-        if self.skip > 0:
-            self.skip -= 1
-            return False
-        return True
+        return not self.waiting()
 
     def checked(self, *, proposed: int, emitted: int) -> None:
         """Record a checked proposal: ``proposed`` tokens, ``emitted`` (the accepted ones plus one)."""
-        ratio = emitted / self.cost.check_cost(proposed)
-        e = self.efficiency
-        self.efficiency = ratio if e is None else e + self.weight * (ratio - e)
+        self._efficiency.update(emitted / self.cost.check_cost(proposed))
         if self.efficiency >= 1.0:
-            self.interval = 1
-            return
-        self.skip = self.interval
-        self.interval = min(2 * self.interval, self.max_interval)
-        self.switches += 1
+            self.paid()
+        else:
+            self.failed()

@@ -1,11 +1,11 @@
 """Adaptive drafting: stop drafting steps while the judge rejects too many of them to pay, probe again later.
 
-Drafting a step pays only where enough drafted steps are accepted: a rejected step costs the drafted step,
-its verification and the target's own step in series. The policy keeps running estimates (over the
+Drafting a step pays only where enough drafted steps are accepted: a rejected step costs the drafted
+step, its verification and the target's own step in series. The policy keeps running estimates (over the
 requests an engine runs at one threshold: a request has few steps to learn from) of the acceptance and of
-each kind of step's cost, in the target's one-token forwards (:class:`~dreamr.speculation.cost.ForwardCost`,
-measured once per machine; the decisions are counted from the run, not timed, so within a run the same
-text gives the same decisions):
+each kind of step's cost, in the target's one-token forwards
+(:class:`~dreamr.speculation.cost.ForwardCost`, measured once per machine; the decisions are counted from
+the run, not timed, so within a run the same text gives the same decisions):
 
     drafting, per committed token:  (D + V + (1 - a) * F) / (a * L_draft + (1 - a) * L_fallback)
     target alone, per token:        A / L_alone
@@ -13,34 +13,26 @@ text gives the same decisions):
 with ``a`` the running step acceptance, ``D`` a drafted step's cost (the draft's forwards, priced at the
 draft's cost relative to the target's), ``V`` its verification, ``F`` and ``A`` the cost of a step the
 target writes after a rejection and alone (with token-level speculation either way), and ``L`` tokens per
-step of each kind. While drafting costs more, the target writes steps alone; after ``interval`` such steps
-one step is drafted again as a probe (the interval doubles up to ``max_interval`` while probes keep
+step of each kind. While drafting costs more, the target writes steps alone; after ``interval`` such
+steps one step is drafted again as a probe (the interval doubles up to ``max_interval`` while probes keep
 failing, and resets once drafting pays again). Where drafting would cost more even if every step were
 accepted, ``(D + V) / L_draft >= A / L_alone``, no acceptance can make it pay and the policy waits
 ``max_interval`` steps at once. Where every drafted step is accepted there is no target-written step to
 weigh drafting against, so after ``price_alone_after`` of them the target writes one step alone to price
 it (an accepting judge with a draft that writes slower than the target with token-level speculation is
-otherwise never noticed). At a fixed alpha >= 1, where no verdict can accept, no step is drafted at all. Greedy output at alpha = 1 does not change: every step is the target's either way (vLLM users know
-this as speculative decoding's "auto-disable").
+otherwise never noticed). At a fixed alpha >= 1, where no verdict can accept, no step is drafted at all.
+Greedy output at alpha = 1 does not change: every step is the target's either way (vLLM users know this
+as speculative decoding's "auto-disable").
 """
 
 from __future__ import annotations
 
+from dreamr.speculation.probing import Probing, RunningMean, check_count, check_weight
+
 __all__ = ["AdaptiveDrafting"]
 
 
-class _Mean:
-    """Exponential moving average; ``value`` is ``prior`` until the first update (None: the first value
-    observed, for the costs, which have no neutral value)."""
-
-    def __init__(self, prior: float | None, weight: float):
-        self.value, self.weight = prior, weight
-
-    def update(self, x: float) -> None:
-        self.value = x if self.value is None else self.value + self.weight * (x - self.value)
-
-
-class AdaptiveDrafting:
+class AdaptiveDrafting(Probing):
     """The decision, step by step, over the requests at one threshold: draft the next step, or let the
     target write it alone.
 
@@ -76,36 +68,24 @@ class AdaptiveDrafting:
 
     def __init__(self, *, weight: float = 0.3, max_interval: int = 16, price_alone_after: int = 2,
                  accepts_nothing: bool = False):
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 < weight <= 1.0:
-            raise ValueError(f"AdaptiveDrafting: weight must be in (0, 1], got {weight!r}")
-        for name, value in (("max_interval", max_interval), ("price_alone_after", price_alone_after)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"AdaptiveDrafting: {name} must be an integer >= 1, got {value!r}")
-        self.max_interval, self.price_alone_after = max_interval, price_alone_after
+        weight = check_weight("AdaptiveDrafting", weight)
+        super().__init__(check_count("AdaptiveDrafting", "max_interval", max_interval))
+        self.price_alone_after = check_count("AdaptiveDrafting", "price_alone_after", price_alone_after)
         self._unweighed = 0  # drafted steps since the start with no target-written step to weigh them against
-        self.acceptance = _Mean(0.5, weight)  # neutral prior: the first verdict decides
+        self.acceptance = RunningMean(0.5, weight)  # neutral prior: the first verdict decides
         # the costs are read only once observed (a drafted step before any decision, a fallback or a step
         # alone before it is weighed)
-        self.draft_step_cost, self.draft_step_tokens = _Mean(None, weight), _Mean(None, weight)
-        self.verify_step_cost = _Mean(None, weight)
-        self.fallback_step_cost, self.fallback_step_tokens = _Mean(None, weight), _Mean(None, weight)
-        self.alone_step_cost, self.alone_step_tokens = _Mean(None, weight), _Mean(None, weight)
-        self._seen_fallback = self._seen_alone = False
-        self.interval = 1
-        self.skip = 0  # target-alone steps left before the next probe
-        self.switches = 0  # times drafting went off (for metrics and tests)
+        self.draft_step_cost, self.draft_step_tokens = RunningMean(None, weight), RunningMean(None, weight)
+        self.verify_step_cost = RunningMean(None, weight)
+        self.fallback_step_cost, self.fallback_step_tokens = RunningMean(None, weight), RunningMean(None, weight)
+        self.alone_step_cost, self.alone_step_tokens = RunningMean(None, weight), RunningMean(None, weight)
         # a fixed alpha >= 1 rejects every verdict (dreamr::accepts): no drafted step can be kept, so none is
         # drafted (the text is the target's either way)
         self.accepts_nothing = bool(accepts_nothing)
 
     def should_draft(self) -> bool:
         """Whether the next step is drafted (and verified) or written by the target alone."""
-        if self.accepts_nothing:
-            return False
-        if self.skip > 0:
-            self.skip -= 1
-            return False
-        return True
+        return not (self.accepts_nothing or self.waiting())
 
     def drafting_cost(self, acceptance: float | None = None) -> float | None:
         """Expected cost per committed token while drafting, at the running acceptance (or ``acceptance``);
@@ -130,8 +110,9 @@ class AdaptiveDrafting:
         """(cost, tokens) of a step the target writes, as observed: a fallback step or a step alone (the
         kind asked for where both were seen; they are written the same way, a fallback step with the
         rejected step as its first proposal)."""
-        fallback = (self.fallback_step_cost.value, self.fallback_step_tokens.value) if self._seen_fallback else None
-        alone = (self.alone_step_cost.value, self.alone_step_tokens.value) if self._seen_alone else None
+        fallback = (self.fallback_step_cost.value, self.fallback_step_tokens.value)
+        alone = (self.alone_step_cost.value, self.alone_step_tokens.value)
+        fallback, alone = (x if x[0] is not None else None for x in (fallback, alone))  # (None: not seen yet)
         return (alone or fallback) if prefer_alone else (fallback or alone)
 
     def drafted(self, *, accepted: bool, draft_cost: float, draft_tokens: int, verify_cost: float,
@@ -145,7 +126,6 @@ class AdaptiveDrafting:
         if not accepted:
             self.fallback_step_cost.update(fallback_cost)
             self.fallback_step_tokens.update(max(fallback_tokens, 1))
-            self._seen_fallback = True
         alone = self.alone_cost()
         if alone is None:  # every step accepted so far: nothing the target wrote to weigh drafting against
             self._unweighed += 1
@@ -153,16 +133,11 @@ class AdaptiveDrafting:
                 self.skip = 1  # the target writes the next step alone, to price it
             return
         if self.drafting_cost() < alone:
-            self.interval = 1
-            return
-        if self.drafting_cost(acceptance=1.0) >= alone:
-            self.interval = self.max_interval  # no acceptance pays: probe seldom
-        self.skip = self.interval
-        self.interval = min(2 * self.interval, self.max_interval)
-        self.switches += 1
+            self.paid()
+        else:  # no acceptance pays where even acceptance 1 does not: probe seldom
+            self.failed(hopeless=self.drafting_cost(acceptance=1.0) >= alone)
 
     def alone(self, *, cost: float, tokens: int) -> None:
         """Record a step the target wrote alone: its cost and its tokens."""
         self.alone_step_cost.update(cost)
         self.alone_step_tokens.update(max(tokens, 1))
-        self._seen_alone = True
