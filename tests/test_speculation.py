@@ -500,3 +500,19 @@ def test_adaptive_drafting_is_carried_from_request_to_request_at_one_alpha(reaso
     assert fresh.steps[0].accepted is not None  # drafted and judged
     reasoner.engine("speculative").adaptive_state.clear()
     assert reasoner.generate(PROMPTS[0], alpha=0.5, **kw).steps[0].accepted is not None
+
+
+def test_a_seeded_sampled_request_starts_the_adaptive_policies_afresh(reasoner, content_judge, monkeypatch):
+    """With a seed, a sampled request's draws do not depend on the requests before it, though the gate
+    and the drafting policy carry their state across greedy ones."""
+    content_judge(reasoner)
+    kw = dict(alpha=0.5, temperature=0.9, seed=5, draft_policy="adaptive", proposal_policy="adaptive",
+              max_new_tokens=40)
+    for mode in ("speculative", "token"):
+        pin_costs(monkeypatch, reasoner, SLOW_CHECKS, DEAR_DRAFT, mode=mode)
+        first = reasoner.generate(PROMPTS[1], mode=mode, **kw)
+        for prompt in PROMPTS:  # greedy requests move the carried state on
+            reasoner.generate(prompt, mode=mode, alpha=0.5, draft_policy="adaptive", proposal_policy="adaptive")
+        assert reasoner.engine(mode).adaptive_state
+        again = reasoner.generate(PROMPTS[1], mode=mode, **kw)
+        assert [(s.text, s.source) for s in again.steps] == [(s.text, s.source) for s in first.steps]

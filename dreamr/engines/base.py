@@ -194,11 +194,16 @@ class Engine:
         if not (sources and config.adaptive_proposals):
             return None
         cost = self.forward_cost(role, config.num_speculative_tokens)
-        return self.carried(("proposal_gate", role, config.num_speculative_tokens), cost, lambda: ProposalGate(cost))
+        return self.carried(("proposal_gate", role, config.num_speculative_tokens), cost, lambda: ProposalGate(cost),
+                            config)
 
-    def carried(self, key: tuple, costs: Any, make: Callable[[], Any]) -> Any:
+    def carried(self, key: tuple, costs: Any, make: Callable[[], Any], config: ReasonerConfig) -> Any:
         """The adaptive policy kept under ``key`` (:attr:`adaptive_state`), made anew by ``make()`` where
-        there is none or it weighed other ``costs`` (pinned since)."""
+        there is none or it weighed other ``costs`` (pinned since). A seeded sampled request gets a fresh
+        one, kept for no other: which forwards check a proposal changes which random numbers are drawn, and
+        a seed must fix a request's draws whatever ran before it."""
+        if config.temperature > 0 and config.seed is not None:
+            return make()
         held = self.adaptive_state.get(key)
         if held is None or held[0] != costs:
             held = self.adaptive_state[key] = (costs, make())

@@ -81,7 +81,7 @@ class SpeculativeEngine(Engine):
             prices = (self.forward_cost("target", k), self.forward_cost("draft", k))
             costs = _Prices(*prices, m)
             # carried across requests at the same threshold (the acceptance it estimates depends on alpha)
-            policy = self.carried(("drafting", cfg.alpha, k), prices, AdaptiveDrafting)
+            policy = self.carried(("drafting", cfg.alpha, k), prices, AdaptiveDrafting, cfg)
         t = _Writer("target", self.target, open_sequence(self.target, request.target_ids, request.target_inputs, m),
                     self.sampler(cfg, 0), proposer_for(cfg.speculation_sources), self.proposal_gate("target", cfg))
         d = _Writer("draft", self.draft, open_sequence(self.draft, request.draft_ids, request.draft_inputs, m),
