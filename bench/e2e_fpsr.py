@@ -48,6 +48,15 @@ row), bf16, alpha 0.7, W 4, 2026-11-28:
     with token-level speculation and the adaptive policies (proposal gate, adaptive drafting carried from
     request to request), bf16, target 227 ms/token, c = 0.25, 2026-12-04: cheap draft, 8 problems x 32
     tokens, a = 0.5 (realized 0.44): speculative 1.00 (18 of 32 steps drafted), fpsr 0.97; bound 1.14
+    with adaptive drafting and the proposal gate in fpsr too (its scheduler's set_drafting), same settings,
+    2026-12-04: speculative 1.00, fpsr 0.96, fpsr[target_launch=on_reject,overlap=1] 0.98; bound 1.14.
+    The bound prices a verification at one target token; measured (speculation/cost.py) this target's
+    verification of an 8-token step with its 16-token verdict prompt costs 2.3 decode forwards on one CPU
+    thread (compute-bound), so at a = 0.5 drafting costs (8 * 0.25 + 2.3 + 0.5 * 8) / 8 = 1.04 forwards
+    per token against 1.00 alone, and the policies write mostly alone. With every step drafted
+    (draft_policy="always"), 4 problems, realized acceptance 0.35: target 252 ms/token, speculative 404
+    (this includes its first request's timing of the forwards), fpsr on-reject 282, fpsr on-reject with
+    overlap 277: slower than the target alone at that acceptance, as the policy predicts.
 
 Problems, prompts, the interleaved runs and the per-mode sums come from :mod:`dreamr.eval` (each run is
 one of its records), the random target and the fixed-acceptance verdicts from :mod:`dreamr.testing`.

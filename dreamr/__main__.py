@@ -100,11 +100,11 @@ def _parser() -> argparse.ArgumentParser:
                         "over vLLM servers)")
     p.add_argument("--num-speculative-tokens", type=int, default=10, help="most tokens per proposal (10)")
     p.add_argument("--draft-policy", default=None, choices=list(DRAFT_POLICIES),
-                   help="always draft, or stop drafting while it does not pay (default: the mode's: adaptive "
-                        "for speculative, always for fpsr)")
+                   help="always draft, or stop drafting while it does not pay (default: adaptive in the "
+                        "drafting modes, speculative and fpsr)")
     p.add_argument("--proposal-policy", default=None, choices=list(DRAFT_POLICIES),
                    help="check every token-level proposal, or stop checking while it does not pay (default: "
-                        "the mode's: adaptive for token and speculative, always for fpsr)")
+                        "adaptive in modes token, speculative and fpsr)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--max-step-tokens", type=int, default=64)
     p.add_argument("--answer-marker", default=ANSWER_MARKER,

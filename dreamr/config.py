@@ -96,12 +96,11 @@ class ReasonerConfig:
     num_speculative_tokens : most tokens per proposal (>= 1).
     draft_policy : "always" (draft every step), "adaptive" (stop drafting while the judge rejects too
         many steps to pay, probe again later: :class:`dreamr.speculation.AdaptiveDrafting`), or None: the
-        mode's default ("adaptive" for "speculative"; mode "fpsr" always drafts and refuses "adaptive").
+        mode's default ("adaptive" for "speculative" and "fpsr").
     proposal_policy : "always" (check every proposal token-level speculation makes), "adaptive" (stop
         checking a model's proposals while they emit fewer tokens than the checking forwards cost, probe
         again later: :class:`dreamr.speculation.ProposalGate`; lossless either way), or None: the mode's
-        default ("adaptive" for "token" and "speculative"; mode "fpsr" checks every proposal and refuses
-        "adaptive").
+        default ("adaptive" for "token", "speculative" and "fpsr").
     """
 
     mode: str = "speculative"
@@ -142,13 +141,13 @@ class ReasonerConfig:
     @property
     def adaptive_drafting(self) -> bool:
         """Whether drafting stops while it does not pay (``draft_policy``, or the mode's default)."""
-        return _adaptive(self.draft_policy, self.mode, ("speculative",))
+        return _adaptive(self.draft_policy, self.mode, ("speculative", "fpsr"))
 
     @property
     def adaptive_proposals(self) -> bool:
         """Whether a model's proposals go unchecked while checking them does not pay (``proposal_policy``,
         or the mode's default)."""
-        return _adaptive(self.proposal_policy, self.mode, ("token", "speculative"))
+        return _adaptive(self.proposal_policy, self.mode, ("token", "speculative", "fpsr"))
 
     @property
     def auto_alpha(self) -> bool:
@@ -178,16 +177,11 @@ class ReasonerConfig:
         if "step" in self.draft_speculation_sources:
             raise ValueError(f"draft_token_speculation={self.draft_token_speculation!r}: 'step' proposes a rejected "
                              "drafted step to the target; the draft's own steps take 'ngram' or 'off'")
-        # why mode "fpsr" has no adaptive form of each policy
-        for name, fpsr_why in (("draft_policy", "its scheduler drafts every step of its window"),
-                               ("proposal_policy", "its batched forwards check every row's proposal")):
+        for name in ("draft_policy", "proposal_policy"):
             value = getattr(self, name)
             if value is not None and value not in DRAFT_POLICIES:
                 raise ValueError(f"{name} must be None (the mode's default) or one of {list(DRAFT_POLICIES)}, "
                                  f"got {value!r}")
-            if value == "adaptive" and self.mode == "fpsr":
-                raise ValueError(f"{name}='adaptive' is not implemented for mode 'fpsr' ({fpsr_why}); use "
-                                 f"{name}=None or 'always', or mode 'speculative'")
         for name in ("max_step_tokens", "max_new_tokens", "window", "num_speculative_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:

@@ -59,8 +59,8 @@ def test_cli_mode_token_prints_the_token_level_figures(capsys, folders):
                                         (["--dtype", "int8"], "dtype"),
                                         (["--token-speculation", "ngram+medusa"], "token_speculation"),
                                         (["--num-speculative-tokens", "0"], "num_speculative_tokens"),
-                                        (["--mode", "fpsr", "--draft-policy", "adaptive"], "draft_policy"),
-                                        (["--mode", "fpsr", "--proposal-policy", "adaptive"], "proposal_policy"),
+                                        (["--mode", "fpsr", "--draft-policy", "never"], "--draft-policy"),
+                                        (["--mode", "fpsr", "--proposal-policy", "never"], "--proposal-policy"),
                                         # the vLLM backend's flags: contradictions and an unreachable server
                                         (["--target-url", "http://127.0.0.1:9", "--target", "gemma-3-270m"], "--target"),
                                         (["--draft-url", "http://127.0.0.1:9"], "--target-url"),

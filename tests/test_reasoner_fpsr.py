@@ -361,7 +361,7 @@ def test_real_pair_fpsr_matches_speculative():
 
     real = SpeculativeReasoner.from_pretrained(dtype="float32", progress=False, max_new_tokens=40,
                                                max_step_tokens=16, answer_marker="The answer is",
-                                               draft_policy="always")  # FPSR drafts every step
+                                               draft_policy="always")  # both modes draft every step
     prompt = gsm8k_prompt(0)
     spec = real.generate(prompt)
     for launch in ("eager", "on_reject"):

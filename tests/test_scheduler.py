@@ -194,6 +194,33 @@ def test_on_reject_policy_launches_targets_only_for_rejections():
     assert s.stats()["targets_launched"] == 1
 
 
+@pytest.mark.parametrize("launch", [TargetLaunch.EAGER, TargetLaunch.ON_REJECT])
+def test_drafting_off_opens_target_steps_alone_at_the_head(launch):
+    """With drafting off a request opens one position at a time, with only its target step (whatever the
+    launch policy), committed once written; the branch continues into the next one. Drafting back on
+    applies from the next position opened."""
+    s = Scheduler(window=3, alpha=0.5, target_launch=launch)
+    r = s.add_request(100, drafting=False)
+    assert s.info(r)["drafting"] == 0
+    t0 = only(s.poll(), K.LAUNCH_TARGET)
+    assert (t0.step, t0.tokens, t0.aux) == (0, 100, -1)
+    s.on_target_step(r, t0.slot, t0.epoch, 4, StepEnd.NONE)
+    acts = s.poll()
+    assert kinds(acts) == [K.COMMIT_TARGET, K.LAUNCH_TARGET]
+    t1 = acts[1]
+    assert (t1.step, t1.tokens, t1.aux) == (1, 96, t0.epoch)  # continues the committed branch
+    s.set_drafting(r, True)
+    assert s.poll() == [] and s.info(r)["drafting"] == 1
+    s.on_target_step(r, t1.slot, t1.epoch, 6, StepEnd.NONE)
+    acts = s.poll()
+    assert kinds(acts) == [K.COMMIT_TARGET, K.LAUNCH_DRAFT] + ([K.LAUNCH_TARGET] if launch == TargetLaunch.EAGER else [])
+    stats = s.stats()
+    assert (stats["undrafted_steps"], stats["drafts_launched"], stats["verifications"]) == (2, 1, 0)
+    assert stats["steps_committed_target"] == 2 and s.info(r)["committed_tokens"] == 10
+    with pytest.raises(ValueError, match="set_drafting: unknown request 9"):
+        s.set_drafting(9, False)
+
+
 def test_abort_and_set_budget():
     s = Scheduler(window=2, alpha=0.5)
     a, b = s.add_request(100), s.add_request(100)

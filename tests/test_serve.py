@@ -167,7 +167,7 @@ def test_models_health_and_metrics(client, server, reasoner):
     ({"alpha": 2}, "alpha"),
     ({"mode": "nope"}, "mode"),
     ({"alhpa": 0.5}, "alhpa"),
-    ({"mode": "fpsr", "draft_policy": "adaptive"}, "draft_policy"),
+    ({"mode": "fpsr", "draft_policy": "sometimes"}, "draft_policy"),
     ({"proposal_policy": "never"}, "proposal_policy"),
     ({"logprobs": 3}, "logprobs"),
 ])

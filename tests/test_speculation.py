@@ -74,12 +74,11 @@ def test_bad_settings_name_the_field(field, value, match):
         ReasonerConfig(**{field: value})
 
 
-def test_fpsr_refuses_adaptive_drafting_and_modes_have_their_default():
-    with pytest.raises(ValueError, match="draft_policy='adaptive' is not implemented for mode 'fpsr'"):
-        ReasonerConfig(mode="fpsr", draft_policy="adaptive")
-    assert ReasonerConfig(mode="speculative").adaptive_drafting
-    assert not ReasonerConfig(mode="fpsr").adaptive_drafting
+def test_the_drafting_modes_draft_adaptively_by_default():
+    assert ReasonerConfig(mode="speculative").adaptive_drafting and ReasonerConfig(mode="fpsr").adaptive_drafting
     assert not ReasonerConfig(mode="speculative", draft_policy="always").adaptive_drafting
+    assert not ReasonerConfig(mode="fpsr", draft_policy="always").adaptive_drafting
+    assert not ReasonerConfig(mode="token").adaptive_drafting
 
 
 # --------------------------------------------------------------------------------------------------
@@ -429,6 +428,59 @@ def test_adaptive_drafting_in_the_engine(reasoner, content_judge, monkeypatch):
         assert x.verified_steps + x.undrafted_steps == x.num_steps
 
 
+@pytest.mark.parametrize("launch", ["eager", "on_reject"])
+def test_adaptive_drafting_in_fpsr(reasoner, content_judge, monkeypatch, launch):
+    """Mode fpsr drafts adaptively as mode speculative does: its scheduler opens a step with no draft
+    where the policy says drafting does not pay. At alpha = 1 no step is drafted and every text is the
+    target's, in a batch too; at alpha = 0 a free draft drafts on but for the step that prices the target
+    alone, a draft at 100x the target's price stops once that step is priced; a mixed judge gives both
+    kinds of step."""
+    engine = reasoner.engine("fpsr")
+    monkeypatch.setattr(engine, "target_launch", launch)
+    pin_costs(monkeypatch, reasoner, UNIT_COST, UNIT_COST, mode="fpsr")
+    kw = dict(mode="fpsr", draft_policy="adaptive", max_new_tokens=60)
+    alone = reasoner.generate_batch(PROMPTS[:3], alpha=1.0, **kw)
+    for prompt, r in zip(PROMPTS, alone):
+        assert r.text == reasoner.generate(prompt, mode="target", max_new_tokens=60).text
+        m = r.metrics
+        assert m.verified_steps == 0 and m.draft_tokens == 0 and m.undrafted_steps == m.num_steps > 1
+        assert [s.source for s in r.steps] == ["target"] * m.num_steps
+    stats = engine.last_stats
+    assert stats["drafts_launched"] == 0 and stats["undrafted_steps"] == sum(r.metrics.num_steps for r in alone)
+    assert stats["targets_continued"] == stats["undrafted_steps"] - 3  # every later step continues the branch
+    pin_costs(monkeypatch, reasoner, FREE_VERIFY, FREE_DRAFT, mode="fpsr")
+    free = reasoner.generate(PROMPTS[2], alpha=0.0, **kw).metrics
+    assert free.undrafted_steps == 1 and free.accepted_steps == free.verified_steps == free.num_steps - 1
+    pin_costs(monkeypatch, reasoner, UNIT_COST, DEAR_DRAFT, mode="fpsr")
+    dear = reasoner.generate(PROMPTS[2], alpha=0.0, **kw).metrics
+    assert dear.accepted_steps == dear.verified_steps
+    assert dear.verified_steps <= 2 + reasoner.config.window and dear.undrafted_steps >= dear.num_steps - dear.verified_steps
+    content_judge(reasoner)  # real verdicts on random models: some accepted, some rejected
+    pin_costs(monkeypatch, reasoner, UNIT_COST, UNIT_COST, mode="fpsr")
+    mixed = [r.metrics for r in reasoner.generate_batch(PROMPTS, alpha=0.5, **kw)]
+    assert sum(x.undrafted_steps for x in mixed) > 0 and sum(x.verified_steps for x in mixed) > 0
+    for x in mixed:
+        assert x.verified_steps + x.undrafted_steps == x.num_steps
+
+
+@pytest.mark.parametrize("launch", ["eager", "on_reject"])
+def test_the_proposal_gate_in_fpsr_keeps_the_text(reasoner, monkeypatch, launch):
+    """Mode fpsr gates each row's proposal in its batched passes as the sequential modes gate a step's:
+    where checks cost more than they emit fewer proposals are checked; the text is the target's."""
+    monkeypatch.setattr(reasoner.engine("fpsr"), "target_launch", launch)
+    kw = dict(mode="fpsr", alpha=1.0, max_new_tokens=60, token_speculation="ngram")
+    target_text = reasoner.generate(PROMPTS[1], mode="target", max_new_tokens=60).text
+    runs = {}
+    for name, cost, policy in (("always", SLOW_CHECKS, "always"), ("cpu", SLOW_CHECKS, "adaptive"),
+                               ("gpu", FLAT_CHECKS, "adaptive")):
+        pin_costs(monkeypatch, reasoner, cost, cost, mode="fpsr")
+        r = reasoner.generate(PROMPTS[1], proposal_policy=policy, **kw)
+        assert r.text == target_text
+        runs[name] = r.metrics
+    assert runs["always"].target_proposals > runs["cpu"].target_proposals > 0
+    assert runs["gpu"].target_proposals == runs["always"].target_proposals
+
+
 def test_token_metrics_merge_and_derive():
     a = Metrics(target_tokens=10, target_step_forwards=5, target_proposals=2, target_proposed_tokens=8,
                 target_accepted_tokens=6, draft_tokens=4, draft_step_forwards=4).finalize()
@@ -463,10 +515,8 @@ def test_proposal_gate_arguments_are_checked():
             ProposalGate(**{"cost": UNIT_COST, **kw})
     with pytest.raises(ValueError, match="proposal_policy"):
         ReasonerConfig(proposal_policy="never")
-    with pytest.raises(ValueError, match="proposal_policy='adaptive' is not implemented for mode 'fpsr'"):
-        ReasonerConfig(mode="fpsr", proposal_policy="adaptive")
-    assert ReasonerConfig(mode="token").adaptive_proposals and ReasonerConfig(mode="speculative").adaptive_proposals
-    assert not ReasonerConfig(mode="fpsr").adaptive_proposals
+    assert all(ReasonerConfig(mode=mode).adaptive_proposals for mode in ("token", "speculative", "fpsr"))
+    assert not ReasonerConfig(mode="fpsr", proposal_policy="always").adaptive_proposals
 
 
 def test_the_proposal_gate_keeps_the_text_and_checks_only_what_pays(reasoner, monkeypatch):

@@ -77,13 +77,14 @@ bool FpsrScheduler::accepts(double cpn) const {
 // ---------------------------------------------------------------------------------------------------
 // Requests
 
-RequestId FpsrScheduler::add_request(int64_t budget_tokens, int64_t budget_steps) {
+RequestId FpsrScheduler::add_request(int64_t budget_tokens, int64_t budget_steps, bool drafting) {
   if (budget_tokens < 1) fail("budget_tokens must be >= 1 (a budget below one token holds no step), got ", budget_tokens);
   if (budget_steps < 0) fail("budget_steps must be >= 0 (0 = no step limit), got ", budget_steps);
   const RequestId id = static_cast<RequestId>(requests_.size());
   requests_.emplace_back();
   requests_.back().budget_tokens = budget_tokens;
   requests_.back().budget_steps = budget_steps;
+  requests_.back().drafting = drafting;
   ++stats_.requests_added;
   if (config_.max_active_requests == 0 || active_ < config_.max_active_requests) {
     start(id);
@@ -236,6 +237,10 @@ void FpsrScheduler::abort(RequestId request) {
   finish(request, r, FinishReason::kAborted);
 }
 
+void FpsrScheduler::set_drafting(RequestId request, bool drafting) {
+  checked_request("set_drafting", request).drafting = drafting;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Transitions
 
@@ -292,7 +297,8 @@ bool FpsrScheduler::resolve_head(RequestId id, Request& r) {
     stats_.tokens_committed_target += tokens;
     ++r.steps_from_target;
     r.committed_tokens += tokens;
-    r.continue_epoch = config_.target_launch == TargetLaunch::kEager ? epoch : -1;
+    // the next head's target starts at once where it is eager or has no draft: it may continue this branch
+    r.continue_epoch = config_.target_launch == TargetLaunch::kEager || !r.drafting ? epoch : -1;
     close_head(r);
     check_finished_after_commit(id, r, end);
     return true;
@@ -327,14 +333,22 @@ void FpsrScheduler::extend(RequestId id, Request& r) {
     const int64_t rem = remaining_tokens(r, r.open);
     if (rem < 1) break;
     const int64_t position = r.open;
+    if (!r.drafting && position > 0) break;  // a step without a draft opens only as the head
     Slot& s = at(r, position);
     s = Slot();
     s.open = true;
     s.epoch = next_epoch_++;
     s.step = r.committed_steps + position;
     s.max_tokens = step_cap(rem);
-    s.draft = Work::kRunning;
     ++r.open;
+    if (!r.drafting) {  // the target writes this step alone: nothing to verify, its step is committed
+      s.verdict = 0;
+      ++stats_.undrafted_steps;
+      launch_target(id, r, s, r.continue_epoch);
+      r.continue_epoch = -1;
+      break;  // the next prefix is this step: nothing opens after it
+    }
+    s.draft = Work::kRunning;
     ++stats_.drafts_launched;
     emit(ActionKind::kLaunchDraft, id, s.step % config_.window, s.epoch, s.step, s.max_tokens, -1);
     if (config_.target_launch == TargetLaunch::kEager) launch_target(id, r, s, position == 0 ? r.continue_epoch : -1);
@@ -440,6 +454,7 @@ RequestInfo FpsrScheduler::info(RequestId request) const {
   i.steps_from_draft = r.steps_from_draft;
   i.steps_from_target = r.steps_from_target;
   i.open_slots = r.open;
+  i.drafting = r.drafting;
   return i;
 }
 

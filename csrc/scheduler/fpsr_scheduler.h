@@ -46,11 +46,18 @@
 //       kOnReject  t_i is launched only once c_i rejects (even before earlier positions resolve):
 //                  no wasted target decoding, one step of target latency per rejection.
 //     Both policies commit exactly the same steps.
-//   * Target continuation: in kEager mode, a kCommitTarget that does not finish the request is followed
-//     (in the same poll batch) by the kLaunchTarget of the new head position with aux = the committed
-//     epoch: that branch's cache already holds the new prefix, so the executor may continue decoding it
-//     instead of prefilling a new branch. In every other case aux = -1 and the executor frees a
-//     committed target branch once it has applied the commit.
+//   * Drafting on and off (set_drafting; adaptive drafting, docs/method.md): while a request's drafting
+//     is off, a new position opens only as the head of an empty window, with no draft and no verdict:
+//     its kLaunchTarget comes alone (whatever the target launch policy) and its target step is committed
+//     once it finishes (kCommitTarget). Nothing opens after such a position: the next prefix is that
+//     step. Positions already open when drafting goes off run on; drafting coming back on applies from
+//     the next position opened. The flag is read when a position opens, so an executor sets it before
+//     reporting the event whose commit opens the next one.
+//   * Target continuation: a kCommitTarget that does not finish the request is followed (in the same poll
+//     batch) by the kLaunchTarget of the new head position with aux = the committed epoch, in kEager mode
+//     and wherever the new head has no draft: that branch's cache already holds the new prefix, so the
+//     executor may continue decoding it instead of prefilling a new branch. In every other case aux = -1
+//     and the executor frees a committed target branch once it has applied the commit.
 //
 // Executor recipe (what the Python engine keeps per request): the committed text; the open chain, a map
 // step -> epoch filled by kLaunchDraft (a kLaunchDraft for step k drops entries >= k: they belonged to a
@@ -58,7 +65,8 @@
 //   kLaunchDraft   prefix = committed text + drafted text of the open chain's steps before `step`
 //                  (the draft cache must first catch up with committed target steps).
 //   kLaunchVerify  verify the epoch's drafted step on its prefix.
-//   kLaunchTarget  decode the target's own step on the epoch's prefix (continue branch `aux` if >= 0).
+//   kLaunchTarget  decode the target's own step on the epoch's prefix (continue branch `aux` if >= 0); an
+//                  epoch with no kLaunchDraft before it is a step without a draft, at the committed text.
 //   kCancel        stop / release the named pieces; roll the draft cache back to before this step if the
 //                  draft bit is set; free the target branch's rows if the target bit is set. Events from
 //                  cancelled work may still be reported: the scheduler ignores them.
@@ -146,6 +154,7 @@ struct Stats {
 
   int64_t drafts_launched = 0, verifications_launched = 0, targets_launched = 0;
   int64_t targets_continued = 0;               // target launches with a branch to continue (aux >= 0)
+  int64_t undrafted_steps = 0;                 // positions opened without a draft (drafting off)
 
   int64_t drafts_completed = 0, verifications = 0, targets_completed = 0;  // non-stale events
   int64_t accepted = 0, rejected = 0;          // verdicts (a verdict for a slot cancelled later counts too)
@@ -172,6 +181,7 @@ struct RequestInfo {
   int64_t steps_from_draft = 0;
   int64_t steps_from_target = 0;
   int64_t open_slots = 0;                      // positions currently open in the window
+  bool drafting = true;                        // set_drafting: new positions draft (else the target alone)
 };
 
 class FpsrScheduler {
@@ -181,8 +191,9 @@ class FpsrScheduler {
   explicit FpsrScheduler(const Config& config = Config());
 
   // Adds a request; its first actions are queued at once (or when a place frees up). Ids count from 0.
-  // budget_tokens >= 1 (a budget below one token cannot hold a step); budget_steps >= 0, 0 = no limit.
-  RequestId add_request(int64_t budget_tokens, int64_t budget_steps = 0);
+  // budget_tokens >= 1 (a budget below one token cannot hold a step); budget_steps >= 0, 0 = no limit;
+  // drafting: the request's first positions draft (see set_drafting).
+  RequestId add_request(int64_t budget_tokens, int64_t budget_steps = 0, bool drafting = true);
 
   // All actions queued since the last poll, in the order they arose. A slot's kLaunchDraft comes before
   // any other action on that epoch; commits come in step order; a request's kFinish is its last action.
@@ -204,6 +215,9 @@ class FpsrScheduler {
   void set_budget(RequestId request, int64_t budget_tokens);
   // Finishes the request with reason kAborted, cancelling all its work. No-op if already finished.
   void abort(RequestId request);
+  // Whether positions the request opens from now on are drafted (the default) or written by the target
+  // alone (see the rules). Emits nothing itself: the flag is read at the next position opened.
+  void set_drafting(RequestId request, bool drafting);
 
   bool accepts(double cpn) const;  // the acceptance rule with this scheduler's alpha
 
@@ -229,7 +243,7 @@ class FpsrScheduler {
     Work draft = Work::kIdle, verify = Work::kIdle, target = Work::kIdle;
     int64_t draft_tokens = 0, target_tokens = 0;
     StepEnd draft_end = StepEnd::kNone, target_end = StepEnd::kNone;
-    int verdict = -1;  // -1 unknown, 0 rejected, 1 accepted
+    int verdict = -1;  // -1 unknown, 0 rejected (or no draft: the target's step is committed), 1 accepted
   };
 
   struct Request {
@@ -241,6 +255,7 @@ class FpsrScheduler {
     int64_t committed_steps = 0;
     int64_t steps_from_draft = 0, steps_from_target = 0;
     int64_t open = 0;               // open positions 0..open-1; position p is step committed_steps + p
+    bool drafting = true;           // new positions draft (set_drafting)
     int64_t continue_epoch = -1;    // committed target branch the next head target may continue
     std::vector<Slot> slots;        // W slots while running; released when finished
   };

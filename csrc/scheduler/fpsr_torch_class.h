@@ -6,7 +6,7 @@
 // Python view (all plain ints, floats and bools; the numbers are those of fpsr_scheduler.h):
 //   s = torch.classes.dreamr.FpsrScheduler(window=4, alpha=0.7, target_launch=0,
 //                                          max_active_requests=0, max_step_tokens=0)
-//   s.add_request(budget_tokens, budget_steps=0) -> int request id
+//   s.add_request(budget_tokens, budget_steps=0, drafting=True) -> int request id
 //   s.poll() -> List[Tuple[int, int, int, int, int, int, int]]
 //       (kind, request, slot, epoch, step, tokens, aux), kinds:
 //       0 LAUNCH_DRAFT   tokens = max tokens of the step
@@ -21,7 +21,7 @@
 //   s.on_verification(request, slot, epoch, cpn)       # the scheduler applies cpn > alpha
 //   s.on_verdict(request, slot, epoch, accepted)       # a verdict decided by the cpn ops
 //   s.on_target_step(request, slot, epoch, tokens, end)
-//   s.set_budget(request, budget_tokens); s.abort(request)
+//   s.set_budget(request, budget_tokens); s.abort(request); s.set_drafting(request, drafting)
 //   s.accepts(cpn) -> bool; s.done(request) -> bool; s.all_done() -> bool; s.finish_reason(request) -> int
 //   s.slot_epoch(request, slot) -> int; s.info(request) -> Dict[str, int]; s.stats() -> Dict[str, int]
 //   s.num_requests() / s.num_active() / s.num_waiting() -> int; s.window() -> int; s.alpha() -> float
@@ -94,6 +94,7 @@ struct FpsrSchedulerHolder : torch::CustomClassHolder {
     d.insert("verifications_launched", s.verifications_launched);
     d.insert("targets_launched", s.targets_launched);
     d.insert("targets_continued", s.targets_continued);
+    d.insert("undrafted_steps", s.undrafted_steps);
     d.insert("drafts_completed", s.drafts_completed);
     d.insert("verifications", s.verifications);
     d.insert("targets_completed", s.targets_completed);
@@ -124,6 +125,7 @@ struct FpsrSchedulerHolder : torch::CustomClassHolder {
     d.insert("steps_from_draft", i.steps_from_draft);
     d.insert("steps_from_target", i.steps_from_target);
     d.insert("open_slots", i.open_slots);
+    d.insert("drafting", i.drafting ? 1 : 0);
     return d;
   }
 };
@@ -140,10 +142,11 @@ inline torch::class_<FpsrSchedulerHolder> register_fpsr_scheduler_class(torch::L
             torch::arg("max_active_requests") = 0, torch::arg("max_step_tokens") = 0})
       .def(
           "add_request",
-          [](const Self& self, int64_t budget_tokens, int64_t budget_steps) {
-            return H::guard([&] { return self->scheduler.add_request(budget_tokens, budget_steps); });
+          [](const Self& self, int64_t budget_tokens, int64_t budget_steps, bool drafting) {
+            return H::guard([&] { return self->scheduler.add_request(budget_tokens, budget_steps, drafting); });
           },
-          "Adds a request; returns its id", {torch::arg("budget_tokens"), torch::arg("budget_steps") = 0})
+          "Adds a request; returns its id",
+          {torch::arg("budget_tokens"), torch::arg("budget_steps") = 0, torch::arg("drafting") = true})
       .def("poll", [](const Self& self) { return self->poll(); })
       .def("on_draft_step",
            [](const Self& self, int64_t request, int64_t slot, int64_t epoch, int64_t tokens, int64_t end) {
@@ -171,6 +174,11 @@ inline torch::class_<FpsrSchedulerHolder> register_fpsr_scheduler_class(torch::L
            },
            "", {torch::arg("request"), torch::arg("budget_tokens")})
       .def("abort", [](const Self& self, int64_t request) { H::guard([&] { self->scheduler.abort(request); }); })
+      .def("set_drafting",
+           [](const Self& self, int64_t request, bool drafting) {
+             H::guard([&] { self->scheduler.set_drafting(request, drafting); });
+           },
+           "", {torch::arg("request"), torch::arg("drafting")})
       .def("accepts", [](const Self& self, double cpn) { return self->scheduler.accepts(cpn); })
       .def("done", [](const Self& self, int64_t request) { return H::guard([&] { return self->scheduler.done(request); }); })
       .def("all_done", [](const Self& self) { return self->scheduler.all_done(); })

@@ -679,6 +679,79 @@ void test_on_reject_policy() {
   CHECK_EQ(one(a, ActionKind::kLaunchDraft, r, 3).step, 3);
 }
 
+void test_drafting_off() {
+  g_test = "drafting_off";
+  FpsrScheduler s(cfg(4, 0.5, TargetLaunch::kOnReject));
+  RequestId r = s.add_request(1000, 0, /*drafting=*/false);
+  CHECK(!s.info(r).drafting);
+  auto a = s.poll();
+  CHECK_EQ(count(a, ActionKind::kLaunchDraft), 0);
+  Action t0 = one(a, ActionKind::kLaunchTarget, r, 0);  // alone, whatever the launch policy
+  CHECK_EQ(t0.aux, -1);
+  CHECK_EQ(t0.tokens, 1000);
+  CHECK_EQ(s.stats().undrafted_steps, 1);
+  s.on_draft_step(r, 0, t0.epoch, 3, StepEnd::kNone);  // no draft was asked for: stale
+  CHECK_EQ(s.stats().stale_events, 1);
+  s.on_target_step(r, 0, t0.epoch, 7, StepEnd::kNone);
+  a = s.poll();
+  CHECK_EQ(one(a, ActionKind::kCommitTarget, r, 0).tokens, 7);
+  Action t1 = one(a, ActionKind::kLaunchTarget, r, 1);  // the next step alone, continuing the branch
+  CHECK_EQ(t1.aux, t0.epoch);
+  CHECK_EQ(t1.tokens, 993);
+  CHECK_EQ(count(a, ActionKind::kLaunchDraft), 0);
+  CHECK_EQ(s.stats().accepted + s.stats().rejected, 0);  // nothing was verified
+
+  s.set_drafting(r, true);  // applies from the next position opened
+  CHECK(s.poll().empty());
+  s.on_target_step(r, 1, t1.epoch, 5, StepEnd::kNone);
+  a = s.poll();
+  CHECK_EQ(count(a, ActionKind::kCommitTarget), 1);
+  CHECK_EQ(one(a, ActionKind::kLaunchDraft, r, 2).step, 2);
+  CHECK_EQ(count(a, ActionKind::kLaunchTarget), 0);  // on-reject: the drafted step's target waits
+
+  std::vector<int64_t> ep;
+  fill_window(s, r, 2, 1, 10, &ep);  // step 2 drafted: step 3 opens
+  const int64_t e3 = s.slot_epoch(r, 3);
+  CHECK(e3 >= 0);
+  s.set_drafting(r, false);  // open positions run on; nothing opens after them
+  s.on_draft_step(r, 3, e3, 10, StepEnd::kNone);
+  a = s.poll();
+  CHECK_EQ(count(a, ActionKind::kLaunchDraft), 0);
+  CHECK_EQ(one(a, ActionKind::kLaunchVerify, r, 3).epoch, e3);
+  s.on_verification(r, 2, ep[0], kAccept);
+  a = s.poll();
+  CHECK_EQ(count(a, ActionKind::kCommitDraft), 1);
+  CHECK_EQ(count(a, ActionKind::kLaunchTarget), 0);  // step 3 is still open
+  s.on_verification(r, 3, e3, kReject);
+  Action t3 = one(s.poll(), ActionKind::kLaunchTarget, r, 3);
+  CHECK_EQ(t3.aux, -1);
+  s.on_target_step(r, 3, e3, 4, StepEnd::kNone);
+  a = s.poll();
+  CHECK_EQ(one(a, ActionKind::kCommitTarget, r, 3).tokens, 4);
+  Action t4 = one(a, ActionKind::kLaunchTarget, r, 0);  // step 4, alone, continuing step 3's branch
+  CHECK_EQ(t4.step, 4);
+  CHECK_EQ(t4.aux, e3);
+  CHECK_EQ(s.stats().undrafted_steps, 3);
+  s.on_target_step(r, 0, t4.epoch, 2, StepEnd::kEos);
+  a = s.poll();
+  CHECK_EQ(count(a, ActionKind::kCommitTarget), 1);
+  CHECK_EQ(one(a, ActionKind::kFinish, r, -1).aux, static_cast<int64_t>(FinishReason::kEos));
+  CHECK_EQ(s.info(r).committed_tokens, 7 + 5 + 10 + 4 + 2);
+  CHECK_EQ(s.info(r).steps_from_draft, 1);
+  CHECK_EQ(s.info(r).steps_from_target, 4);
+
+  // a budget of 3 tokens: one step alone, then the budget ends it
+  RequestId b = s.add_request(3, 0, false);
+  Action tb = one(s.poll(), ActionKind::kLaunchTarget, b, 0);
+  CHECK_EQ(tb.tokens, 3);
+  s.on_target_step(b, 0, tb.epoch, 3, StepEnd::kNone);
+  a = s.poll();
+  CHECK_EQ(count(a, ActionKind::kCommitTarget), 1);
+  CHECK_EQ(one(a, ActionKind::kFinish, b, -1).aux, static_cast<int64_t>(FinishReason::kBudget));
+  CHECK_EQ(count(a, ActionKind::kLaunchTarget), 0);
+  check_throws("set_drafting", [&] { s.set_drafting(7, true); }, {"set_drafting", "request", "7"});
+}
+
 void test_bad_arguments() {
   g_test = "bad_arguments";
   auto make = [](int64_t w, double alpha) {
@@ -803,17 +876,24 @@ int64_t cap_for(const Prefix& p, int64_t budget, int64_t max_step_tokens) {
   return max_step_tokens > 0 ? std::min(rem, max_step_tokens) : rem;
 }
 
-// Sequential speculative reasoning: draft a step, verify it, on rejection let the target write it.
-Outcome sequential(uint64_t seed, int64_t budget, int64_t budget_steps, double alpha, int64_t max_step_tokens) {
+// Sequential speculative reasoning: draft a step, verify it, on rejection let the target write it; the
+// steps in `undrafted` (indices) the target writes alone.
+Outcome sequential(uint64_t seed, int64_t budget, int64_t budget_steps, double alpha, int64_t max_step_tokens,
+                   const std::set<int64_t>& undrafted = {}) {
   FpsrScheduler rule(cfg(1, alpha));
   Outcome out;
   Prefix p{seed, 0};
   while (true) {
     const int64_t cap = cap_for(p, budget, max_step_tokens);
-    Step d = draft_step(p, cap);
-    Step step = d;
-    const bool acc = rule.accepts(verdict_cpn(d));
-    if (!acc) step = target_step(p, cap);
+    Step step;
+    bool acc = false;
+    if (undrafted.count(static_cast<int64_t>(out.commits.size()))) {
+      step = target_step(p, cap);
+    } else {
+      const Step d = draft_step(p, cap);
+      acc = rule.accepts(verdict_cpn(d));
+      step = acc ? d : target_step(p, cap);
+    }
     out.commits.push_back(Commit{acc, step.label, step.tokens});
     p = extend_prefix(p, step);
     if (step.end == StepEnd::kEos) { out.reason = FinishReason::kEos; break; }
@@ -834,6 +914,7 @@ struct SimParams {
   int64_t max_step_tokens;
   int requests;
   uint64_t seed;
+  bool toggle_drafting = false;  // the executor turns requests' drafting off and on at random
 };
 
 // One piece of work under way in the simulated executor.
@@ -864,6 +945,7 @@ bool simulate(const SimParams& sp) {
     std::set<int> held;  // 0 draft, 1 verify, 2 target: launched and neither consumed nor cancelled
     Step target;
     bool target_done = false;
+    bool undrafted = false;  // launched as a target step alone (drafting off)
   };
   struct Req {
     uint64_t seed;
@@ -873,6 +955,7 @@ bool simulate(const SimParams& sp) {
     std::map<int64_t, int64_t> step_epoch;  // open steps
     Outcome got;
     int64_t last_committed_target_epoch = -1;
+    std::set<int64_t> undrafted;  // committed steps the target wrote alone
   };
   std::vector<Req> reqs;
   std::map<int64_t, EpochState> epochs;
@@ -885,7 +968,8 @@ bool simulate(const SimParams& sp) {
     q.committed = Prefix{q.seed, 0};
     q.budget = 1 + static_cast<int64_t>(rng() % 120);
     q.budget_steps = rng() % 3 == 0 ? 1 + static_cast<int64_t>(rng() % 12) : 0;
-    CHECK_EQ(s.add_request(q.budget, q.budget_steps), static_cast<RequestId>(i));
+    const bool drafting = !sp.toggle_drafting || rng() % 2 == 0;
+    CHECK_EQ(s.add_request(q.budget, q.budget_steps, drafting), static_cast<RequestId>(i));
     reqs.push_back(q);
   }
 
@@ -937,12 +1021,23 @@ bool simulate(const SimParams& sp) {
           break;
         }
         case ActionKind::kLaunchTarget: {
-          CHECK(epochs.count(a.epoch) == 1);
+          if (epochs.count(a.epoch) == 0) {  // no draft: the head of an empty window, at the committed text
+            CHECK(sp.toggle_drafting);
+            CHECK_EQ(a.step, q.committed_steps);
+            q.step_epoch.erase(q.step_epoch.lower_bound(a.step), q.step_epoch.end());  // cancelled positions
+            CHECK(q.step_epoch.empty());
+            EpochState fresh;
+            fresh.request = a.request;
+            fresh.prefix = q.committed;
+            fresh.undrafted = true;
+            epochs[a.epoch] = fresh;
+            q.step_epoch[a.step] = a.epoch;
+          }
           EpochState& st = epochs[a.epoch];
           CHECK_EQ(a.tokens, cap_for(st.prefix, q.budget, sp.max_step_tokens));
           CHECK(st.held.insert(2).second);
           if (a.aux >= 0) {  // continues the branch just committed: its prefix is the committed text
-            CHECK(sp.policy == TargetLaunch::kEager);
+            CHECK(sp.policy == TargetLaunch::kEager || st.undrafted);
             CHECK_EQ(a.aux, q.last_committed_target_epoch);
             CHECK(st.prefix == q.committed);
           }
@@ -974,6 +1069,7 @@ bool simulate(const SimParams& sp) {
           CHECK_EQ(a.tokens, step.tokens);
           CHECK_EQ(a.aux, static_cast<int64_t>(step.end));
           q.got.commits.push_back(Commit{from_draft, step.label, step.tokens});
+          if (st.undrafted) q.undrafted.insert(a.step);
           q.committed = extend_prefix(q.committed, step);
           ++q.committed_steps;
           q.step_epoch.erase(a.step);
@@ -1004,6 +1100,7 @@ bool simulate(const SimParams& sp) {
       CHECK(false);  // deadlock: the scheduler waits for nothing
       break;
     }
+    if (sp.toggle_drafting && rng() % 3 == 0) s.set_drafting(static_cast<RequestId>(rng() % reqs.size()), rng() % 2);
     const size_t pick = static_cast<size_t>(rng() % flights.size());
     Flight f = flights[pick];
     flights.erase(flights.begin() + static_cast<std::ptrdiff_t>(pick));
@@ -1049,7 +1146,7 @@ bool simulate(const SimParams& sp) {
   int64_t from_draft = 0, from_target = 0;
   for (int i = 0; i < sp.requests; ++i) {
     const Req& q = reqs[static_cast<size_t>(i)];
-    const Outcome ref = sequential(q.seed, q.budget, q.budget_steps, sp.alpha, sp.max_step_tokens);
+    const Outcome ref = sequential(q.seed, q.budget, q.budget_steps, sp.alpha, sp.max_step_tokens, q.undrafted);
     ++g_checks;
     if (!(ref.commits == q.got.commits) || ref.reason != q.got.reason) {
       ++g_failures;
@@ -1068,6 +1165,8 @@ bool simulate(const SimParams& sp) {
   g_sim_totals.stale_events += st.stale_events;
   g_sim_totals.slots_cancelled += st.slots_cancelled;
   g_sim_totals.targets_continued += st.targets_continued;
+  g_sim_totals.undrafted_steps += st.undrafted_steps;
+  if (!sp.toggle_drafting) CHECK_EQ(st.undrafted_steps, 0);
   g_sim_totals.finished_eos += st.finished_eos;
   g_sim_totals.finished_answer_marker += st.finished_answer_marker;
   g_sim_totals.finished_budget += st.finished_budget;
@@ -1077,7 +1176,7 @@ bool simulate(const SimParams& sp) {
   CHECK_EQ(st.drafts_completed + st.verifications + st.targets_completed + st.stale_events, delivered +
            static_cast<int64_t>(flights.size()));
   if (sp.alpha >= 1.0) CHECK_EQ(st.accepted, 0);
-  if (sp.policy == TargetLaunch::kOnReject) CHECK(st.targets_launched <= st.rejected);
+  if (sp.policy == TargetLaunch::kOnReject) CHECK(st.targets_launched <= st.rejected + st.undrafted_steps);
   return g_failures == failures_before;
 }
 
@@ -1090,7 +1189,7 @@ void test_random_vs_sequential() {
       for (TargetLaunch policy : {TargetLaunch::kEager, TargetLaunch::kOnReject}) {
         for (int64_t max_active : {0, 2}) {
           for (int rep = 0; rep < 6; ++rep) {
-            SimParams sp{w, alpha, policy, max_active, rep % 2 ? 8 : 0, 1 + rep, seed++};
+            SimParams sp{w, alpha, policy, max_active, rep % 2 ? 8 : 0, 1 + rep, seed++, rep >= 3};
             ++runs;
             if (!simulate(sp)) {
               ++bad;
@@ -1107,10 +1206,11 @@ void test_random_vs_sequential() {
   CHECK_EQ(bad, 0);
   const Stats& t = g_sim_totals;
   std::printf("  random_vs_sequential: %d simulated runs; steps from draft %lld, from target %lld; slots cancelled %lld;"
-              " stale events %lld; targets continued %lld; finished eos/answer/budget %lld/%lld/%lld\n",
+              " stale events %lld; targets continued %lld; undrafted %lld; finished eos/answer/budget %lld/%lld/%lld\n",
               runs, static_cast<long long>(t.steps_committed_draft), static_cast<long long>(t.steps_committed_target),
               static_cast<long long>(t.slots_cancelled), static_cast<long long>(t.stale_events),
-              static_cast<long long>(t.targets_continued), static_cast<long long>(t.finished_eos),
+              static_cast<long long>(t.targets_continued), static_cast<long long>(t.undrafted_steps),
+              static_cast<long long>(t.finished_eos),
               static_cast<long long>(t.finished_answer_marker), static_cast<long long>(t.finished_budget));
 }
 
@@ -1131,6 +1231,7 @@ int main() {
   test_max_active();
   test_alpha_ends();
   test_on_reject_policy();
+  test_drafting_off();
   test_bad_arguments();
   test_window_one();
   test_random_vs_sequential();

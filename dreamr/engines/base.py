@@ -23,7 +23,7 @@ from dreamr.lm import LM
 from dreamr.request import Request
 from dreamr.result import Metrics, Result, Step
 from dreamr.sampling import Sampler
-from dreamr.speculation import ForwardCost, ProposalGate, measure_forward_cost
+from dreamr.speculation import AdaptiveDrafting, ForwardCost, PairCost, ProposalGate, measure_forward_cost
 from dreamr.steps import StepWriter, has_answer
 
 
@@ -196,6 +196,20 @@ class Engine:
         cost = self.forward_cost(role, config.num_speculative_tokens)
         return self.carried(("proposal_gate", role, config.num_speculative_tokens), cost, lambda: ProposalGate(cost),
                             config)
+
+    def drafting_policy(self, config: ReasonerConfig, *key: Any) -> tuple[Optional[AdaptiveDrafting],
+                                                                          Optional[PairCost]]:
+        """A request's adaptive drafting (``draft_policy``; None: every step is drafted) and the costs it
+        weighs steps in (None where it weighs none: at a fixed alpha >= 1, where no verdict accepts, it
+        drafts nothing). Carried from request to request at the same threshold, mode and ``key`` (the
+        acceptance it estimates depends on alpha, the costs on how the mode runs the steps)."""
+        if not config.adaptive_drafting:
+            return None, None
+        if not config.auto_alpha and float(config.alpha) >= 1.0:
+            return AdaptiveDrafting(accepts_nothing=True), None
+        k = config.num_speculative_tokens
+        pair = PairCost(self.forward_cost("target", k), self.forward_cost("draft", k))
+        return self.carried(("drafting", self.mode, *key, config.alpha, k), pair, AdaptiveDrafting, config), pair
 
     def carried(self, key: tuple, costs: Any, make: Callable[[], Any], config: ReasonerConfig) -> Any:
         """The adaptive policy kept under ``key`` (:attr:`adaptive_state`), made anew by ``make()`` where

@@ -18,7 +18,17 @@ and what is committed; this executor runs its actions on the two models and repo
             together by ops.cpn_window_accept: its leading accepted run, then the first rejection)
 
 The scheduler's commits are those of the paper's round-by-round loop, whatever the order in which work
-finishes, so with greedy decoding FPSR commits exactly the steps of mode "speculative".
+finishes, so with greedy decoding FPSR commits exactly the steps of mode "speculative" where both draft
+the same steps (``draft_policy="always"``; alpha = 1, where neither drafts).
+
+Adaptive drafting (``draft_policy="adaptive"``, the default; :class:`dreamr.speculation.AdaptiveDrafting`,
+one for the batch, carried from run to run as in mode "speculative"): before each event it reports, the
+executor tells the scheduler whether each request's next position is drafted (``set_drafting``). A
+position without a draft is one target branch at the committed text (:meth:`_Run._open_alone`),
+committed once written and continued into the next. Each row's forwards are priced as they run
+(:meth:`_Run._count_row`, in :class:`~dreamr.speculation.PairCost` units) and each step is reported to the
+policy once resolved (:meth:`_Run._observe`). Decisions lag by the positions already open: the window
+drains before the target writes alone, so which steps are drafted can differ from mode "speculative".
 
 Token-level speculation (``token_speculation``, ``num_speculative_tokens``; docs/method.md) runs inside
 the batched steps as in the sequential modes' :func:`dreamr.speculation.write_step`, and is as lossless:
@@ -29,8 +39,8 @@ cache (one ``ops.kv_rollback`` for all rows of a pass: :meth:`RaggedBatch.trunca
 branch proposes its slot's drafted step first (source "step": the draft wrote it for the same prefix; once
 finished, or, launched eagerly, as far as the draft has written it), then n-gram lookup over the branch's
 ids; the draft's steps propose by n-gram lookup where ``draft_token_speculation`` asks for it (on by
-default, as in mode "speculative"); every row's proposal is checked (mode "speculative"'s proposal gate,
-``proposal_policy="adaptive"``, is not built for batched passes). Unlike ``write_step`` nothing is carried
+default, as in mode "speculative"); the proposal gate (``proposal_policy="adaptive"``, one per model for
+the batch) decides row by row whether a row's proposal is checked. Unlike ``write_step`` nothing is carried
 past a step's end (tokens verified past it are dropped: the next step starts on another row or prefix). The counts
 (``target_step_forwards``, ``target_proposals``, ...; ``draft_*``) are ``write_step``'s: one step forward
 per row fed.
@@ -87,7 +97,8 @@ from dreamr.result import Result, Step
 from dreamr.sampling import Sampler, sample_rows
 from dreamr.scheduler import (WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, FinishReason, Scheduler, StepEnd,
                               TargetLaunch)
-from dreamr.speculation import count_forward, proposal_verdict, propose, proposer_for, take_tokens
+from dreamr.speculation import (AdaptiveDrafting, PairCost, ProposalGate, count_forward, proposal_verdict, propose,
+                                proposer_for, take_tokens)
 from dreamr.steps import StepWriter, has_answer
 from dreamr.verify import StepVerifier
 
@@ -122,6 +133,10 @@ class _Epoch:
     t_proposer: Optional[tuple] = None  # (key, proposer) of the branch's token-level speculation (see _branch_proposer)
     t_waiting: bool = False  # launched, waiting for the chain to hold its prefix
     t_done: bool = False
+    undrafted: bool = False  # the target writes this step alone (drafting off: no draft, no verdict)
+    d_cost: float = 0.0  # this epoch's draft forwards, priced (PairCost; adaptive drafting only)
+    t_cost: float = 0.0  # this epoch's fallback branch forwards, priced
+    observed: bool = False  # reported to adaptive drafting
 
 
 @dataclass
@@ -150,6 +165,7 @@ class _Req:
     result: Optional[Result] = None
     t_forwards: int = 0
     d_forwards: int = 0
+    waste: float = 0.0  # priced draft work of cancelled epochs since the last drafted step reported to the policy
 
 
 class FpsrEngine(Engine):
@@ -282,7 +298,7 @@ class FpsrEngine(Engine):
         cfg = requests[0].config
         for r in requests[1:]:
             for name in ("window", "alpha", "max_step_tokens", "step_delimiter", "verdict_template",
-                         "positive_words", "negative_words"):
+                         "positive_words", "negative_words", "draft_policy", "proposal_policy"):
                 if getattr(r.config, name) != getattr(cfg, name):
                     raise ValueError(f"fpsr: all requests of a batch must share {name}")
             # one verifier and one threshold judge the whole batch (a verify pass scores all its steps)
@@ -306,14 +322,20 @@ class FpsrEngine(Engine):
         sched = Scheduler(window=cfg.window, alpha=0.5 if cfg.auto_alpha else cfg.alpha, target_launch=launch,
                           max_step_tokens=cfg.max_step_tokens)
         batches = self._make_batches()
+        # one drafting policy and one proposal gate per model for the batch (as for mode "speculative",
+        # carried from run to run); the costs of drafted steps depend on when fallback steps start
+        drafting, pair = self.drafting_policy(cfg, policy)
+        hopeless = drafting is not None and drafting.accepts_nothing
         run = _Run(sched=sched, cfg=cfg, verifier=requests[0].verifier,  # shared verdict settings (checked above)
                    target=self.target, draft=self.draft, same_tokenizer=self.same_tokenizer, mode=self.mode,
                    observer=self.observer, **batches, ticks=int(self.draft_tokens_per_tick),
-                   verify_batch=int(self.verify_batch), pool=self._pool() if self.overlap else None)
+                   verify_batch=int(self.verify_batch), pool=self._pool() if self.overlap else None,
+                   drafting=drafting, pair=pair, t_gate=self.proposal_gate("target", cfg),
+                   d_gate=None if hopeless else self.proposal_gate("draft", cfg))  # (hopeless: no draft steps)
         self._reserve(run, requests)
         for i, request in enumerate(requests):
             rc = request.config
-            rid = sched.add_request(rc.max_new_tokens, 0)
+            rid = sched.add_request(rc.max_new_tokens, 0, drafting is None or drafting.drafts_next())
             assert rid == i
             state = RequestState(rc)
             # an image prompt is encoded once per model here; every row of the request copies its cache
@@ -391,6 +413,10 @@ class _Run:
     ticks: int  # draft tokens per turn
     verify_batch: int
     pool: object = None  # the draft's worker thread (overlap=True), or None
+    drafting: Optional[AdaptiveDrafting] = None  # adaptive drafting, shared by the batch (None: always draft)
+    pair: Optional[PairCost] = None  # what it prices steps in (None: it weighs nothing)
+    t_gate: Optional[ProposalGate] = None  # whether a fallback branch row checks its proposal (None: always)
+    d_gate: Optional[ProposalGate] = None  # the same for the draft's rows
     reqs: list = field(default_factory=list)  # _Req per request, by scheduler id
     forwards: dict = field(default_factory=lambda: {"chain": 0, "branch": 0, "draft": 0})
     multi_verify: int = 0  # chain passes that verified several steps of one request
@@ -419,9 +445,14 @@ class _Run:
             worked |= self._count("branch", self._branch_forward())  # one token per live fallback branch
         if live:
             with timed("draft_time_s", *self.metrics()):  # with a stream or a thread: the wait for the draft
-                passes, finished = self.job.result() if self.job is not None else self._draft_job(live, self.ticks,
-                                                                                                 launched)
+                passes, finished, spent = self.job.result() if self.job is not None else self._draft_job(
+                    live, self.ticks, launched)
             self.forwards["draft"] += passes
+            # adaptive drafting charges the draft's forwards only where they added to the turn: not where
+            # they ran on their own thread or stream beside the target's
+            if not (worked and (self.job is not None or launched is not None)):
+                for e, cost in spent:
+                    e.d_cost += cost
             worked = True
             self._draft_finish(finished)  # report finished draft steps
         if not worked and not self.events:
@@ -468,7 +499,9 @@ class _Run:
             elif k == ActionKind.LAUNCH_VERIFY:
                 req.verify_queue.append(a.epoch)
             elif k == ActionKind.LAUNCH_TARGET:
-                self._launch_target(req, a)
+                # an epoch with no draft before it: the target writes this step alone
+                if a.epoch in req.epochs or self._open_alone(req, a):
+                    self._launch_target(req, a)
             elif k == ActionKind.CANCEL:
                 self._cancel(req, a)
             elif k in (ActionKind.COMMIT_DRAFT, ActionKind.COMMIT_TARGET):
@@ -504,6 +537,53 @@ class _Run:
             return
         e.d_writer = StepWriter(self.draft.tokenizer, self.draft.eos_ids, self.cfg.step_delimiter, cap)
         req.draft_epoch = a.epoch
+
+    def _open_alone(self, req: _Req, a) -> bool:
+        """Open the epoch of a step the target writes alone (drafting off), at the committed text; the
+        drafting policy counts the step off its wait. False where no model has room for it (the request
+        ends)."""
+        cap = self._room(req, a.tokens)
+        req.epochs[a.epoch] = _Epoch(a.request, a.slot, a.step, d_prefix=len(req.d_row.ids), t_prefix=len(req.t_view),
+                                     cap=cap, accepted=False, undrafted=True)
+        if self.drafting is not None:
+            self.drafting.should_draft()
+            self._tell_drafting()
+        if cap <= 0:  # a model's context is full: the request ends here (as in mode "speculative")
+            req.state.finish_reason = "length"
+            self.sched.abort(a.request)
+            self.events = True
+            return False
+        return True
+
+    def _tell_drafting(self) -> None:
+        """Tell the scheduler, for every running request, whether the next position it opens is drafted:
+        before any event is reported (the scheduler opens positions while it takes events)."""
+        if self.drafting is not None:
+            drafts = self.drafting.drafts_next()
+            for req in self.reqs:
+                if not req.done:
+                    self.sched.set_drafting(req.index, drafts)
+
+    def _observe(self, req: _Req, e: _Epoch) -> None:
+        """Report a resolved step to adaptive drafting (once): a step alone once written; a drafted step
+        once accepted, or once rejected and its fallback step written. A drafted step is charged its
+        draft's forwards, its verification and the draft forwards of cancelled epochs since the last one.
+        Work that overlaps other work is not charged: a fallback branch thrown away (eager launch, the step
+        accepted or cancelled; eager launch is the choice where branches overlap the draft: a GPU, or
+        ``overlap``), and draft forwards that ran on their own thread or stream beside target forwards."""
+        if self.drafting is None or self.pair is None or e.observed:
+            return
+        e.observed = True
+        if e.undrafted:
+            self.drafting.alone(cost=e.t_cost, tokens=len(e.t_writer.ids))
+        else:
+            verify = self.pair.verification(len(e.t_step_ids) + len(self.verifier.suffix_ids(e.d_writer.text)))
+            self.drafting.drafted(accepted=bool(e.accepted), draft_cost=e.d_cost + req.waste,
+                                  draft_tokens=len(e.d_writer.ids),
+                                  verify_cost=verify, fallback_cost=0.0 if e.accepted else e.t_cost,
+                                  fallback_tokens=0 if e.accepted else len(e.t_writer.ids))
+            req.waste = 0.0
+        self._tell_drafting()
 
     def _launch_target(self, req: _Req, a) -> None:
         e = req.epochs[a.epoch]
@@ -550,6 +630,9 @@ class _Run:
                 self.drafts.truncate(req.d_row, e.d_prefix)
         if a.aux & WORK_TARGET:
             self._drop_branch(e)
+        if not e.observed and self.sched.slot_epoch(req.index, e.slot) != a.epoch:  # dropped: never resolved
+            req.waste += e.d_cost
+            e.d_cost = 0.0
         if self._epoch_idle(req, a.epoch):
             del req.epochs[a.epoch]
 
@@ -587,8 +670,12 @@ class _Run:
             self.chains.release(req.chain)
             req.chain = self.chains.fork(row, len(row.ids))
             req.committed_branch = (a.epoch, row)
-        req.request.judged(bool(e.accepted), e.alpha)  # alpha="auto" learns from resolved steps only (not cancelled ones)
-        step = req.state.commit_verified(e.d_writer, e.cpn, fallback, alpha=e.alpha)
+        if e.undrafted:  # written by the target alone: nothing was verified
+            req.state.metrics.undrafted_steps += 1
+            step = req.state.commit_written(fallback, "target")
+        else:
+            req.request.judged(bool(e.accepted), e.alpha)  # alpha="auto" learns from resolved steps only
+            step = req.state.commit_verified(e.d_writer, e.cpn, fallback, alpha=e.alpha)
         req.epochs.pop(a.epoch, None)
         if self.observer is not None:  # debug hook: the target chain and the draft row (Row objects)
             self.observer(req.chain, req.d_row)
@@ -714,6 +801,8 @@ class _Run:
                 req, epoch, _, _ = jobs[j]
                 e = req.epochs[epoch]
                 e.cpn, e.accepted, e.alpha = float(cpn[j]), w < n, alpha
+                if e.accepted or e.t_done:  # (rejected: reported once its fallback step is written)
+                    self._observe(req, e)
                 self.events = True
                 self.sched.on_verdict(req.index, e.slot, epoch, w < n)
 
@@ -724,7 +813,8 @@ class _Run:
                 if e.branch is not None and not e.t_done]
         if not live:
             return False
-        proposals = [propose(self._branch_proposer(req, e), e.branch.ids, e.t_writer, req.k) for req, _, e in live]
+        proposals = [propose(self._branch_proposer(req, e), e.branch.ids, e.t_writer, req.k, self.t_gate)
+                     for req, _, e in live]
         logits = self.branches.next_token_logits([e.branch for _, _, e in live], proposals)
         decided = _decide([req.t_sampler for req, _, _ in live], proposals, logits)
         counted, cuts = set(), []
@@ -732,7 +822,7 @@ class _Run:
             if req.index not in counted:
                 req.t_forwards += 1
                 counted.add(req.index)
-            count_forward(req.state.metrics, "target", proposal, accepted)
+            e.t_cost += self._count_row(req, "target", proposal, accepted, len(tokens), self.t_gate)
             taken, cut = _take(e.branch, e.t_writer, proposal, tokens)
             req.state.metrics.target_tokens += taken
             if cut is not None:
@@ -743,9 +833,20 @@ class _Run:
             if w.end is not None:
                 e.t_done = True
                 e.branch = self.branches.move(e.branch, self.parked)
+                if e.undrafted or e.accepted is False:  # (a verdict still to come reports it)
+                    self._observe(req, e)
                 self.events = True
                 self.sched.on_target_step(req.index, e.slot, epoch, len(w.ids), self._step_end(w))
         return True
+
+    def _count_row(self, req: _Req, role: str, proposal: list, accepted: int, emitted: int,
+                   gate: Optional[ProposalGate]) -> float:
+        """Count one row's forward in the request's metrics and the proposal gate; return what it cost,
+        priced for adaptive drafting (0 without it)."""
+        count_forward(req.state.metrics, role, proposal, accepted)
+        if gate is not None and proposal:
+            gate.checked(proposed=len(proposal), emitted=emitted)
+        return self.pair.forwards(role, 1, int(bool(proposal)), len(proposal)) if self.pair is not None else 0.0
 
     def _branch_proposer(self, req: _Req, e: _Epoch):
         """The proposer of ``e``'s fallback branch (None: no token-level speculation), best source first.
@@ -771,16 +872,17 @@ class _Run:
             e.t_proposer = (key, proposer_for(req.sources, rejected_step=step_ids))
         return e.t_proposer[1]
 
-    def _draft_job(self, live: list, ticks: int, launched=None) -> tuple[int, list]:
+    def _draft_job(self, live: list, ticks: int, launched=None) -> tuple[int, list, list]:
         """Up to ``ticks`` draft forwards (each running draft step feeds its pending token and, with
         ``draft_token_speculation``, an n-gram proposal); the first one's logits may come from
         :meth:`_draft_launch` (already running on the draft's stream).
 
-        Touches only draft-side state (the draft batch and rows, the draft writers and sampler), so it
-        may run on its own thread while the target's forwards run; finished steps are returned and
-        reported to the scheduler by :meth:`_draft_finish` on the driving thread.
+        Touches only draft-side state (the draft batch and rows, the draft writers, sampler and proposal
+        gate), so it may run on its own thread while the target's forwards run. Returns the forwards run,
+        the finished steps (reported to the scheduler by :meth:`_draft_finish` on the driving thread) and
+        ``(epoch, priced cost)`` per row forward, for adaptive drafting.
         """
-        finished, passes = [], 0
+        finished, passes, spent = [], 0, []
         for tick in range(ticks):
             live = [(req, epoch) for req, epoch in live if (req, epoch) not in finished]
             if not live:
@@ -795,7 +897,8 @@ class _Run:
             cuts = []
             for (req, epoch), proposal, (tokens, accepted) in zip(live, proposals, decided):
                 req.d_forwards += 1
-                count_forward(req.state.metrics, "draft", proposal, accepted)
+                spent.append((req.epochs[epoch], self._count_row(req, "draft", proposal, accepted, len(tokens),
+                                                                 self.d_gate)))
                 w = req.epochs[epoch].d_writer
                 taken, cut = _take(req.d_row, w, proposal, tokens)
                 req.state.metrics.draft_tokens += taken
@@ -804,7 +907,7 @@ class _Run:
                 if w.end is not None:
                     finished.append((req, epoch))
             _cut_rows(self.drafts, cuts)
-        return passes, finished
+        return passes, finished, spent
 
     def _draft_forward(self, live: list) -> tuple[torch.Tensor, list]:
         """One draft forward for the running draft steps, each fed its n-gram proposal (if any, with
@@ -812,7 +915,8 @@ class _Run:
         ``(logits, proposals)``, the logits packed row by row as
         :meth:`~dreamr.engines.ragged.RaggedBatch.next_token_logits` returns them (``[len(live), V]``
         without proposals)."""
-        proposals = [propose(req.d_proposer, req.d_row.ids, req.epochs[epoch].d_writer, req.d_k) for req, epoch in live]
+        proposals = [propose(req.d_proposer, req.d_row.ids, req.epochs[epoch].d_writer, req.d_k, self.d_gate)
+                     for req, epoch in live]
         return self.drafts.next_token_logits([req.d_row for req, _ in live], proposals), proposals
 
     def _draft_launch(self, live: list):

@@ -38,7 +38,7 @@ from dreamr.lm import LM
 from dreamr.request import Request
 from dreamr.result import Metrics, Result, Step
 from dreamr.sampling import Sampler
-from dreamr.speculation import AdaptiveDrafting, ForwardCost, ProposalGate, proposer_for, write_step
+from dreamr.speculation import AdaptiveDrafting, PairCost, ProposalGate, proposer_for, write_step
 from dreamr.speculation.proposer import Proposer
 from dreamr.steps import StepWriter
 
@@ -72,16 +72,9 @@ class SpeculativeEngine(Engine):
         state = RequestState(cfg)
         m = state.metrics
         verifier = request.verifier
-        policy = costs = None
-        hopeless = cfg.adaptive_drafting and not cfg.auto_alpha and float(cfg.alpha) >= 1.0  # all rejected
-        if hopeless:
-            policy = AdaptiveDrafting(accepts_nothing=True)
-        elif cfg.adaptive_drafting:
-            k = cfg.num_speculative_tokens
-            prices = (self.forward_cost("target", k), self.forward_cost("draft", k))
-            costs = _Prices(*prices, m)
-            # carried across requests at the same threshold (the acceptance it estimates depends on alpha)
-            policy = self.carried(("drafting", cfg.alpha, k), prices, AdaptiveDrafting, cfg)
+        policy, pair = self.drafting_policy(cfg)
+        costs = _Prices(pair, m) if pair is not None else None
+        hopeless = policy is not None and policy.accepts_nothing  # a fixed alpha >= 1: every verdict rejects
         t = _Writer("target", self.target, open_sequence(self.target, request.target_ids, request.target_inputs, m),
                     self.sampler(cfg, 0), proposer_for(cfg.speculation_sources), self.proposal_gate("target", cfg))
         d = _Writer("draft", self.draft, open_sequence(self.draft, request.draft_ids, request.draft_inputs, m),
@@ -158,11 +151,10 @@ class SpeculativeEngine(Engine):
 
 class _Prices:
     """What a request's steps cost, in the target's one-token forwards: each model's counters
-    (``<role>_step_forwards``, ``_proposals``, ``_proposed_tokens``) priced at its measured costs."""
+    (``<role>_step_forwards``, ``_proposals``, ``_proposed_tokens``) priced at the pair's measured costs."""
 
-    def __init__(self, target: ForwardCost, draft: ForwardCost, metrics: Metrics):
-        self.costs = {"target": (target, 1.0), "draft": (draft, draft.seconds / target.seconds)}
-        self.target_cost, self.metrics = target, metrics
+    def __init__(self, pair: PairCost, metrics: Metrics):
+        self.pair, self.metrics = pair, metrics
 
     def counts(self, role: str) -> tuple[int, int, int]:
         m = self.metrics
@@ -171,9 +163,7 @@ class _Prices:
 
     def since(self, role: str, before: tuple[int, int, int]) -> float:
         """What ``role``'s forwards since ``counts(role)`` returned ``before`` cost."""
-        cost, ratio = self.costs[role]
-        forwards, proposals, proposed = (now - then for now, then in zip(self.counts(role), before))
-        return ratio * cost.step_cost(forwards, proposals, proposed)
+        return self.pair.forwards(role, *(now - then for now, then in zip(self.counts(role), before)))
 
     def verification(self, tokens: int) -> float:
-        return self.target_cost.verify_cost(tokens)
+        return self.pair.verification(tokens)

@@ -18,7 +18,7 @@ text is the model's own, token for token (greedy) or in distribution (sampling).
 """
 
 from dreamr.speculation.ngram import NgramProposer
-from dreamr.speculation.cost import ForwardCost
+from dreamr.speculation.cost import ForwardCost, PairCost
 from dreamr.speculation.cost import measure as measure_forward_cost
 from dreamr.speculation.gate import ProposalGate
 from dreamr.speculation.policy import AdaptiveDrafting
@@ -28,5 +28,5 @@ from dreamr.speculation.writer import (accept_proposal, count_forward, proposal_
                                       verify_proposal, write_step)
 
 __all__ = ["NgramProposer", "RejectedStepProposer", "ChainProposer", "Proposer", "proposer_for", "AdaptiveDrafting",
-           "ProposalGate", "ForwardCost", "measure_forward_cost", "accept_proposal", "count_forward",
+           "ProposalGate", "ForwardCost", "PairCost", "measure_forward_cost", "accept_proposal", "count_forward",
            "proposal_verdict", "propose", "take_tokens", "verify_proposal", "write_step"]

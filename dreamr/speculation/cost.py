@@ -30,7 +30,7 @@ import torch
 from dreamr.cache import CachedSequence
 from dreamr.lm import LM
 
-__all__ = ["ForwardCost", "measure"]
+__all__ = ["ForwardCost", "PairCost", "measure"]
 
 # A context of this many tokens is cached before the forwards are timed (a prompt's worth).
 CONTEXT_TOKENS = 96
@@ -80,6 +80,36 @@ class ForwardCost:
         if proposals <= 0:
             return float(forwards)
         return (forwards - proposals) + proposals * self.check_cost(proposed_tokens / proposals)
+
+
+@dataclass(frozen=True)
+class PairCost:
+    """Both models' forward costs, priced in the target's one-token decode forwards: the unit adaptive
+    drafting weighs steps in (a draft forward is worth ``draft.seconds / target.seconds`` of the target's).
+
+    Examples
+    --------
+    >>> target = ForwardCost(seconds=0.1, check=((0, 1.0), (10, 2.0)), verify=((8, 0.7), (32, 1.2)))
+    >>> draft = ForwardCost(seconds=0.05, check=((0, 1.0), (10, 1.5)), verify=((8, 0.7), (32, 1.2)))
+    >>> pair = PairCost(target, draft)
+    >>> pair.forwards("draft", forwards=4, proposals=1, proposed_tokens=10)   # 0.5 * (3 + 1.5)
+    2.25
+    >>> pair.verification(20)
+    0.95
+    """
+
+    target: ForwardCost
+    draft: ForwardCost
+
+    def forwards(self, role: str, forwards: int, proposals: int = 0, proposed_tokens: int = 0) -> float:
+        """What ``forwards`` forwards of the ``role`` model ("target" or "draft") cost, ``proposals`` of
+        them checking ``proposed_tokens`` proposed tokens in all (:meth:`ForwardCost.step_cost`)."""
+        cost, ratio = (self.target, 1.0) if role == "target" else (self.draft, self.draft.seconds / self.target.seconds)
+        return ratio * cost.step_cost(forwards, proposals, proposed_tokens)
+
+    def verification(self, tokens: int) -> float:
+        """A target verification over ``tokens`` tokens (a step and its verdict prompt)."""
+        return self.target.verify_cost(tokens)
 
 
 def _interpolate(points: tuple, x: float) -> float:

@@ -84,8 +84,14 @@ class AdaptiveDrafting(Probing):
         self.accepts_nothing = bool(accepts_nothing)
 
     def should_draft(self) -> bool:
-        """Whether the next step is drafted (and verified) or written by the target alone."""
+        """Whether the next step is drafted (and verified) or written by the target alone (a step alone is
+        counted off the wait)."""
         return not (self.accepts_nothing or self.waiting())
+
+    def drafts_next(self) -> bool:
+        """What :meth:`should_draft` would answer now, counting nothing off (mode "fpsr" tells its
+        scheduler ahead of the step, and counts the step off once it is opened)."""
+        return not (self.accepts_nothing or self.skip > 0)
 
     def drafting_cost(self, acceptance: float | None = None) -> float | None:
         """Expected cost per committed token while drafting, at the running acceptance (or ``acceptance``);

@@ -34,15 +34,18 @@ __all__ = ["accept_proposal", "count_forward", "proposal_verdict", "propose", "t
            "write_step"]
 
 
-def propose(proposer: Optional[Proposer], context: list[int], writer: StepWriter, num_speculative_tokens: int
-            ) -> list[int]:
+def propose(proposer: Optional[Proposer], context: list[int], writer: StepWriter, num_speculative_tokens: int,
+            gate: Optional[ProposalGate] = None) -> list[int]:
     """The proposal to check next for the step ``writer`` tracks (empty: decode one token plainly).
 
     A proposal of K tokens emits up to K + 1, so K stays below the step's room left
     (``writer.max_tokens - len(writer.ids)``): every fed position lies inside the step's cap (and so
     inside the model's context, which the cap respects). ``context`` is the writing model's whole
-    sequence, ending with the step so far.
+    sequence, ending with the step so far. A closed ``gate`` (:class:`ProposalGate`; its turn is counted
+    off) proposes nothing; the caller reports a checked proposal to it (``gate.checked``).
     """
+    if gate is not None and not gate.should_propose():
+        return []
     k = min(num_speculative_tokens, writer.max_tokens - len(writer.ids) - 1) if proposer is not None else 0
     return proposer.propose(context, writer.ids, k)[:k] if k > 0 else []
 
@@ -183,8 +186,8 @@ def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, ma
             tokens = pending[:]
             pending.clear()
         else:
-            proposal = propose(proposer, seq.ids, writer, num_speculative_tokens) if (
-                gate is None or gate.should_propose()) else []  # [] with no room, no k or the gate closed
+            proposal = propose(proposer, seq.ids, writer, num_speculative_tokens, gate)  # [] with no room, no k
+            # or the gate closed
             verified, accepted = bool(proposal), 0
             if verified:
                 tokens, accepted = verify_proposal(seq, sampler, proposal)
