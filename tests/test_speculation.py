@@ -463,6 +463,19 @@ def test_adaptive_drafting_in_fpsr(reasoner, content_judge, monkeypatch, launch)
         assert x.verified_steps + x.undrafted_steps == x.num_steps
 
 
+def test_fpsr_frees_an_accepted_steps_eager_branch(reasoner, monkeypatch):
+    """Eager launch: the fallback branch of a step that is accepted is freed with the commit, so no more
+    than a window of branches is ever alive (their CANCEL comes after the commit, which drops the epoch)."""
+    engine = reasoner.engine("fpsr")
+    monkeypatch.setattr(engine, "target_launch", "eager")
+    alive = []
+    monkeypatch.setattr(engine, "observer", lambda chain, d_row: alive.append(
+        sum(row.alive for name in ("branches", "parked") for row in engine._batches[name].rows)))
+    r = reasoner.generate(PROMPTS[2], mode="fpsr", alpha=0.0, draft_policy="always", max_new_tokens=60)
+    assert r.metrics.accepted_steps == r.metrics.num_steps > reasoner.config.window
+    assert alive and max(alive) <= reasoner.config.window
+
+
 @pytest.mark.parametrize("launch", ["eager", "on_reject"])
 def test_the_proposal_gate_in_fpsr_keeps_the_text(reasoner, monkeypatch, launch):
     """Mode fpsr gates each row's proposal in its batched passes as the sequential modes gate a step's:
@@ -558,7 +571,7 @@ def test_a_seeded_sampled_request_starts_the_adaptive_policies_afresh(reasoner, 
     content_judge(reasoner)
     kw = dict(alpha=0.5, temperature=0.9, seed=5, draft_policy="adaptive", proposal_policy="adaptive",
               max_new_tokens=40)
-    for mode in ("speculative", "token"):
+    for mode in ("speculative", "token", "fpsr"):
         pin_costs(monkeypatch, reasoner, SLOW_CHECKS, DEAR_DRAFT, mode=mode)
         first = reasoner.generate(PROMPTS[1], mode=mode, **kw)
         for prompt in PROMPTS:  # greedy requests move the carried state on

@@ -22,10 +22,11 @@ finishes, so with greedy decoding FPSR commits exactly the steps of mode "specul
 the same steps (``draft_policy="always"``; alpha = 1, where neither drafts).
 
 Adaptive drafting (``draft_policy="adaptive"``, the default; :class:`dreamr.speculation.AdaptiveDrafting`,
-one for the batch, carried from run to run as in mode "speculative"): before each event it reports, the
-executor tells the scheduler whether each request's next position is drafted (``set_drafting``). A
-position without a draft is one target branch at the committed text (:meth:`_Run._open_alone`),
-committed once written and continued into the next. Each row's forwards are priced as they run
+one for the batch, carried from run to run as in mode "speculative"; a seeded sampled request gets its
+own, and its own proposal gates): before each event it reports, the
+executor tells the scheduler whether each request's next position is drafted (``set_drafting``, set
+wherever a policy changes). A position without a draft is one target branch at the committed text
+(:meth:`_Run._open_alone`), committed once written and continued into the next step written alone. Each row's forwards are priced as they run
 (:meth:`_Run._count_row`, in :class:`~dreamr.speculation.PairCost` units) and each step is reported to the
 policy once resolved (:meth:`_Run._observe`). Decisions lag by the positions already open: the window
 drains before the target writes alone, so which steps are drafted can differ from mode "speculative".
@@ -166,6 +167,11 @@ class _Req:
     t_forwards: int = 0
     d_forwards: int = 0
     waste: float = 0.0  # priced draft work of cancelled epochs since the last drafted step reported to the policy
+    # adaptive drafting and each model's proposal gate (None: draft every step, check every proposal): the
+    # batch's carried ones, or a seeded sampled request's own (its draws must not depend on its batch-mates)
+    drafting: Optional[AdaptiveDrafting] = None
+    t_gate: Optional[ProposalGate] = None
+    d_gate: Optional[ProposalGate] = None
 
 
 class FpsrEngine(Engine):
@@ -176,7 +182,7 @@ class FpsrEngine(Engine):
       where draft and target work can overlap (a CUDA device, or ``overlap`` on), on-reject on a CPU
       without overlap, where every eagerly decoded target token adds to the wall time (measured on the
       default pair on a CPU core: eager 0.56x the target alone, on-reject 1.18x; both commit the same
-      steps).
+      steps with ``draft_policy="always"``; adaptive drafting prices their steps differently).
     - ``draft_tokens_per_tick``: draft tokens per loop turn (> 1 lets the draft run further ahead).
     - ``verify_batch``: a request's drafted steps wait, while its draft runs, until this many can be
       verified in one target pass (default 1: verify each step at once).
@@ -322,19 +328,18 @@ class FpsrEngine(Engine):
         sched = Scheduler(window=cfg.window, alpha=0.5 if cfg.auto_alpha else cfg.alpha, target_launch=launch,
                           max_step_tokens=cfg.max_step_tokens)
         batches = self._make_batches()
-        # one drafting policy and one proposal gate per model for the batch (as for mode "speculative",
-        # carried from run to run); the costs of drafted steps depend on when fallback steps start
-        drafting, pair = self.drafting_policy(cfg, policy)
-        hopeless = drafting is not None and drafting.accepts_nothing
         run = _Run(sched=sched, cfg=cfg, verifier=requests[0].verifier,  # shared verdict settings (checked above)
                    target=self.target, draft=self.draft, same_tokenizer=self.same_tokenizer, mode=self.mode,
                    observer=self.observer, **batches, ticks=int(self.draft_tokens_per_tick),
-                   verify_batch=int(self.verify_batch), pool=self._pool() if self.overlap else None,
-                   drafting=drafting, pair=pair, t_gate=self.proposal_gate("target", cfg),
-                   d_gate=None if hopeless else self.proposal_gate("draft", cfg))  # (hopeless: no draft steps)
+                   verify_batch=int(self.verify_batch), pool=self._pool() if self.overlap else None)
         self._reserve(run, requests)
         for i, request in enumerate(requests):
             rc = request.config
+            # one drafting policy and one proposal gate per model for the batch, carried from run to run as in
+            # mode "speculative" (the costs of drafted steps depend on when fallback steps start); a seeded
+            # sampled request gets its own, fresh (Engine.carried)
+            drafting, run.pair = self.drafting_policy(rc, policy)
+            hopeless = drafting is not None and drafting.accepts_nothing
             rid = sched.add_request(rc.max_new_tokens, 0, drafting is None or drafting.drafts_next())
             assert rid == i
             state = RequestState(rc)
@@ -350,6 +355,8 @@ class FpsrEngine(Engine):
                 t_sampler=self.sampler(rc, 0), d_sampler=self.sampler(rc, 1),
                 sources=sources, k=int(rc.num_speculative_tokens) if sources else 0, ngram=proposer_for(sources),
                 d_proposer=d_proposer, d_k=int(rc.num_speculative_tokens) if d_proposer is not None else 0,
+                drafting=drafting, t_gate=self.proposal_gate("target", rc),
+                d_gate=None if hopeless else self.proposal_gate("draft", rc),  # (hopeless: no draft steps)
             ))
         return run
 
@@ -413,10 +420,7 @@ class _Run:
     ticks: int  # draft tokens per turn
     verify_batch: int
     pool: object = None  # the draft's worker thread (overlap=True), or None
-    drafting: Optional[AdaptiveDrafting] = None  # adaptive drafting, shared by the batch (None: always draft)
-    pair: Optional[PairCost] = None  # what it prices steps in (None: it weighs nothing)
-    t_gate: Optional[ProposalGate] = None  # whether a fallback branch row checks its proposal (None: always)
-    d_gate: Optional[ProposalGate] = None  # the same for the draft's rows
+    pair: Optional[PairCost] = None  # what adaptive drafting prices steps in (None: it weighs nothing)
     reqs: list = field(default_factory=list)  # _Req per request, by scheduler id
     forwards: dict = field(default_factory=lambda: {"chain": 0, "branch": 0, "draft": 0})
     multi_verify: int = 0  # chain passes that verified several steps of one request
@@ -494,6 +498,9 @@ class _Run:
             req = self.reqs[a.request]
             touched.add(a.request)
             k = a.kind
+            if k in (ActionKind.LAUNCH_DRAFT, ActionKind.LAUNCH_VERIFY, ActionKind.LAUNCH_TARGET) and (
+                    self.sched.done(a.request)):
+                continue  # the request was aborted earlier in this batch (a full context): its FINISH follows
             if k == ActionKind.LAUNCH_DRAFT:
                 self._launch_draft(req, a)
             elif k == ActionKind.LAUNCH_VERIFY:
@@ -545,8 +552,8 @@ class _Run:
         cap = self._room(req, a.tokens)
         req.epochs[a.epoch] = _Epoch(a.request, a.slot, a.step, d_prefix=len(req.d_row.ids), t_prefix=len(req.t_view),
                                      cap=cap, accepted=False, undrafted=True)
-        if self.drafting is not None:
-            self.drafting.should_draft()
+        if req.drafting is not None:
+            req.drafting.should_draft()
             self._tell_drafting()
         if cap <= 0:  # a model's context is full: the request ends here (as in mode "speculative")
             req.state.finish_reason = "length"
@@ -556,13 +563,12 @@ class _Run:
         return True
 
     def _tell_drafting(self) -> None:
-        """Tell the scheduler, for every running request, whether the next position it opens is drafted:
-        before any event is reported (the scheduler opens positions while it takes events)."""
-        if self.drafting is not None:
-            drafts = self.drafting.drafts_next()
-            for req in self.reqs:
-                if not req.done:
-                    self.sched.set_drafting(req.index, drafts)
+        """Tell the scheduler, for every running request, whether the next position it opens is drafted.
+        Called wherever a policy changes (a step observed, a step opened alone), so always before the next
+        event is reported (the scheduler opens positions while it takes events)."""
+        for req in self.reqs:
+            if not req.done and req.drafting is not None:
+                self.sched.set_drafting(req.index, req.drafting.drafts_next())
 
     def _observe(self, req: _Req, e: _Epoch) -> None:
         """Report a resolved step to adaptive drafting (once): a step alone once written; a drafted step
@@ -571,14 +577,18 @@ class _Run:
         Work that overlaps other work is not charged: a fallback branch thrown away (eager launch, the step
         accepted or cancelled; eager launch is the choice where branches overlap the draft: a GPU, or
         ``overlap``), and draft forwards that ran on their own thread or stream beside target forwards."""
-        if self.drafting is None or self.pair is None or e.observed:
+        if req.drafting is None or self.pair is None or e.observed:
             return
         e.observed = True
         if e.undrafted:
-            self.drafting.alone(cost=e.t_cost, tokens=len(e.t_writer.ids))
+            req.drafting.alone(cost=e.t_cost, tokens=len(e.t_writer.ids))
         else:
+            if not e.accepted:  # early stopping drops every later open step: charge their draft work here
+                for later in req.epochs.values():
+                    if later.step > e.step and not later.observed:
+                        req.waste, later.d_cost = req.waste + later.d_cost, 0.0
             verify = self.pair.verification(len(e.t_step_ids) + len(self.verifier.suffix_ids(e.d_writer.text)))
-            self.drafting.drafted(accepted=bool(e.accepted), draft_cost=e.d_cost + req.waste,
+            req.drafting.drafted(accepted=bool(e.accepted), draft_cost=e.d_cost + req.waste,
                                   draft_tokens=len(e.d_writer.ids),
                                   verify_cost=verify, fallback_cost=0.0 if e.accepted else e.t_cost,
                                   fallback_tokens=0 if e.accepted else len(e.t_writer.ids))
@@ -655,6 +665,7 @@ class _Run:
         if a.kind == ActionKind.COMMIT_DRAFT:
             assert e.d_done and e.accepted and e.in_chain
             fallback = None
+            self._drop_branch(e)  # an eager fallback branch is not needed (its CANCEL finds the epoch gone)
         else:
             fallback = e.t_writer
             assert e.t_done and e.accepted is False
@@ -813,7 +824,7 @@ class _Run:
                 if e.branch is not None and not e.t_done]
         if not live:
             return False
-        proposals = [propose(self._branch_proposer(req, e), e.branch.ids, e.t_writer, req.k, self.t_gate)
+        proposals = [propose(self._branch_proposer(req, e), e.branch.ids, e.t_writer, req.k, req.t_gate)
                      for req, _, e in live]
         logits = self.branches.next_token_logits([e.branch for _, _, e in live], proposals)
         decided = _decide([req.t_sampler for req, _, _ in live], proposals, logits)
@@ -822,7 +833,7 @@ class _Run:
             if req.index not in counted:
                 req.t_forwards += 1
                 counted.add(req.index)
-            e.t_cost += self._count_row(req, "target", proposal, accepted, len(tokens), self.t_gate)
+            e.t_cost += self._count_row(req, "target", proposal, accepted, len(tokens), req.t_gate)
             taken, cut = _take(e.branch, e.t_writer, proposal, tokens)
             req.state.metrics.target_tokens += taken
             if cut is not None:
@@ -898,7 +909,7 @@ class _Run:
             for (req, epoch), proposal, (tokens, accepted) in zip(live, proposals, decided):
                 req.d_forwards += 1
                 spent.append((req.epochs[epoch], self._count_row(req, "draft", proposal, accepted, len(tokens),
-                                                                 self.d_gate)))
+                                                                 req.d_gate)))
                 w = req.epochs[epoch].d_writer
                 taken, cut = _take(req.d_row, w, proposal, tokens)
                 req.state.metrics.draft_tokens += taken
@@ -915,7 +926,7 @@ class _Run:
         ``(logits, proposals)``, the logits packed row by row as
         :meth:`~dreamr.engines.ragged.RaggedBatch.next_token_logits` returns them (``[len(live), V]``
         without proposals)."""
-        proposals = [propose(req.d_proposer, req.d_row.ids, req.epochs[epoch].d_writer, req.d_k, self.d_gate)
+        proposals = [propose(req.d_proposer, req.d_row.ids, req.epochs[epoch].d_writer, req.d_k, req.d_gate)
                      for req, epoch in live]
         return self.drafts.next_token_logits([req.d_row for req, _ in live], proposals), proposals
 
