@@ -21,15 +21,16 @@ The scheduler's commits are those of the paper's round-by-round loop, whatever t
 finishes, so with greedy decoding FPSR commits exactly the steps of mode "speculative" where both draft
 the same steps (``draft_policy="always"``; alpha = 1, where neither drafts).
 
-Adaptive drafting (``draft_policy="adaptive"``, the default; :class:`dreamr.speculation.AdaptiveDrafting`,
-one for the batch, carried from run to run as in mode "speculative"; a seeded sampled request gets its
-own, and its own proposal gates): before each event it reports, the
-executor tells the scheduler whether each request's next position is drafted (``set_drafting``, set
-wherever a policy changes). A position without a draft is one target branch at the committed text
-(:meth:`_Run._open_alone`), committed once written and continued into the next step written alone. Each row's forwards are priced as they run
-(:meth:`_Run._count_row`, in :class:`~dreamr.speculation.PairCost` units) and each step is reported to the
-policy once resolved (:meth:`_Run._observe`). Decisions lag by the positions already open: the window
-drains before the target writes alone, so which steps are drafted can differ from mode "speculative".
+Adaptive drafting (``draft_policy="adaptive"``, the default;
+:class:`dreamr.speculation.AdaptiveDrafting`, one for the batch, carried from run to run as in mode
+"speculative"; a seeded sampled request gets its own, and its own proposal gates): before each event it
+reports, the executor tells the scheduler whether each request's next position is drafted
+(``set_drafting``, set wherever a policy changes). A position without a draft is one target branch at the
+committed text (:meth:`_Run._open_alone`), committed once written and continued into the next step
+written alone. Each row's forwards are priced as they run (:meth:`_Run._count_row`, in
+:class:`~dreamr.speculation.PairCost` units) and each step is reported to the policy once resolved
+(:meth:`_Run._observe`). Decisions lag by the positions already open: the window drains before the target
+writes alone, so which steps are drafted can differ from mode "speculative".
 
 Token-level speculation (``token_speculation``, ``num_speculative_tokens``; docs/method.md) runs inside
 the batched steps as in the sequential modes' :func:`dreamr.speculation.write_step`, and is as lossless:
@@ -833,7 +834,7 @@ class _Run:
             if req.index not in counted:
                 req.t_forwards += 1
                 counted.add(req.index)
-            e.t_cost += self._count_row(req, "target", proposal, accepted, len(tokens), req.t_gate)
+            e.t_cost += self._count_row(req, "target", proposal, accepted, req.t_gate)
             taken, cut = _take(e.branch, e.t_writer, proposal, tokens)
             req.state.metrics.target_tokens += taken
             if cut is not None:
@@ -850,13 +851,11 @@ class _Run:
                 self.sched.on_target_step(req.index, e.slot, epoch, len(w.ids), self._step_end(w))
         return True
 
-    def _count_row(self, req: _Req, role: str, proposal: list, accepted: int, emitted: int,
-                   gate: Optional[ProposalGate]) -> float:
+    def _count_row(self, req: _Req, role: str, proposal: list, accepted: int, gate: Optional[ProposalGate]
+                   ) -> float:
         """Count one row's forward in the request's metrics and the proposal gate; return what it cost,
         priced for adaptive drafting (0 without it)."""
-        count_forward(req.state.metrics, role, proposal, accepted)
-        if gate is not None and proposal:
-            gate.checked(proposed=len(proposal), emitted=emitted)
+        count_forward(req.state.metrics, role, proposal, accepted, gate)
         return self.pair.forwards(role, 1, int(bool(proposal)), len(proposal)) if self.pair is not None else 0.0
 
     def _branch_proposer(self, req: _Req, e: _Epoch):
@@ -908,8 +907,7 @@ class _Run:
             cuts = []
             for (req, epoch), proposal, (tokens, accepted) in zip(live, proposals, decided):
                 req.d_forwards += 1
-                spent.append((req.epochs[epoch], self._count_row(req, "draft", proposal, accepted, len(tokens),
-                                                                 req.d_gate)))
+                spent.append((req.epochs[epoch], self._count_row(req, "draft", proposal, accepted, req.d_gate)))
                 w = req.epochs[epoch].d_writer
                 taken, cut = _take(req.d_row, w, proposal, tokens)
                 req.state.metrics.draft_tokens += taken

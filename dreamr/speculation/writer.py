@@ -42,7 +42,7 @@ def propose(proposer: Optional[Proposer], context: list[int], writer: StepWriter
     (``writer.max_tokens - len(writer.ids)``): every fed position lies inside the step's cap (and so
     inside the model's context, which the cap respects). ``context`` is the writing model's whole
     sequence, ending with the step so far. A closed ``gate`` (:class:`ProposalGate`; its turn is counted
-    off) proposes nothing; the caller reports a checked proposal to it (``gate.checked``).
+    off) proposes nothing; :func:`count_forward` reports a checked proposal to it.
     """
     if gate is not None and not gate.should_propose():
         return []
@@ -120,11 +120,15 @@ def verify_proposal(seq: CachedSequence, sampler: Sampler, proposal: list[int]) 
     return accept_proposal(sampler, proposal, seq.logits_over(proposal))  # logits [K + 1, V]
 
 
-def count_forward(metrics: Optional[Metrics], role: str, proposal: list[int], accepted: int = 0) -> None:
+def count_forward(metrics: Optional[Metrics], role: str, proposal: list[int], accepted: int = 0,
+                  gate: Optional[ProposalGate] = None) -> None:
     """Count one forward spent writing a step of ``role`` ("target" or "draft") in ``metrics`` (None:
     nothing): ``<role>_step_forwards``, and where it checked a ``proposal``, ``<role>_proposals``,
     ``<role>_proposed_tokens`` and ``<role>_accepted_tokens`` (vLLM's definitions; see
-    :class:`dreamr.result.Metrics`)."""
+    :class:`dreamr.result.Metrics`). A checked proposal is also reported to ``gate``: it emitted the
+    accepted tokens plus one."""
+    if gate is not None and proposal:
+        gate.checked(proposed=len(proposal), emitted=accepted + 1)
     if metrics is None:
         return
     counts = {"step_forwards": 1}
@@ -186,16 +190,14 @@ def write_step(seq: CachedSequence, lm: LM, sampler: Sampler, delimiter: str, ma
             tokens = pending[:]
             pending.clear()
         else:
-            proposal = propose(proposer, seq.ids, writer, num_speculative_tokens, gate)  # [] with no room, no k
-            # or the gate closed
+            # [] with no room, no k or the gate closed
+            proposal = propose(proposer, seq.ids, writer, num_speculative_tokens, gate)
             verified, accepted = bool(proposal), 0
             if verified:
                 tokens, accepted = verify_proposal(seq, sampler, proposal)
-                if gate is not None:
-                    gate.checked(proposed=len(proposal), emitted=len(tokens))
             else:
                 tokens = [sampler(seq.next_logits())]
-            count_forward(metrics, role, proposal, accepted)
+            count_forward(metrics, role, proposal, accepted, gate)
         kept, rest = take_tokens(writer, tokens)
         seq.extend(kept)
         pending.extend(rest)
