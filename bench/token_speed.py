@@ -13,9 +13,20 @@ drafts), float32, one thread, greedy, 128 new tokens, answer marker off, on GSM8
     generate+pld         the same with prompt-lookup decoding (``prompt_lookup_num_tokens=10``; lossless)
     generate+assisted    universal assisted decoding with the draft (``assistant_model``, ``tokenizer``,
                          ``assistant_tokenizer``; lossless)
+    generate+static      ``generate`` with ``cache_implementation="static"`` (transformers compiles the
+                         decode forward where it can: the GPU user's fast path; not in the defaults)
     target, token, ...   dreamr modes as :mod:`dreamr.eval` variant specs (``MODE[@ALPHA][+OPTION...]``):
                          target, token, speculative@1.0, speculative@0.9, speculative@0.7, fpsr@0.9,
                          fpsr@0.7
+    MODE...[KEY=VALUE,...]  a dreamr mode with attributes of its engine set for its runs, e.g.
+                         ``target[cuda_graphs=off]`` (the one-token decode eager, beside ``target``'s
+                         CUDA graphs on a GPU)
+
+``--random-models TOKENIZER`` runs random-weight Llamas instead of the default pair (a tokenizer folder,
+SmolLM2's; sizes from ``--random-sizes``, by default the 1.5B target and 0.5B draft of
+``bench/gpu_check.sh``): for a GPU machine that has no model cache. Their text is not meaningful and
+their verdicts accept little; the lossless variants' ratios and text identity are what such a run
+measures.
 
 A dreamr mode the installed dreamr does not know (not in :data:`dreamr.config.MODES`) is skipped with a
 message, so the script runs against older checkouts too. Every variant runs once per problem, the
@@ -55,11 +66,12 @@ import torch
 
 DEFAULT_VARIANTS = ("generate", "generate+pld", "generate+assisted", "target", "token", "speculative@1.0",
                     "speculative@0.9", "speculative@0.7", "fpsr@0.9", "fpsr@0.7")
-HF_VARIANTS = ("generate", "generate+pld", "generate+assisted")
+HF_VARIANTS = ("generate", "generate+pld", "generate+assisted", "generate+static")
 """Variants run by transformers' ``generate`` of the target; every other variant is a dreamr mode."""
 PROMPT_LOOKUP_TOKENS = 10
 WARMUP_TOKENS = 4
 DEFAULT_DATA = "/work/shared/data/gsm8k/test_dev.jsonl"
+RANDOM_SIZES = "1536,28,8960:896,24,4864"  # bench/gpu_check.sh's random target (1.5B) and draft (0.5B)
 
 
 @dataclass(frozen=True)
@@ -80,17 +92,45 @@ class HFVariant:
         elif self.name == "generate+assisted":
             out.update(assistant_model=reasoner.draft.model, tokenizer=lm.tokenizer,
                        assistant_tokenizer=reasoner.draft.tokenizer)
+        elif self.name == "generate+static":
+            out["cache_implementation"] = "static"
         return out
 
 
-def parse_settings(items: Sequence[str]) -> dict:
+@dataclass(frozen=True)
+class EngineVariant:
+    """A dreamr variant run with attributes of its mode's engine set (``MODE...[KEY=VALUE,...]``)."""
+
+    variant: Any  # dreamr.eval.Variant
+    knobs: tuple  # (attribute, value) pairs
+
+    @property
+    def mode(self) -> str:
+        return self.variant.mode
+
+    @property
+    def name(self) -> str:
+        return f"{self.variant.name}[{','.join(f'{k}={v}' for k, v in self.knobs)}]"
+
+
+def split_knobs(spec: str) -> tuple[str, tuple]:
+    """``"target[cuda_graphs=off]"`` -> ``("target", (("cuda_graphs", "off"),))`` (values read as in
+    :func:`parse_settings`)."""
+    if not spec.endswith("]") or "[" not in spec:
+        return spec, ()
+    base, _, inner = spec[:-1].partition("[")
+    where = f"--variants {spec!r}: expected MODE[KEY=VALUE,...], got the item"
+    return base, tuple(parse_settings(inner.split(","), where).items())
+
+
+def parse_settings(items: Sequence[str], where: str = "--set: expected KEY=VALUE, got") -> dict:
     """``KEY=VALUE`` pairs (``--set``) as ReasonerConfig overrides; a value is read as JSON where it parses
-    (numbers, true/false, null), else kept as text."""
+    (numbers, true/false, null), else kept as text. ``where`` starts the message of a malformed item."""
     out = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"--set: expected KEY=VALUE, got {item!r}")
+            raise ValueError(f"{where} {item!r}")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -126,7 +166,10 @@ def build_variants(specs: Sequence[str]) -> tuple[list, list[str]]:
     variants: list = []
     skipped: list[str] = []
     for spec in specs:
+        given, (spec, knobs) = spec, split_knobs(spec)
         if spec in HF_VARIANTS:
+            if knobs:
+                raise ValueError(f"--variants {given!r}: engine settings [...] apply to dreamr modes only")
             items = [HFVariant(spec)]
         else:
             mode = spec.split("+", 1)[0].partition("@")[0]
@@ -139,6 +182,8 @@ def build_variants(specs: Sequence[str]) -> tuple[list, list[str]]:
             except ValueError as exc:
                 raise ValueError(f"--variants {spec!r}: {exc} (a verifying mode is written with its alpha, "
                                  "e.g. speculative@0.7)") from None
+            if knobs:
+                items = [EngineVariant(v, knobs) for v in items]
         variants += [v for v in items if v not in variants]
     return variants, skipped
 
@@ -168,7 +213,19 @@ def run_variant(reasoner, problem, variant, settings) -> dict:
         ids = reasoner.target.encode_prompt(prompt_for(problem, settings))
         rec = run_generate(reasoner, ids, variant, settings.max_new_tokens)
     else:
-        rec = run_one(reasoner, problem, variant, settings)
+        engine = reasoner.engine(variant.mode)
+        knobs = variant.knobs if isinstance(variant, EngineVariant) else ()
+        for k, _ in knobs:
+            if not hasattr(engine, k):
+                raise ValueError(f"--variants {variant.name!r}: the {variant.mode} engine has no setting {k!r}")
+        saved = [(k, getattr(engine, k)) for k, _ in knobs]
+        for k, v in knobs:
+            setattr(engine, k, v)
+        try:
+            rec = run_one(reasoner, problem, variant.variant if knobs else variant, settings)
+        finally:
+            for k, v in saved:
+                setattr(engine, k, v)
         if rec["ok"]:
             rec["tokens"] = rec["metrics"]["committed_tokens"]
     rec.update(variant=variant.name, key=problem.key)
@@ -184,6 +241,10 @@ def warm_up(reasoner, problem, variants, settings) -> None:
         rec = run_variant(reasoner, problem, v, short)
         if not rec["ok"]:
             print(f"warm-up of {v.name} failed: {rec['error']}", flush=True)
+        if getattr(v, "name", "") == "generate+static":
+            # a second static-cache length: torch.compile recompiles with dynamic shapes here, not in a timed
+            # run (every problem's prompt gives its cache another length)
+            run_variant(reasoner, problem, v, dataclasses.replace(short, max_new_tokens=WARMUP_TOKENS + 1))
 
 
 def reference_of(names: Sequence[str]) -> Optional[str]:
@@ -236,16 +297,17 @@ def format_table(rows: list[dict], reference: Optional[str]) -> str:
         width = int(re.match(r"\d+", fmt).group())
         return ("-" if v is None else format(v, fmt) + suffix).rjust(width + len(suffix))
 
-    head = (f"{'variant':22s} {'ms/tok':>8s} {'x generate':>10s} {'x target':>9s} {'accepted':>9s} "
+    w = max([22] + [len(r["variant"]) for r in rows])
+    head = (f"{'variant':{w}s} {'ms/tok':>8s} {'x generate':>10s} {'x target':>9s} {'accepted':>9s} "
             f"{'tok/fwd':>8s} {'acc len':>8s} {'same text':>10s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["tokens"] == 0:
-            lines.append(f"{r['variant']:22s} failed: {r.get('error', 'no tokens')}")
+            lines.append(f"{r['variant']:{w}s} failed: {r.get('error', 'no tokens')}")
             continue
         acc = f"{r['accepted_steps']}/{r['verified_steps']}" if r.get("verified_steps") else "-"
         same = f"{r['same_text']}/{r['compared']}" if "same_text" in r else "-"
-        lines.append(f"{r['variant']:22s} {num(r['s_per_token'] and r['s_per_token'] * 1e3, '8.1f')} "
+        lines.append(f"{r['variant']:{w}s} {num(r['s_per_token'] and r['s_per_token'] * 1e3, '8.1f')} "
                      f"{num(r['x_generate'], '9.3f', 'x')} {num(r['x_target'], '8.3f', 'x')} {acc:>9s} "
                      f"{num(r.get('tokens_per_target_forward'), '8.2f')} "
                      f"{num(r.get('mean_accepted_length'), '8.2f')} {same:>10s}"
@@ -253,6 +315,24 @@ def format_table(rows: list[dict], reference: Optional[str]) -> str:
     if reference:
         lines.append(f"same text: equal to the {reference!r} text of the same problem")
     return "\n".join(lines)
+
+
+def random_pair(tokenizer: str, sizes: str, dtype: str, device: str):
+    """A reasoner over random-weight Llamas (``sizes``: ``"H,L,I:H,L,I"``, target then draft) sharing the
+    tokenizer in folder ``tokenizer``."""
+    from transformers import AutoTokenizer
+
+    from dreamr.reasoner import SpeculativeReasoner
+    from dreamr.testing import random_llama
+
+    try:
+        shapes = [tuple(int(x) for x in part.split(",")) for part in sizes.split(":")]
+        assert len(shapes) == 2 and all(len(s) == 3 for s in shapes)
+    except (ValueError, AssertionError):
+        raise SystemExit(f"--random-sizes: expected H,L,I:H,L,I (e.g. {RANDOM_SIZES}), got {sizes!r}") from None
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    target, draft = (random_llama(tok, *shape, getattr(torch, dtype), device, seed=i) for i, shape in enumerate(shapes))
+    return SpeculativeReasoner(target, draft, target_tokenizer=tok, draft_tokenizer=tok)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
@@ -269,6 +349,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
                    help="a ReasonerConfig override for every dreamr run (repeatable)")
+    p.add_argument("--random-models", metavar="TOKENIZER",
+                   help="random-weight target and draft with this tokenizer folder instead of the default pair")
+    p.add_argument("--random-sizes", default=RANDOM_SIZES, metavar="H,L,I:H,L,I",
+                   help=f"hidden, layers, intermediate of the random target and draft (default {RANDOM_SIZES})")
     p.add_argument("--out", metavar="PATH", help="write the table's rows and every run as JSON")
     p.add_argument("--table", metavar="PATH", help="print the table again from the runs of an --out JSON, run nothing")
     args = p.parse_args(argv)
@@ -301,7 +385,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         fields["max_step_tokens"] = args.max_step_tokens
     settings = EvalSettings(**fields)
     problems = select_problems(args.data, settings)
-    reasoner = SpeculativeReasoner.from_pretrained(dtype=args.dtype, device=args.device, progress=False)
+    if args.random_models:
+        reasoner = random_pair(args.random_models, args.random_sizes, args.dtype, args.device)
+    else:
+        reasoner = SpeculativeReasoner.from_pretrained(dtype=args.dtype, device=args.device, progress=False)
     warm_up(reasoner, problems[0], variants, settings)
     records = []
     for problem, v, _ in interleaved(problems, variants):

@@ -40,7 +40,7 @@ from transformers import DynamicCache
 from dreamr.lm import decoder_of, is_vision_language
 
 __all__ = ["new_cache", "cache_tensors", "cache_length", "rollback", "cache_kwarg", "ImagePrefix", "encode_prefix",
-           "CachedSequence"]
+           "SequenceIds", "CachedSequence"]
 
 
 def new_cache() -> DynamicCache:
@@ -218,7 +218,29 @@ def encode_prefix(model, inputs: dict, name: str = "prompt") -> ImagePrefix:
     return ImagePrefix([int(t) for t in input_ids[0].tolist()], cache, offset, time.perf_counter() - start)
 
 
-class CachedSequence:
+class SequenceIds:
+    """What a model's sequence does with its committed ids ``ids``, whatever holds its cache: a subclass
+    gives ``cached``, ``min_cached`` (positions never rolled back) and ``uncache_to``."""
+
+    ids: list[int]
+    min_cached: int
+
+    def extend(self, ids: Sequence[int]) -> None:
+        self.ids.extend(int(t) for t in ids)
+
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` tokens; the cache is rolled back past them."""
+        if not self.min_cached <= length <= len(self.ids):
+            raise ValueError(f"truncate: length={length} outside [{self.min_cached}, {len(self.ids)}]"
+                             + (" (the image prefix stays)" if self.min_cached else ""))
+        del self.ids[length:]
+        self.uncache_to(length)
+
+    def uncache_to(self, length: int) -> None:  # pragma: no cover - every subclass has its own
+        raise NotImplementedError
+
+
+class CachedSequence(SequenceIds):
     """A model's token sequence and the KV cache of its prefix (batch size 1).
 
     ``ids`` is the committed token sequence; the cache holds the keys and values of ``ids[:cached]``
@@ -255,18 +277,6 @@ class CachedSequence:
     @property
     def cached(self) -> int:
         return cache_length(self.cache)
-
-    def extend(self, ids: Sequence[int]) -> None:
-        self.ids.extend(int(t) for t in ids)
-
-    def truncate(self, length: int) -> None:
-        """Keep the first ``length`` tokens; the cache is rolled back past them."""
-        if not self.min_cached <= length <= len(self.ids):
-            raise ValueError(f"truncate: length={length} outside [{self.min_cached}, {len(self.ids)}]"
-                             + (" (the image prefix stays)" if self.min_cached else ""))
-        del self.ids[length:]
-        if self.cached > length:
-            rollback(self.cache, length)
 
     def uncache_to(self, length: int) -> None:
         """Roll the cache back to ``length`` positions without changing ``ids`` (they become pending)."""

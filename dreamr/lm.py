@@ -37,6 +37,7 @@ __all__ = [
     "lm_head_of",
     "AttentionLayout",
     "attention_layout",
+    "ragged_masks_fit",
     "eager_attention",
     "is_vision_language",
     "split_processor",
@@ -213,6 +214,17 @@ def attention_layout(model) -> AttentionLayout:
     # No layer types: one mask for every layer, sliding where the config names a window (Mistral; its
     # forward picks create_sliding_window_causal_mask exactly when config.sliding_window is set)
     return AttentionLayout({}, "sliding" if window is not None else "full", window)
+
+
+def ragged_masks_fit(model) -> bool:
+    """Whether the ragged batches' prepared 4-D masks (dreamr/engines/ragged.py) reproduce ``model``'s
+    attention: a layout :func:`attention_layout` accepts, and an attention that takes such a mask (eager or
+    sdpa; flash-attention kernels take none)."""
+    try:
+        attention_layout(model)
+    except ValueError:
+        return False
+    return getattr(model.config, "_attn_implementation", "sdpa") in ("eager", "sdpa")
 
 
 def eager_attention(model) -> bool:

@@ -122,14 +122,14 @@ def test_metrics_count_what_the_executor_fed_and_kept(reasoner, content_judge, m
 
     content_judge(reasoner)
     seen = []
-    real = fpsr_mod._take
+    real = fpsr_mod.take
 
     def spy(row, writer, proposal, tokens):
         taken, cut = real(row, writer, proposal, tokens)
         seen.append((row.batch.name, list(proposal), len(tokens) - 1, taken))
         return taken, cut
 
-    monkeypatch.setattr(fpsr_mod, "_take", spy)
+    monkeypatch.setattr(fpsr_mod, "take", spy)
     for launch in ("eager", "on_reject"):
         reasoner.engine("fpsr").target_launch = launch
         try:
@@ -246,7 +246,7 @@ def test_truncate_rows_cuts_several_rows_in_one_rollback(reasoner, monkeypatch):
 
 
 def test_packed_greedy_decisions_take_each_rows_own_logits():
-    from dreamr.engines.fpsr import _decide
+    from dreamr.engines.ragged_speculation import decide as _decide
     from dreamr.sampling import Sampler
 
     V = 6
@@ -263,7 +263,7 @@ def test_packed_greedy_decisions_take_each_rows_own_logits():
 def test_packed_sampled_decisions_keep_each_rows_distribution():
     """Sampling: row 0 checks a point-mass proposal, row 1 (packed after it) draws plainly; the first
     token of each follows its own row's distribution (chi-square over seeded draws)."""
-    from dreamr.engines.fpsr import _decide
+    from dreamr.engines.ragged_speculation import decide as _decide
     from dreamr.sampling import Sampler
 
     p0 = torch.tensor([0.5, 0.3, 0.2, 0.0])

@@ -382,7 +382,7 @@ def test_the_engine_times_forwards_once_and_weighs_pinned_costs(reasoner, conten
     timed = []
     real = engine_base.measure_forward_cost
     monkeypatch.setattr(engine_base, "measure_forward_cost",
-                        lambda lm, k: timed.append((lm.name, k)) or real(lm, k, repeats=1))
+                        lambda lm, k, **kw: timed.append((lm.name, k)) or real(lm, k, repeats=1, **kw))
     kw = dict(draft_policy="adaptive", proposal_policy="adaptive", max_new_tokens=60)
     k = reasoner.config.num_speculative_tokens
     reasoner.generate(PROMPTS[0], alpha=1.0, **kw)

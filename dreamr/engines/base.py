@@ -15,11 +15,14 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generator, Iterator, Optional, Sequence
+from typing import Any, Callable, Generator, Iterator, Optional, Sequence, Union
+
+import torch
 
 from dreamr.cache import CachedSequence, encode_prefix
 from dreamr.config import ReasonerConfig
-from dreamr.lm import LM
+from dreamr.engines.ragged_sequence import RaggedSequence, SequencePool
+from dreamr.lm import LM, ragged_masks_fit
 from dreamr.request import Request
 from dreamr.result import Metrics, Result, Step
 from dreamr.sampling import Sampler
@@ -106,14 +109,17 @@ def image_prefix(lm: LM, inputs: Optional[dict], metrics: Optional[Metrics] = No
     return prefix
 
 
-def open_sequence(lm: LM, ids: Sequence[int], inputs: Optional[dict], metrics: Optional[Metrics] = None
-                  ) -> CachedSequence:
-    """A model's sequence for a request: its prompt ``ids`` on top of its image prefix, if it has one."""
-    prefix = image_prefix(lm, inputs, metrics)
-    return CachedSequence(lm.model, ids, prefix=prefix)
+def switch(name: str, value, device: torch.device) -> bool:
+    """An "auto" / "on" / "off" engine setting (or a bool) resolved for ``device``: "auto" is on CUDA."""
+    if value not in ("auto", "on", "off", True, False):
+        raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {value!r}")
+    return device.type == "cuda" if value == "auto" else value in ("on", True)
 
 
-def step_cap(state: RequestState, *seqs_and_lms: tuple[CachedSequence, LM], reserve: int = 0) -> int:
+ModelSequence = Union[CachedSequence, RaggedSequence]  # a model's sequence in a sequential engine
+
+
+def step_cap(state: RequestState, *seqs_and_lms: tuple[ModelSequence, LM], reserve: int = 0) -> int:
     """Tokens the next step may take: the step cap, the budget left, and each model's room left."""
     cap = min(state.config.max_step_tokens, state.budget_left)
     for seq, lm in seqs_and_lms:
@@ -168,22 +174,72 @@ class Engine:
         # token ids (the truth; the text is their decode: steps are re-tokenized one at a time, so the ids need
         # not equal a re-tokenization of the joined text).
         self.observer = None
-        # Each model's forward costs on this machine, by (role, longest proposal): measured once, at the first
-        # request that weighs them (a few seconds for the default pair on a CPU thread), kept for every later
-        # one. Set entries to pin them (decisions then no longer depend on this machine's timings).
-        self.forward_costs: dict[tuple[str, int], ForwardCost] = {}
+        # Each model's forward costs on this machine, by (role, longest proposal), with "graphs" appended where
+        # the decode replays CUDA graphs (cuda_graphs): measured once, at the first request that weighs them
+        # (a few seconds for the default pair on a CPU thread), kept for every later one. Set entries to pin
+        # them (decisions then no longer depend on this machine's timings).
+        self.forward_costs: dict[tuple, ForwardCost] = {}
         # The adaptive policies (proposal gates, adaptive drafting), carried from request to request: what
         # drafting a step or checking a guess costs here is a property of the models, the judge and the
         # machine, and one request has few steps to learn it from. Keyed by what each depends on; clear()
         # starts afresh (a request's text at alpha < 1 depends on which steps were drafted, so on this).
         self.adaptive_state: dict[tuple, Any] = {}
+        # "auto" (default: on CUDA), "on" or "off": one-token decode forwards replayed from CUDA graphs. The
+        # sequential engines then hold each model's sequence as a RaggedSequence (preallocated storage,
+        # kept with its graphs from request to request in a SequencePool); on a CPU "on" runs the same
+        # bucketed forward eagerly (how the tests check it). Mode "fpsr" reads it for its ragged batches.
+        self.cuda_graphs = "auto"
+        self._sequence_pools: dict[str, SequencePool] = {}  # by role
+
+    def free(self) -> None:
+        """Drop the kept KV storage and CUDA graphs; the next request builds them again."""
+        self._sequence_pools = {}
+
+    def _lm(self, role: str) -> LM:
+        return self.target if role == "target" else self.draft
+
+    def _sequence_pool(self, role: str) -> Optional[SequencePool]:
+        """The ``role`` model's pool of graphed sequences, or None where its decode runs without graphs
+        (``cuda_graphs``). "auto" leaves eager a vision-language model (its forwards are not checked for
+        capture) and a model whose attention the ragged masks do not reproduce (chunked or hybrid layers,
+        flash attention: :func:`dreamr.lm.ragged_masks_fit`); "on" runs them graphed or says why not."""
+        lm = self._lm(role)
+        if not switch("cuda_graphs", self.cuda_graphs, lm.device):
+            return None
+        if self.cuda_graphs == "auto" and (lm.vision or not ragged_masks_fit(lm.model)):
+            return None
+        if role not in self._sequence_pools:
+            self._sequence_pools[role] = SequencePool(lm, role)
+        return self._sequence_pools[role]
+
+    def open_sequence(self, role: str, request: Request, metrics: Metrics, reserve: int = 0) -> ModelSequence:
+        """The ``role`` model's sequence for ``request``: its prompt on top of its image prefix, if it has
+        one, as a :class:`RaggedSequence` from the model's pool where decode graphs run (its storage
+        reserved for the request's longest sequence, ``reserve``: the verdict prompt's room) and a
+        :class:`CachedSequence` elsewhere."""
+        lm, cfg = self._lm(role), request.config
+        ids = request.target_ids if role == "target" else request.draft_ids
+        prefix = image_prefix(lm, request.target_inputs if role == "target" else request.draft_inputs, metrics)
+        pool = self._sequence_pool(role)
+        if pool is None:
+            return CachedSequence(lm.model, ids, prefix=prefix)
+        longest = len(ids) + cfg.max_new_tokens + cfg.max_step_tokens + reserve + cfg.num_speculative_tokens + 1
+        return pool.open(ids, prefix=prefix, longest=min(longest, lm.context_length))
+
+    def decode_graph_stats(self) -> dict:
+        """Per model ("target", "draft"), the decode-graph counters of the sequences last opened
+        (:attr:`dreamr.engines.decode_graphs.DecodeGraphs.stats`); empty where graphs are off."""
+        return {role: pool.stats() for role, pool in self._sequence_pools.items()}
 
     def forward_cost(self, role: str, num_speculative_tokens: int) -> ForwardCost:
         """The :class:`ForwardCost` of the ``role`` model ("target" or "draft") for proposals of up to
-        ``num_speculative_tokens`` tokens."""
-        key = (role, max(int(num_speculative_tokens), 1))
+        ``num_speculative_tokens`` tokens, timed on the kind of sequence this engine decodes it with."""
+        pool = self._sequence_pool(role)
+        # (role, K), and "graphs" last where the forwards replay CUDA graphs: they cost less than eager ones
+        key = (role, max(int(num_speculative_tokens), 1)) + (() if pool is None else ("graphs",))
         if key not in self.forward_costs:
-            self.forward_costs[key] = measure_forward_cost(self.target if role == "target" else self.draft, key[1])
+            graphed = {} if pool is None else {"open_sequence": lambda ids: pool.open(ids)}
+            self.forward_costs[key] = measure_forward_cost(self._lm(role), key[1], **graphed)
         return self.forward_costs[key]
 
     def proposal_gate(self, role: str, config: ReasonerConfig) -> Optional[ProposalGate]:

@@ -32,7 +32,7 @@ import torch
 
 from dreamr.engines.ragged import MIN_COLUMNS, copy_from_host
 
-__all__ = ["DEFAULT_BATCH_SIZES", "DecodeGraphs", "check_batch_sizes"]
+__all__ = ["DEFAULT_BATCH_SIZES", "DecodeGraphs", "check_batch_sizes", "reserve_columns"]
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -47,6 +47,14 @@ def check_batch_sizes(batch_sizes) -> tuple[int, ...]:
             or list(sizes) != sorted(set(sizes)):
         raise ValueError(f"graph_batch_sizes must be increasing positive ints, e.g. (1, 2, 4, 8), got {batch_sizes!r}")
     return sizes
+
+
+def reserve_columns(longest: int, fed: int = 1) -> int:
+    """Storage columns to reserve so that rows of up to ``longest`` tokens never grow it (which would drop
+    and recapture every graph): a batch's width runs up to twice its longest row before a compaction
+    (ragged.py), a forward adds up to ``fed`` columns (a proposal after the pending token), and a graph's
+    width bucket is the next power of two."""
+    return 1 << (2 * int(longest) + int(fed)).bit_length()
 
 
 @dataclass
@@ -158,12 +166,13 @@ class DecodeGraphs:
         batch = self.batch
         dev = batch.device
         mask_dtype = batch.dtype if batch.additive_mask else torch.bool
-        b = _Bucket(rows, columns,
-                    input_ids=torch.zeros(rows, 1, dtype=torch.long, device=dev),
-                    position_ids=torch.zeros(rows, 1, dtype=torch.long, device=dev),
-                    write_col=torch.zeros(1, dtype=torch.long, device=dev),
-                    masks={kind: torch.zeros(rows, 1, 1, columns, dtype=mask_dtype, device=dev)
-                           for kind in batch.mask_kinds()})
+        with torch.inference_mode(False):  # static inputs outlive the call, written in place (as the storage)
+            b = _Bucket(rows, columns,
+                        input_ids=torch.zeros(rows, 1, dtype=torch.long, device=dev),
+                        position_ids=torch.zeros(rows, 1, dtype=torch.long, device=dev),
+                        write_col=torch.zeros(1, dtype=torch.long, device=dev),
+                        masks={kind: torch.zeros(rows, 1, 1, columns, dtype=mask_dtype, device=dev)
+                               for kind in batch.mask_kinds()})
         cache = batch.cache_view(rows, columns - 1, columns, b.write_col)
         attention_mask = batch.model_masks(b.masks)
         kw = {batch._cache_kw: cache}

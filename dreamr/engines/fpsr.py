@@ -90,17 +90,17 @@ import torch
 
 from dreamr import ops
 from dreamr.config import ReasonerConfig
-from dreamr.engines.base import Engine, RequestState, drain, image_prefix, timed, verdict_fits
-from dreamr.engines.decode_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, check_batch_sizes
-from dreamr.engines.ragged import KVStore, RaggedBatch, Row, host_to_device
+from dreamr.engines.base import Engine, RequestState, drain, image_prefix, switch, timed, verdict_fits
+from dreamr.engines.decode_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, check_batch_sizes, reserve_columns
+from dreamr.engines.ragged import KVStore, RaggedBatch, Row
+from dreamr.engines.ragged_speculation import cut_rows, decide, take
 from dreamr.lm import LM
 from dreamr.request import Request
 from dreamr.result import Result, Step
-from dreamr.sampling import Sampler, sample_rows
+from dreamr.sampling import Sampler
 from dreamr.scheduler import (WORK_DRAFT, WORK_TARGET, WORK_VERIFY, ActionKind, FinishReason, Scheduler, StepEnd,
                               TargetLaunch)
-from dreamr.speculation import (AdaptiveDrafting, PairCost, ProposalGate, count_forward, proposal_verdict, propose,
-                                proposer_for, take_tokens)
+from dreamr.speculation import AdaptiveDrafting, PairCost, ProposalGate, count_forward, propose, proposer_for
 from dreamr.steps import StepWriter, has_answer
 from dreamr.verify import StepVerifier
 
@@ -149,8 +149,8 @@ class _Req:
     chain: Row  # target: committed prefix + verified open drafted steps
     d_row: Row  # draft: committed prefix + open drafted steps
     t_view: list[int]  # target ids of committed prefix + finished open drafted steps
-    t_sampler: object
-    d_sampler: object
+    t_sampler: Sampler
+    d_sampler: Sampler
     sources: tuple = ()  # token_speculation's sources (config.speculation_sources): the fallback branches'
     k: int = 0  # num_speculative_tokens for the fallback branches (0: no token-level speculation)
     ngram: object = None  # a fallback branch's proposer while it has no drafted step to propose from
@@ -207,7 +207,6 @@ class FpsrEngine(Engine):
         self.verify_batch = 1
         self.overlap = False
         self.draft_stream = "auto"
-        self.cuda_graphs = "auto"
         self.graph_batch_sizes = DEFAULT_BATCH_SIZES
         self.last_stats: dict = {}
         self._executor = None
@@ -216,20 +215,15 @@ class FpsrEngine(Engine):
 
     def free(self) -> None:
         """Drop the kept batches (KV storage, CUDA graphs and the draft stream); the next run rebuilds them."""
+        super().free()
         self._batches, self._batch_key = {}, None
-
-    @staticmethod
-    def _switch(name: str, value, device) -> bool:
-        if value not in ("auto", "on", "off", True, False):
-            raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {value!r}")
-        return device.type == "cuda" if value == "auto" else value in ("on", True)
 
     def _make_batches(self) -> dict:
         """The four ragged batches, reused while the settings that shape them are unchanged. The target's
         three share one :class:`~dreamr.engines.ragged.KVStore` (forks and moves between them are
         ``kv_rollback`` copies inside one storage); the draft's batch has its own, on its stream."""
-        use_stream = self._switch("draft_stream", self.draft_stream, self.draft.device)
-        use_graphs = self._switch("cuda_graphs", self.cuda_graphs, self.target.device)
+        use_stream = switch("draft_stream", self.draft_stream, self.draft.device)
+        use_graphs = switch("cuda_graphs", self.cuda_graphs, self.target.device)
         if use_stream and self.draft.device.type != "cuda":
             raise ValueError(f"draft_stream='on' needs a CUDA draft; the draft is on {self.draft.device}")
         if self.overlap and self.target.device.type == "cuda":
@@ -366,11 +360,9 @@ class FpsrEngine(Engine):
         columns for its longest row), so that a long run does not reallocate it, which would drop and
         recapture every CUDA graph.
 
-        A batch's width runs up to twice its longest row before a compaction (ragged.py), a forward adds
-        up to ``num_speculative_tokens + 1`` columns (a proposal after the pending token), and a graph's
-        width bucket is the next power of two: the columns reserved are the bucket of twice the longest
-        row a request can reach plus one proposal. A rare wider forward still grows the storage, as
-        without a reserve.
+        The columns are :func:`~dreamr.engines.decode_graphs.reserve_columns` of the longest row a request
+        can reach with a proposal of ``num_speculative_tokens`` fed after it. A rare wider forward still
+        grows the storage, as without a reserve.
 
         Only where decode graphs run (on CUDA by default): without graphs nothing is lost by growing on
         demand, and the worst case reserved here (every slot's branch live and parked at once) is more
@@ -384,7 +376,7 @@ class FpsrEngine(Engine):
         fed = 1 + max(int(r.config.num_speculative_tokens) if (r.config.speculation_sources
                                                               or r.config.draft_speculation_sources) else 0
                       for r in requests)
-        columns = 1 << (2 * longest + fed).bit_length()
+        columns = reserve_columns(longest, fed)
         for batch, rows in ((run.chains, n), (run.branches, n * window), (run.parked, n * window),
                             (run.drafts, n)):
             if batch.graphs is not None:  # the row bucket the graphs will pad to
@@ -828,18 +820,18 @@ class _Run:
         proposals = [propose(self._branch_proposer(req, e), e.branch.ids, e.t_writer, req.k, req.t_gate)
                      for req, _, e in live]
         logits = self.branches.next_token_logits([e.branch for _, _, e in live], proposals)
-        decided = _decide([req.t_sampler for req, _, _ in live], proposals, logits)
+        decided = decide([req.t_sampler for req, _, _ in live], proposals, logits)
         counted, cuts = set(), []
         for (req, _, e), proposal, (tokens, accepted) in zip(live, proposals, decided):
             if req.index not in counted:
                 req.t_forwards += 1
                 counted.add(req.index)
             e.t_cost += self._count_row(req, "target", proposal, accepted, req.t_gate)
-            taken, cut = _take(e.branch, e.t_writer, proposal, tokens)
+            taken, cut = take(e.branch, e.t_writer, proposal, tokens)
             req.state.metrics.target_tokens += taken
             if cut is not None:
                 cuts.append(cut)
-        _cut_rows(self.branches, cuts)
+        cut_rows(self.branches, cuts)
         for req, epoch, e in live:  # after the cuts: a finished branch's row moves with its final cache
             w = e.t_writer
             if w.end is not None:
@@ -903,19 +895,19 @@ class _Run:
                 logits, proposals = self._draft_wait(
                     launched if (tick == 0 and launched is not None) else self._draft_launch(live))
             passes += 1
-            decided = _decide([req.d_sampler for req, _ in live], proposals, logits)
+            decided = decide([req.d_sampler for req, _ in live], proposals, logits)
             cuts = []
             for (req, epoch), proposal, (tokens, accepted) in zip(live, proposals, decided):
                 req.d_forwards += 1
                 spent.append((req.epochs[epoch], self._count_row(req, "draft", proposal, accepted, req.d_gate)))
                 w = req.epochs[epoch].d_writer
-                taken, cut = _take(req.d_row, w, proposal, tokens)
+                taken, cut = take(req.d_row, w, proposal, tokens)
                 req.state.metrics.draft_tokens += taken
                 if cut is not None:
                     cuts.append(cut)
                 if w.end is not None:
                     finished.append((req, epoch))
-            _cut_rows(self.drafts, cuts)
+            cut_rows(self.drafts, cuts)
         return passes, finished, spent
 
     def _draft_forward(self, live: list) -> tuple[torch.Tensor, list]:
@@ -962,74 +954,3 @@ class _Run:
             req.t_view.extend(e.t_step_ids)
             self.events = True
             self.sched.on_draft_step(req.index, e.slot, epoch, len(w.ids), self._step_end(w))
-
-
-# --------------------------------------------------------------------------------------------------
-# Token-level speculation inside the batched decode forwards (docs/method.md, token-level speculation)
-# --------------------------------------------------------------------------------------------------
-
-
-def _decide(samplers: Sequence[Sampler], proposals: Sequence[list], logits: torch.Tensor) -> list:
-    """Each row's tokens from one batched decode forward: ``(tokens, accepted)`` per row.
-
-    ``logits`` is packed as :meth:`RaggedBatch.next_token_logits` returns it (row i's ``len(proposals[i])
-    + 1`` rows after the previous rows'). A row with a proposal is decided by
-    :func:`dreamr.speculation.proposal_verdict` (``ops.greedy_verify`` / ``ops.speculative_sample``, as
-    :func:`~dreamr.speculation.accept_proposal` in the sequential modes), one without by its sampler. When
-    every row is greedy the whole pass is read from the device once (its argmaxes and verdicts together);
-    sampled rows draw as their samplers do."""
-    if not any(proposals):
-        return [([t], 0) for t in sample_rows(samplers, logits)]
-    (ids,) = host_to_device(logits.device, torch.tensor([[t for p in proposals for t in p]], dtype=torch.long))
-    greedy = all(s.greedy for s in samplers)
-    parts = [logits.argmax(dim=-1)] if greedy else []  # [N]: the plain rows' tokens
-    plain, at, start = {}, 0, 0
-    for i, (sampler, proposal) in enumerate(zip(samplers, proposals)):
-        k = len(proposal)
-        if k:
-            tokens, accepted = proposal_verdict(sampler, ids[:, start:start + k], logits[at:at + k + 1])
-            parts += [tokens[0], accepted]
-            start += k
-        elif not greedy:
-            plain[i] = sampler(logits[at])
-        at += k + 1
-    values = torch.cat(parts).tolist()  # one device read for every verdict of the pass
-    out, at, read = [], 0, len(logits) if greedy else 0
-    for i, proposal in enumerate(proposals):
-        k = len(proposal)
-        if k:
-            n = values[read + k + 1]
-            out.append((values[read:read + n + 1], n))
-            read += k + 2
-        else:
-            out.append(([int(values[at])] if greedy else [plain[i]], 0))
-        at += k + 1
-    return out
-
-
-def _take(row: Row, writer: StepWriter, proposal: list, tokens: list) -> tuple[int, Optional[tuple]]:
-    """Hand a row's decided ``tokens`` to its step's ``writer`` until the step ends (tokens past its end
-    are dropped: FPSR keeps no carry); ``row`` (its ids already extended by ``proposal``, all of it
-    cached) then stands for its prefix plus the step.
-
-    Returns the number of tokens the writer took (EOS included) and, where a proposal was fed, the cut
-    for :func:`_cut_rows`: ``(row, n, ids)``, the row's ids to keep and its cache cut to ``n`` (the
-    rejected proposed tokens dropped, the step's last token left pending, as after a plain decode)."""
-    base = len(row.ids) - len(proposal)
-    kept, rest = take_tokens(writer, tokens)
-    taken = len(tokens) - len(rest)
-    if not proposal:
-        row.ids.extend(kept)
-        return taken, None
-    ids = row.ids[:base] + kept  # kept[:accepted] is proposal[:accepted], cached at these positions
-    return taken, (row, max(len(ids) - 1, row.floor), ids)
-
-
-def _cut_rows(batch: RaggedBatch, cuts: list) -> None:
-    """Apply :func:`_take`'s cuts of one pass: one :meth:`RaggedBatch.truncate_rows` call, then each
-    row's kept ids (the token after its cache, if any, pending)."""
-    if not cuts:
-        return
-    batch.truncate_rows([(row, n) for row, n, _ in cuts])
-    for row, _, ids in cuts:
-        row.ids = ids

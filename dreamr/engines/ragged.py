@@ -178,10 +178,12 @@ class KVStore:
         The model; its KV layout (layers, KV heads, head size), device and dtype size the storage.
     stream : torch.cuda.Stream, optional
         Where the storage and every attached batch's device work live.
+    least_rows : int
+        The fewest rows a block grows to (FPSR's batches: 4; a one-row sequence's: 1).
     """
 
-    def __init__(self, lm: LM, stream=None):
-        self.lm, self.stream = lm, stream
+    def __init__(self, lm: LM, stream=None, least_rows: int = 4):
+        self.lm, self.stream, self.least_rows = lm, stream, int(least_rows)
         self.num_layers, self.kv_heads, self.head_dim = lm.num_layers, lm.num_kv_heads, lm.head_dim
         self.device, self.dtype = lm.device, lm.dtype
         self.keys: list[torch.Tensor] = []  # per layer [R, H_kv, L, D]
@@ -210,10 +212,12 @@ class KVStore:
         if self.keys and rows <= batch.row_capacity and columns <= self.columns:
             return
         capacity = {id(b): b.row_capacity for b in self.batches}
-        capacity[id(batch)] = _grown(batch.row_capacity, rows, 4)
+        capacity[id(batch)] = _grown(batch.row_capacity, rows, self.least_rows)
         L2 = _grown(self.columns, columns, MIN_COLUMNS)
         shape = (sum(capacity.values()), self.kv_heads, L2, self.head_dim)
-        with self.on_stream():
+        # not inference tensors even when reserved under torch.inference_mode: the storage outlives the call
+        # (kept from run to run) and is written in place by later ones, which may run outside it
+        with self.on_stream(), torch.inference_mode(False):
             # zeros, not empty: masked columns still meet the value matrix (0 * NaN would poison a row)
             keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
             values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]

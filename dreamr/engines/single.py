@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Generator
 
-from dreamr.engines.base import Engine, RequestState, open_sequence, step_cap, timed
+from dreamr.engines.base import Engine, RequestState, step_cap, timed
 from dreamr.request import Request
 from dreamr.result import Result, Step
 from dreamr.speculation import proposer_for, write_step
@@ -24,12 +24,12 @@ class SingleModelEngine(Engine):
         m = state.metrics
         is_target = self.source == "target"
         lm = self.target if is_target else self.draft
-        seq = open_sequence(lm, request.target_ids if is_target else request.draft_ids,
-                            request.target_inputs if is_target else request.draft_inputs, m)
         sampler = self.sampler(cfg, 0 if is_target else 1)
         # "step" proposals need a drafted step: a model alone has none, so only "ngram" can apply
         proposer = proposer_for(cfg.speculation_sources) if self.speculate else None
+        # (the gate first: its forward costs, timed at the first request, run on a sequence of their own)
         gate = self.proposal_gate(self.source, cfg) if proposer is not None else None
+        seq = self.open_sequence(self.source, request, m)
         carry: list[int] = []  # tokens emitted past a step's end: the next step's first tokens
         while state.finish_reason is None:
             cap = step_cap(state, (seq, lm))

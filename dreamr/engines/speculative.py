@@ -31,9 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Generator, Optional
 
-from dreamr.cache import CachedSequence
 from dreamr.config import ReasonerConfig
-from dreamr.engines.base import Engine, RequestState, open_sequence, step_cap, timed, verdict_fits
+from dreamr.engines.base import Engine, ModelSequence, RequestState, step_cap, timed, verdict_fits
 from dreamr.lm import LM
 from dreamr.request import Request
 from dreamr.result import Metrics, Result, Step
@@ -49,7 +48,7 @@ class _Writer:
 
     role: str  # "target" or "draft"
     lm: LM
-    seq: CachedSequence  # the model's sequence: the committed prefix (plus the step being written)
+    seq: ModelSequence  # the model's sequence: the committed prefix (plus the step being written)
     sampler: Sampler
     proposer: Optional[Proposer]  # n-gram lookup where asked; a fallback step puts the rejected step first
     gate: Optional[ProposalGate]  # whether a forward checks a proposal (None: always)
@@ -75,11 +74,13 @@ class SpeculativeEngine(Engine):
         policy, pair = self.drafting_policy(cfg)
         costs = _Prices(pair, m) if pair is not None else None
         hopeless = policy is not None and policy.accepts_nothing  # a fixed alpha >= 1: every verdict rejects
-        t = _Writer("target", self.target, open_sequence(self.target, request.target_ids, request.target_inputs, m),
-                    self.sampler(cfg, 0), proposer_for(cfg.speculation_sources), self.proposal_gate("target", cfg))
-        d = _Writer("draft", self.draft, open_sequence(self.draft, request.draft_ids, request.draft_inputs, m),
-                    self.sampler(cfg, 1), proposer_for(cfg.draft_speculation_sources),
-                    None if hopeless else self.proposal_gate("draft", cfg))  # (hopeless: the draft writes nothing)
+        # the gates before the sequences: their forward costs, timed at the first request, run on sequences
+        # of their own (hopeless: the draft writes nothing)
+        t_gate, d_gate = self.proposal_gate("target", cfg), None if hopeless else self.proposal_gate("draft", cfg)
+        t = _Writer("target", self.target, self.open_sequence("target", request, m, reserve=verifier.reserve),
+                    self.sampler(cfg, 0), proposer_for(cfg.speculation_sources), t_gate)
+        d = _Writer("draft", self.draft, self.open_sequence("draft", request, m),
+                    self.sampler(cfg, 1), proposer_for(cfg.draft_speculation_sources), d_gate)
         try:
             while state.finish_reason is None:
                 cap = step_cap(state, (t.seq, t.lm), (d.seq, d.lm), reserve=verifier.reserve)

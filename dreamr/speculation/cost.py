@@ -23,7 +23,7 @@ from __future__ import annotations
 import bisect
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -136,7 +136,8 @@ def _best_seconds(fn: Callable[[], None], device: torch.device, repeats: int) ->
     return min(times)
 
 
-def measure(lm: LM, max_proposal: int, *, repeats: int = 3) -> ForwardCost:
+def measure(lm: LM, max_proposal: int, *, repeats: int = 3,
+            open_sequence: Optional[Callable[[list[int]], Any]] = None) -> ForwardCost:
     """Time ``lm``'s forwards on this machine (a few seconds for the default pair on one CPU thread).
 
     Parameters
@@ -147,6 +148,10 @@ def measure(lm: LM, max_proposal: int, *, repeats: int = 3) -> ForwardCost:
         ``K = 1, 2, 4, ...`` up to it.
     repeats : int
         Timed runs per forward (the shortest is kept).
+    open_sequence : callable, optional
+        ``open_sequence(ids)``: a sequence of ``lm`` as the engine holds it (a
+        :class:`dreamr.engines.ragged_sequence.RaggedSequence` where its decode replays CUDA graphs), so
+        that the forwards timed are the ones the engine runs. Default: a :class:`CachedSequence`.
 
     Returns
     -------
@@ -171,7 +176,8 @@ def measure(lm: LM, max_proposal: int, *, repeats: int = 3) -> ForwardCost:
     ids = [low + (7919 * i) % (vocab - low) for i in range(CONTEXT_TOKENS + longest)]
     context, extra = ids[:CONTEXT_TOKENS], ids[CONTEXT_TOKENS:]
     with torch.inference_mode():
-        seq = CachedSequence(lm.model, context[:-1], device=lm.device)
+        seq = (open_sequence(context[:-1]) if open_sequence is not None
+               else CachedSequence(lm.model, context[:-1], device=lm.device))
         seq.next_logits()  # the context is cached; its last token stays pending
         seq.extend(context[-1:])
         base = len(seq.ids)
