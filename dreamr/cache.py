@@ -220,7 +220,7 @@ def encode_prefix(model, inputs: dict, name: str = "prompt") -> ImagePrefix:
 
 class SequenceIds:
     """What a model's sequence does with its committed ids ``ids``, whatever holds its cache: a subclass
-    gives ``cached``, ``min_cached`` (positions never rolled back) and ``uncache_to``."""
+    gives ``cached``, ``min_cached`` (positions never rolled back) and ``_drop_cached``."""
 
     ids: list[int]
     min_cached: int
@@ -236,7 +236,15 @@ class SequenceIds:
         del self.ids[length:]
         self.uncache_to(length)
 
-    def uncache_to(self, length: int) -> None:  # pragma: no cover - every subclass has its own
+    def uncache_to(self, length: int) -> None:
+        """Roll the cache back to ``length`` positions without changing ``ids`` (they become pending)."""
+        if length < self.min_cached:
+            raise ValueError(f"uncache_to: length={length} would drop the image prefix ({self.min_cached} positions)")
+        if self.cached > length:
+            self._drop_cached(length)
+
+    def _drop_cached(self, length: int) -> None:  # pragma: no cover - every subclass has its own
+        """Drop the cache's entries past its first ``length`` positions."""
         raise NotImplementedError
 
 
@@ -278,12 +286,8 @@ class CachedSequence(SequenceIds):
     def cached(self) -> int:
         return cache_length(self.cache)
 
-    def uncache_to(self, length: int) -> None:
-        """Roll the cache back to ``length`` positions without changing ``ids`` (they become pending)."""
-        if length < self.min_cached:
-            raise ValueError(f"uncache_to: length={length} would drop the image prefix ({self.min_cached} positions)")
-        if self.cached > length:
-            rollback(self.cache, length)
+    def _drop_cached(self, length: int) -> None:
+        rollback(self.cache, length)
 
     def _feed(self, extra: Sequence[int] = (), *, last: bool = False) -> tuple[torch.Tensor, dict]:
         """The tokens of the next forward, ``x [1, n]`` (the pending ones, then ``extra``), and its keyword

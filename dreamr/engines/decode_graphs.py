@@ -32,7 +32,7 @@ import torch
 
 from dreamr.engines.ragged import MIN_COLUMNS, copy_from_host
 
-__all__ = ["DEFAULT_BATCH_SIZES", "DecodeGraphs", "check_batch_sizes", "reserve_columns"]
+__all__ = ["DEFAULT_BATCH_SIZES", "DecodeGraphs", "check_batch_sizes"]
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 
@@ -47,14 +47,6 @@ def check_batch_sizes(batch_sizes) -> tuple[int, ...]:
             or list(sizes) != sorted(set(sizes)):
         raise ValueError(f"graph_batch_sizes must be increasing positive ints, e.g. (1, 2, 4, 8), got {batch_sizes!r}")
     return sizes
-
-
-def reserve_columns(longest: int, fed: int = 1) -> int:
-    """Storage columns to reserve so that rows of up to ``longest`` tokens never grow it (which would drop
-    and recapture every graph): a batch's width runs up to twice its longest row before a compaction
-    (ragged.py), a forward adds up to ``fed`` columns (a proposal after the pending token), and a graph's
-    width bucket is the next power of two."""
-    return 1 << (2 * int(longest) + int(fed)).bit_length()
 
 
 @dataclass

@@ -91,7 +91,7 @@ import torch
 from dreamr import ops
 from dreamr.config import ReasonerConfig
 from dreamr.engines.base import Engine, RequestState, drain, image_prefix, switch, timed, verdict_fits
-from dreamr.engines.decode_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, check_batch_sizes, reserve_columns
+from dreamr.engines.decode_graphs import DEFAULT_BATCH_SIZES, DecodeGraphs, check_batch_sizes
 from dreamr.engines.ragged import KVStore, RaggedBatch, Row
 from dreamr.engines.ragged_speculation import cut_rows, decide, take
 from dreamr.lm import LM
@@ -360,9 +360,11 @@ class FpsrEngine(Engine):
         columns for its longest row), so that a long run does not reallocate it, which would drop and
         recapture every CUDA graph.
 
-        The columns are :func:`~dreamr.engines.decode_graphs.reserve_columns` of the longest row a request
-        can reach with a proposal of ``num_speculative_tokens`` fed after it. A rare wider forward still
-        grows the storage, as without a reserve.
+        A batch's width runs up to twice its longest row before a compaction (ragged.py), a forward adds
+        up to ``num_speculative_tokens + 1`` columns (a proposal after the pending token), and a graph's
+        width bucket is the next power of two: the columns reserved are the bucket of twice the longest
+        row a request can reach plus one proposal. A rare wider forward still grows the storage, as
+        without a reserve.
 
         Only where decode graphs run (on CUDA by default): without graphs nothing is lost by growing on
         demand, and the worst case reserved here (every slot's branch live and parked at once) is more
@@ -376,7 +378,7 @@ class FpsrEngine(Engine):
         fed = 1 + max(int(r.config.num_speculative_tokens) if (r.config.speculation_sources
                                                               or r.config.draft_speculation_sources) else 0
                       for r in requests)
-        columns = reserve_columns(longest, fed)
+        columns = 1 << (2 * longest + fed).bit_length()
         for batch, rows in ((run.chains, n), (run.branches, n * window), (run.parked, n * window),
                             (run.drafts, n)):
             if batch.graphs is not None:  # the row bucket the graphs will pad to

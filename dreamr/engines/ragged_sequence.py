@@ -30,8 +30,8 @@ __all__ = ["RaggedSequence", "SequencePool"]
 
 
 class RaggedSequence(SequenceIds):
-    """:class:`dreamr.cache.CachedSequence`'s interface over a one-row :class:`RaggedBatch` (``extend`` and
-    ``truncate`` from :class:`dreamr.cache.SequenceIds`, as there).
+    """:class:`dreamr.cache.CachedSequence`'s interface over a one-row :class:`RaggedBatch` (``extend``,
+    ``truncate`` and ``uncache_to`` from :class:`dreamr.cache.SequenceIds`, as there).
 
     ``ids`` is the committed token sequence; the batch's row holds the keys and values of its first
     ``cached`` tokens (and, after :meth:`logits_over` or :meth:`last_hidden`, of the extra tokens fed
@@ -86,12 +86,8 @@ class RaggedSequence(SequenceIds):
         """Positions that are never rolled back (an image prefix's)."""
         return self.row.floor
 
-    def uncache_to(self, length: int) -> None:
-        """Roll the cache back to ``length`` positions without changing ``ids`` (they become pending)."""
-        if length < self.min_cached:
-            raise ValueError(f"uncache_to: length={length} would drop the image prefix ({self.min_cached} positions)")
-        if self.row.cached > length:
-            self.batch.truncate(self.row, length)
+    def _drop_cached(self, length: int) -> None:
+        self.batch.truncate(self.row, length)
 
     def _sync(self) -> None:
         """Before a forward: the row stands for ``ids`` (its cached tokens, then the pending ones)."""
