@@ -327,9 +327,10 @@ def random_pair(tokenizer: str, sizes: str, dtype: str, device: str):
 
     try:
         shapes = [tuple(int(x) for x in part.split(",")) for part in sizes.split(":")]
-        assert len(shapes) == 2 and all(len(s) == 3 for s in shapes)
-    except (ValueError, AssertionError):
-        raise SystemExit(f"--random-sizes: expected H,L,I:H,L,I (e.g. {RANDOM_SIZES}), got {sizes!r}") from None
+    except ValueError:
+        shapes = []
+    if len(shapes) != 2 or any(len(s) != 3 for s in shapes):
+        raise SystemExit(f"--random-sizes: expected H,L,I:H,L,I (e.g. {RANDOM_SIZES}), got {sizes!r}")
     tok = AutoTokenizer.from_pretrained(tokenizer)
     target, draft = (random_llama(tok, *shape, getattr(torch, dtype), device, seed=i) for i, shape in enumerate(shapes))
     return SpeculativeReasoner(target, draft, target_tokenizer=tok, draft_tokenizer=tok)
